@@ -1,0 +1,34 @@
+"""Conveyor: an LLM inference engine and OpenAI-compatible API server."""
+from setuptools import find_packages, setup
+
+setup(
+    name="conveyor",
+    version="0.1.0",
+    description="LLM inference engine with continuous batching, paged KV cache and an OpenAI-compatible server",
+    packages=find_packages(include=["engine", "engine.*", "server", "server.*", "benchmarks", "benchmarks.*"]),
+    package_data={"server": ["static/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned so that pip takes the CPU wheel on machines without a GPU;
+        # the install script in the README installs it first.
+        "torch>=2.4",
+        "transformers>=4.48",
+        "tokenizers",
+        "safetensors",
+        "gguf>=0.10",
+        "accelerate",
+        "numpy",
+        "tqdm",
+        "starlette",
+        "uvicorn",
+        "prometheus-client",
+        "pyyaml",
+        "redis",
+    ],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib"],
+        "bench": ["matplotlib", "httpx"],
+    },
+    entry_points={"console_scripts": ["conveyor=engine.cli:main"]},
+)
