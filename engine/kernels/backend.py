@@ -1,0 +1,48 @@
+"""Attention backend interface and selection.
+
+A backend computes attention for one layer over the paged KV cache. It is stateless apart from
+its configuration, so one instance can serve every layer.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Writes k/v of the new tokens into their slots, then attends each query to its
+        sequence's context (cached prefix + new tokens, causal)."""
+        ...
+
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """`auto` picks Triton on CUDA and torch elsewhere."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from engine.kernels.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    from engine.kernels.torch_attention import TorchAttentionBackend
+
+    return TorchAttentionBackend()

@@ -1,0 +1,77 @@
+"""Small fused ops used by the models. Each function has a plain-torch body (reference and CPU
+path); on CUDA tensors it dispatches to the Triton kernel in `triton_ops.py` when Triton imports.
+
+Guarantees: the result is the same math whichever path runs (up to floating-point rounding).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ops():
+    try:
+        from engine.kernels import triton_ops
+    except Exception:  # Triton missing or broken: the torch path still works
+        return None
+    return triton_ops
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and _triton_ops() is not None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rmsnorm(x + residual) * weight, x + residual). With residual None, the second
+    value is x itself. Statistics are computed in float32."""
+    if _use_triton(x):
+        return _triton_ops().rms_norm(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def rms_norm_torch(x, weight, eps, residual=None):
+    if residual is not None:
+        x = x + residual
+    residual = x
+    xf = x.float()
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    out = (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight
+    return out, residual
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates q [T, H, D] and k [T, KVH, D] in place, NeoX layout (first half / second half of
+    the rotary dims). cos, sin: [T, rotary_dim // 2]. Dims past rotary_dim are left as they are."""
+    if _use_triton(q):
+        _triton_ops().apply_rotary(q, k, cos, sin)
+        return
+    apply_rotary_torch(q, k, cos, sin)
+
+
+def apply_rotary_torch(q, k, cos, sin) -> None:
+    half = cos.shape[-1]
+    c = cos[:, None, :].float()
+    s = sin[:, None, :].float()
+    for t in (q, k):
+        x1 = t[..., :half].float()
+        x2 = t[..., half : 2 * half].float()
+        r1 = x1 * c - x2 * s
+        r2 = x2 * c + x1 * s
+        t[..., :half] = r1.to(t.dtype)
+        t[..., half : 2 * half] = r2.to(t.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2 * I] holding gate then up; returns silu(gate) * up, shape [..., I]."""
+    if _use_triton(x):
+        return _triton_ops().silu_and_mul(x)
+    return silu_and_mul_torch(x)
+
+
+def silu_and_mul_torch(x):
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -1,0 +1,91 @@
+"""Paged attention in plain torch: the reference implementation and the CPU path.
+
+Decode sequences (one query each) are attended all at once: their contexts are gathered from the
+cache into a padded batch and masked by length. Prefill chunks are attended one sequence at a
+time with SDPA; a step holds few of them, and each is large enough that the loop costs little.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention_metadata import AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores each token's K/V at its slot; tokens with slot -1 (padding) are skipped."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
+
+
+def gather_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Slot ids of positions 0..length-1 for one sequence (block_table: [max_blocks])."""
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // block_size].to(torch.int64) * block_size + pos % block_size
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
+        start = nd
+        for i in range(nd, meta.num_seqs):
+            q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            end = start + q_len
+            if q_len == ctx:  # no cached prefix: the new tokens are the whole context
+                ki, vi = k[start:end], v[start:end]
+            else:
+                slots = gather_slots(meta.block_tables[i], ctx, meta.block_size)
+                ki = kv_cache[0].view(-1, *k.shape[1:])[slots]
+                vi = kv_cache[1].view(-1, *v.shape[1:])[slots]
+            out[start:end] = _causal_sdpa(q[start:end], ki, vi, scale)
+            start = end
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        nd = q.shape[0]
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = kv_cache.shape[3]
+        group = num_heads // num_kv_heads
+        max_len = max(meta.seq_lens_cpu[:nd])
+        pos = torch.arange(max_len, device=q.device)
+        bt = meta.block_tables[:nd]
+        slots = bt[:, pos // meta.block_size].to(torch.int64) * meta.block_size + pos % meta.block_size
+        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[slots]  # [nd, S, KVH, D]
+        values = kv_cache[1].view(-1, num_kv_heads, head_dim)[slots]
+        qg = q.view(nd, num_kv_heads, group, head_dim)
+        scores = torch.einsum("bkgd,bskd->bkgs", qg, keys).float() * scale
+        valid = pos[None, :] < meta.seq_lens[:nd, None]  # [nd, S]
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(values.dtype)
+        out = torch.einsum("bkgs,bskd->bkgd", probs, values)
+        return out.reshape(nd, num_heads, head_dim)
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [Lq, H, D]; k, v: [Lk, KVH, D] with Lk >= Lq; query j sits at position Lk - Lq + j."""
+    lq, lk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if lq == lk:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        qpos = torch.arange(lk - lq, lk, device=q.device)
+        mask = torch.arange(lk, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
