@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Triton kernels run through Triton's interpreter on machines without a GPU. This must be set
+# before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
