@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -40,6 +41,8 @@ class AttentionMetadata:
     # Host copies, so CPU code never has to synchronise with the device to read lengths.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Position of every new token (int64 [T]); the model takes it as its `positions` input.
+    positions: torch.Tensor | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -61,33 +64,30 @@ class AttentionMetadata:
         num_decodes = 0
         while num_decodes < num_seqs and query_lens[num_decodes] == 1:
             num_decodes += 1
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
+        q = np.asarray(query_lens, dtype=np.int64)
+        s = np.asarray(seq_lens, dtype=np.int64)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q, out=qsl[1:])
         max_blocks = max((len(b) for b in block_tables), default=1) or 1
-        bt = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
+        bt = np.zeros((num_seqs, max_blocks), dtype=np.int64)
         for i, blocks in enumerate(block_tables):
-            if blocks:
-                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        # positions of every new token, then slot = block_table[pos // bs] * bs + pos % bs
-        positions = torch.cat(
-            [torch.arange(s - q, s, dtype=torch.int64) for q, s in zip(query_lens, seq_lens)]
-        ) if num_seqs else torch.zeros(0, dtype=torch.int64)
-        seq_index = torch.repeat_interleave(
-            torch.arange(num_seqs), torch.tensor(query_lens, dtype=torch.int64)
-        )
-        slots = bt[seq_index, positions // block_size].to(torch.int64) * block_size + positions % block_size
+            bt[i, : len(blocks)] = blocks
+        # position of every new token, then slot = block_table[pos // bs] * bs + pos % bs
+        seq_index = np.repeat(np.arange(num_seqs), q)
+        positions = np.arange(int(qsl[-1])) - qsl[:-1][seq_index] + (s - q)[seq_index]
+        slots = bt[seq_index, positions // block_size] * block_size + positions % block_size
         return AttentionMetadata(
-            num_tokens=qsl[-1],
+            num_tokens=int(qsl[-1]),
             num_seqs=num_seqs,
             num_decodes=num_decodes,
-            max_query_len=max(query_lens, default=0),
-            max_seq_len=max(seq_lens, default=0),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=bt.to(device),
-            slot_mapping=slots.to(device),
+            max_query_len=int(q.max()) if num_seqs else 0,
+            max_seq_len=int(s.max()) if num_seqs else 0,
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(device),
+            seq_lens=torch.from_numpy(s.astype(np.int32)).to(device),
+            block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
+            slot_mapping=torch.from_numpy(slots).to(device),
             block_size=block_size,
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
+            positions=torch.from_numpy(positions).to(device),
         )

@@ -1,0 +1,84 @@
+"""The scheduler's view of one sequence being generated.
+
+A request has ``num_tokens`` tokens (prompt + generated so far) of which the first
+``num_computed_tokens`` have their K/V in the cache. Scheduling is nothing but letting
+``num_computed_tokens`` catch up with ``num_tokens``: a fresh prompt catches up over one or more
+steps (chunked prefill), a running request catches up one token per step (decode), and a
+preempted request restarts from zero (recompute), keeping the tokens it already generated.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache.block_hash import extend_block_hashes
+from engine.kv_cache.block_pool import BlockHash
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # resolved: never None here
+    arrival_time: float
+    priority: int = 0
+    cache_salt: str | None = None
+    tenant: str | None = None
+    generator: torch.Generator | None = None
+
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
+    num_preemptions: int = 0
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    seq_no: int = 0  # admission tie-breaker, set by the scheduler
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens still to be processed or generated: a simple size estimate for policies."""
+        return self.num_tokens - self.num_computed_tokens + self.max_tokens - self.num_output_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def update_block_hashes(self, block_size: int) -> list[BlockHash]:
+        """Hashes of all full blocks of the current tokens (computed incrementally)."""
+        extend_block_hashes(self.block_hashes, self.all_token_ids, block_size, self.cache_salt)
+        return self.block_hashes
