@@ -104,7 +104,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        had_running = bool(self.running)
+        # Static batching: the batch is open while every member is still in its prompt.
+        batch_closed = any(r.num_output_tokens > 0 for r in self.running)
 
         for request in list(self.running):
             if budget == 0:
@@ -127,7 +128,7 @@ class Scheduler:
             scheduled_ids.add(request.request_id)
             budget -= num_new
 
-        admit = not out.preempted and not (self.config.static_batching and had_running)
+        admit = not out.preempted and not (self.config.static_batching and batch_closed)
         if admit and self._waiting:
             for request in self._ordered_waiting(now):
                 if budget == 0 or len(self.running) >= self.config.max_num_seqs:

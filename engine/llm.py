@@ -1,0 +1,91 @@
+"""`LLM`: offline batch generation, the simplest way to use the engine."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """``LLM(model=None, **engine_options)``: ``model`` is a HF checkpoint directory or a GGUF
+    file (None: the default SmolLM2-135M-Instruct); options are `EngineConfig` fields."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (strings or token-id lists) and returns one
+        `RequestOutput` per prompt, in input order. One `SamplingParams` applies to all prompts;
+        a list gives one per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(
+                f"sampling_params has {len(sampling_params)} entries but there are {len(prompts)} prompts"
+            )
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
+        ids = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            rid = f"llm-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+            for conv in conversations
+        ]
+        # the template already holds any BOS: tokenize without adding special tokens again
+        prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(prompt_ids, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests() and len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in final])
+            raise
+        finally:
+            bar.close()
+        return [final[i] for i in ids]

@@ -1,0 +1,218 @@
+"""`LLMEngine`: step-level control over generation.
+
+``add_request`` queues work, ``step`` runs one scheduled forward pass and returns the outputs of
+requests that progressed, ``abort_request`` stops requests. The engine is single-threaded; the
+asyncio front (`AsyncEngine`) drives it from its own thread.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_model
+from engine.output_processor import OutputProcessor
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler.policy import make_policy
+from engine.scheduler.request import Request, RequestStatus
+from engine.scheduler.scheduler import Scheduler, SchedulerConfig
+from engine.startup import choose_num_blocks, eos_token_ids, resolve_device, resolve_dtype
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        source = resolve_model(config.model)
+        self.hf_config = load_hf_config(source)
+        self.tokenizer = self._load_tokenizer(source)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, source, self.device)
+        self.model = load_model(
+            source, self.hf_config, self.dtype, self.device,
+            attention_backend=config.attention_backend, load_format=config.load_format, seed=config.seed,
+        )
+        self.model_name = config.model or "SmolLM2-135M-Instruct"
+        self.max_model_len = min(config.max_model_len or self.model.max_model_len, self.model.max_model_len)
+        block_size = config.block_size
+        bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
+        self.num_blocks = choose_num_blocks(config, bytes_per_block, self.device)
+        self.kv = KVCacheManager(self.num_blocks, block_size, config.enable_prefix_caching)
+        self.policy = make_policy(config.scheduling_policy)
+        sched_config = SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            static_batching=config.static_batching,
+        )
+        self.scheduler = Scheduler(sched_config, self.kv, self.policy)
+        self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer)
+        self.runner = ModelRunner(self.model, self.kv, self.num_blocks, block_size, self.device, self.dtype,
+                                  Sampler(self.eos_token_ids))
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
+        self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)
+
+    def _load_tokenizer(self, source):
+        try:
+            return load_tokenizer(source, self.config.tokenizer)
+        except Exception:
+            if self.config.load_format == "dummy":  # benchmarks on a bare config.json: ids only
+                return None
+            raise
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """Queues a request. Raises ValueError (naming the problem) if it can never run."""
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.outputs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
+        arrival = time.time() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(child_id, prompt_ids, params, max_tokens, arrival, priority,
+                                    cache_salt, tenant, generator))
+        self.outputs.add(request_id, prompt_text, children, arrival)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt must be token ids: this engine was started without a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids, text = list(prompt), None
+            vocab = self.hf_config.vocab_size
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        return text, ids
+
+    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        capacity = self.num_blocks * self.config.block_size
+        if num_prompt >= limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{num_prompt} tokens, leaving no room for completion tokens."
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        if num_prompt + max_tokens > limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the "
+                f"completion). Please reduce the prompt or max_tokens."
+            )
+        if num_prompt + max_tokens > capacity:
+            raise ValueError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the KV cache capacity "
+                f"of {capacity} tokens; raise num_blocks/kv_cache_memory or lower max_tokens"
+            )
+        return max_tokens
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stops the requests (unknown or finished ids are ignored); their blocks are freed at
+        once and a final output with finish_reason "abort" comes out of the next ``step``."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            children = self.outputs.children(rid)
+            for child in children:
+                self.scheduler.finish_request(child, RequestStatus.FINISHED_ABORTED)
+            if children:
+                group = self.outputs.group_of(children[0])
+                self._pending.append(self.outputs.make_output(group, time.time()))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        results, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return results
+        t0 = time.time()
+        for request, _ in sched.scheduled:
+            self.outputs.mark_scheduled(request, t0)
+        step = self.runner.execute(sched)
+        self.scheduler.advance(sched)
+        now = time.time()
+        groups = {}
+        sampled = step.sampled
+        for i, request in enumerate(step.requests):
+            token = sampled.token_ids[i]
+            request.append_output_token(token)
+            if request.sampling_params.logprobs is not None:
+                request.logprobs.append(sampled.logprobs[i])
+                request.cumulative_logprob += sampled.chosen_logprobs[i]
+            if request.num_output_tokens == 1:
+                self.stats.prompt_tokens += request.num_prompt_tokens
+            status = self.outputs.on_token(request, token, now)
+            if status is None and request.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            if status is not None:
+                self.scheduler.finish_request(request, status)
+            group = self.outputs.group_of(request)
+            groups[group.request_id] = group
+        results.extend(self.outputs.make_output(g, now) for g in groups.values())
+        self._update_stats(sched, step, now - t0)
+        return results
+
+    def _update_stats(self, sched, step, elapsed: float) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.last_step_time = elapsed
+        s.last_batch_size = len(sched.scheduled)
+        s.last_batch_tokens = step.num_tokens
+        s.generation_tokens += len(step.requests)
+
+    def get_stats(self) -> EngineStats:
+        s = self.stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = self.scheduler.num_waiting
+        s.num_waiting_tokens = sum(r.num_tokens for r in self.scheduler.waiting_requests())
+        s.kv_cache_usage = self.kv.usage
+        s.prefix_cache_queries = self.kv.prefix_cache_queries
+        s.prefix_cache_hits = self.kv.prefix_cache_hits
+        s.num_preemptions = self.scheduler.num_preemptions
+        return s
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if KV block accounting is inconsistent (used by tests)."""
+        self.kv.check_integrity()
+        for request in self.scheduler.running:
+            assert len(self.kv.block_ids(request.request_id)) * self.config.block_size >= request.num_computed_tokens
