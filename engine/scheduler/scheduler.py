@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.kv_cache.kv_cache_manager import KVCacheManager
@@ -48,8 +49,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy,
+                 clock: Callable[[], float] = time.time):
         self.config = config
+        self.clock = clock  # the simulator passes simulated time
         self.kv = kv
         self.policy = policy
         self.running: list[Request] = []
@@ -73,7 +76,7 @@ class Scheduler:
 
     def _push_waiting(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        key = self.policy.admission_key(request, time.time())
+        key = self.policy.admission_key(request, self.clock())
         heapq.heappush(self._waiting, (key, request.seq_no, request))
 
     def _ordered_waiting(self, now: float) -> list[Request]:
@@ -100,7 +103,7 @@ class Scheduler:
 
     # -- the step -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        now = time.time()
+        now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
