@@ -1,0 +1,249 @@
+"""Triton kernels against their plain-torch references.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in float32
+and on small shapes because the interpreter is slow. With CUDA the same tests also run in
+float16/bfloat16 and on bigger cases (long contexts, wide batches, split-KV decode).
+
+Every allocation made during a kernel call is filled with NaN first, and cache blocks no
+sequence owns (block 0 included, which padded block-table entries point at) hold NaN too, so a
+kernel that skips an output element or reads outside a context fails loudly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.kernels import ops
+from engine.kernels.torch_attention import TorchAttentionBackend, gather_slots, write_kv
+from engine.kernels.triton_attention import TritonAttentionBackend, store_kv
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+# (max-abs, relative-norm) error allowed against a float32 reference fed the same inputs
+TOLERANCE = {torch.float32: (2e-4, 2e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1e-2)}
+
+
+@dataclass(frozen=True)
+class Case:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    query_lens: tuple[int, ...]  # decodes (1) first, as the runner orders them
+    seq_lens: tuple[int, ...]
+    pad_first_decode: bool = False  # give the first decode token slot -1 (CUDA-graph padding)
+
+
+CPU_CASES = {
+    # decode only, GQA 4, one-token context and lengths that are not block multiples
+    "decode_gqa4_d64_bs16": Case(8, 2, 64, 16, (1, 1, 1), (1, 17, 45)),
+    # one fresh prefill, no GQA, head_dim 128, block 32
+    "prefill_mha_d128_bs32": Case(2, 2, 128, 32, (37,), (37,)),
+    # decodes + chunked prefill with a cached prefix + fresh prefill, GQA 8, a padded token
+    "mixed_gqa8_d64_bs32": Case(8, 1, 64, 32, (1, 1, 20, 19), (33, 70, 50, 19), pad_first_decode=True),
+    # group of 3 (SmolLM2-135M: 9 heads, 3 KV heads), head_dim 128, block 16
+    "mixed_gqa3_d128_bs16": Case(6, 2, 128, 16, (1, 23, 2), (9, 40, 18)),
+    # chunked prefills only (every query has a cached prefix), GQA 4, head_dim 128
+    "chunks_gqa4_d128_bs16": Case(8, 2, 128, 16, (45, 3), (100, 60)),
+    # many sequences (the flat-grid binary search), one of them a 1-token chunk after prefills
+    "many_seqs_gqa1_d64_bs16": Case(2, 2, 64, 16, (1, 5, 1, 33, 2, 17, 8), (9, 5, 30, 33, 50, 17, 9)),
+}
+GPU_CASES = {
+    "gpu_decode_wide": Case(32, 8, 128, 16, (1,) * 48, tuple(range(7, 7 + 48 * 41, 41))),
+    "gpu_decode_long": Case(32, 8, 128, 16, (1, 1), (3001, 4096)),
+    "gpu_mixed_long": Case(16, 2, 128, 32, (1,) * 5 + (300, 257, 700), (1, 900, 17, 2000, 64, 1500, 257, 700)),
+    "gpu_prefill_d64": Case(12, 4, 64, 16, (513, 1000), (513, 1200)),
+}
+CASES = {**CPU_CASES, **(GPU_CASES if CUDA else {})}
+
+
+def _nan_filled(factory):
+    def make(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+    return make
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Makes torch.empty/empty_like return NaN-filled tensors while a kernel runs."""
+    def enable():
+        monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
+        monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+    return enable
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    max_abs_tol, rel_tol = TOLERANCE[dtype]
+    actual, expected = actual.float(), expected.float()
+    assert not actual.isnan().any(), "kernel left NaN (unwritten or poisoned) elements"
+    max_abs = (actual - expected).abs().max().item()
+    rel = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    assert max_abs <= max_abs_tol and rel <= rel_tol, f"max-abs {max_abs:.3g}, rel-norm {rel:.3g} ({dtype})"
+
+
+def make_batch(case: Case, dtype: torch.dtype):
+    """Random q/k/v, a NaN-poisoned cache with random cached prefixes, and scattered block tables."""
+    bs = case.block_size
+    needed = [-(-s // bs) for s in case.seq_lens]
+    num_blocks = sum(needed) + 3  # block 0 and two more stay unowned
+    perm = (torch.randperm(num_blocks - 1) + 1).tolist()
+    tables, used = [], 0
+    for n in needed:
+        tables.append(perm[used : used + n])
+        used += n
+    meta = AttentionMetadata.build(list(case.query_lens), list(case.seq_lens), tables, bs, DEVICE)
+    cache = torch.full((2, num_blocks, bs, case.num_kv_heads, case.head_dim), float("nan"))
+    flat = cache.view(2, -1, case.num_kv_heads, case.head_dim)
+    for i, (q_len, s) in enumerate(zip(case.query_lens, case.seq_lens)):
+        cached = s - q_len + (1 if case.pad_first_decode and i == 0 else 0)
+        slots = gather_slots(torch.tensor(tables[i], dtype=torch.int32), cached, bs)
+        flat[:, slots] = torch.randn(2, cached, case.num_kv_heads, case.head_dim)
+    if case.pad_first_decode:
+        meta.slot_mapping[0] = -1
+    t = meta.num_tokens
+    q = torch.randn(t, case.num_heads, case.head_dim)
+    k = torch.randn(t, case.num_kv_heads, case.head_dim)
+    v = torch.randn(t, case.num_kv_heads, case.head_dim)
+    to = dict(dtype=dtype, device=DEVICE)
+    return q.to(**to), k.to(**to), v.to(**to), cache.to(**to), meta
+
+
+def run_attention_case(case: Case, dtype: torch.dtype, backend: TritonAttentionBackend, poison) -> None:
+    q, k, v, cache, meta = make_batch(case, dtype)
+    scale = case.head_dim ** -0.5
+    ref_cache = cache.float()
+    write_kv(k.float(), v.float(), ref_cache, meta.slot_mapping)
+    # The reference gathers whole padded rows (probability 0, but NaN * 0 is NaN): give it zeros
+    # where the kernel under test sees NaN.
+    expected = TorchAttentionBackend().forward(
+        q.float(), k.float(), v.float(), ref_cache.nan_to_num(0.0), meta, scale
+    )
+    poison()
+    out = backend.forward(q, k, v, cache, meta, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, expected, dtype)
+    # the cache holds exactly what the reference wrote, NaN where nobody writes
+    torch.testing.assert_close(cache.float(), ref_cache, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_paged_attention_matches_torch(name, dtype, poison):
+    run_attention_case(CASES[name], dtype, TritonAttentionBackend(), poison)
+
+
+SPLIT_CASES = {
+    "split_decode_gqa4": Case(4, 1, 64, 16, (1, 1, 1), (5, 100, 64)),
+    "split_mixed_gqa1": Case(2, 2, 128, 32, (1, 1, 12), (75, 1, 40)),
+}
+if CUDA:
+    SPLIT_CASES["gpu_split_long"] = Case(32, 8, 128, 16, (1,) * 4, (8000, 1, 4097, 5000))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_split_kv_decode_matches_torch(name, dtype, poison):
+    # short splits and a large program target force split-KV even on these small batches
+    backend = TritonAttentionBackend(max_kv_splits=8, min_tokens_per_split=16, target_programs=10**6)
+    case = SPLIT_CASES[name]
+    assert backend._num_splits(case.query_lens.count(1) * case.num_kv_heads, max(case.seq_lens), torch.device(DEVICE)) > 1
+    run_attention_case(case, dtype, backend, poison)
+
+
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32)])
+def test_store_kv_writes_slots_and_skips_padding(head_dim, block_size):
+    num_blocks, kvh, t = 6, 3, 21
+    cache = torch.randn(2, num_blocks, block_size, kvh, head_dim, device=DEVICE)
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size)[:t].to(DEVICE)
+    slots[[2, 7, 20]] = -1
+    # k/v as strided views of a fused projection output, like the model produces
+    kv = torch.randn(t, 2 * kvh + 1, head_dim, device=DEVICE)
+    k, v = kv[:, :kvh], kv[:, kvh : 2 * kvh]
+    write_kv(k, v, expected, slots)
+    store_kv(k, v, cache, slots)
+    assert torch.equal(cache, expected)
+
+
+def test_backend_rejects_bad_heads():
+    case = CPU_CASES["decode_gqa4_d64_bs16"]
+    q, k, v, cache, meta = make_batch(case, torch.float32)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        TritonAttentionBackend().forward(q[:, :7], k, v, cache, meta, 0.1)
+    with pytest.raises(ValueError, match="max_kv_splits"):
+        TritonAttentionBackend(max_kv_splits=0)
+
+
+# ---- fused ops ----------------------------------------------------------------------------
+
+def _triton_ops():
+    from engine.kernels import triton_ops
+
+    return triton_ops
+
+
+OP_SHAPES = [(3, 80), (2, 5, 64)] + ([(513, 2048), (7, 4096)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(shape, dtype, with_residual, poison):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], device=DEVICE)).to(dtype)
+    res = torch.randn(shape, device=DEVICE).to(dtype) if with_residual else None
+    exp_out, exp_res = ops.rms_norm_torch(x, w, 1e-6, res)
+    poison()
+    out, new_res = _triton_ops().rms_norm(x, w, 1e-6, res)
+    assert out.shape == x.shape and out.dtype == exp_out.dtype
+    assert_close(out, exp_out, dtype)
+    if with_residual:
+        assert torch.equal(new_res, exp_res)  # a plain add: bit-exact
+    else:
+        assert new_res is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim", [(4, 2, 64, 64), (3, 1, 128, 64)])
+def test_apply_rotary_matches_torch(heads, kv_heads, head_dim, rotary_dim, dtype):
+    t = 9 if not CUDA else 300
+    # q and k are strided views into one fused QKV tensor, rotated in place
+    qkv = torch.randn(t, heads + 2 * kv_heads, head_dim, device=DEVICE).to(dtype)
+    angles = torch.rand(t, rotary_dim // 2, device=DEVICE) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    expected = qkv.clone()
+    ops.apply_rotary_torch(expected[:, :heads], expected[:, heads : heads + kv_heads], cos, sin)
+    _triton_ops().apply_rotary(qkv[:, :heads], qkv[:, heads : heads + kv_heads], cos, sin)
+    assert_close(qkv, expected, dtype)
+    assert torch.equal(qkv[:, heads + kv_heads :], expected[:, heads + kv_heads :])  # V untouched
+    if rotary_dim < head_dim:
+        assert torch.equal(qkv[..., rotary_dim:], expected[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 2 * 96), (2, 3, 2 * 64)] + ([(257, 2 * 8192)] if CUDA else []), ids=str)
+def test_silu_and_mul_matches_torch(shape, dtype, poison):
+    x = (2 * torch.randn(shape, device=DEVICE)).to(dtype)
+    expected = ops.silu_and_mul_torch(x)
+    poison()
+    out = _triton_ops().silu_and_mul(x)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+def test_ops_reject_bad_shapes():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        _triton_ops().rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="even"):
+        _triton_ops().silu_and_mul(torch.randn(2, 7, device=DEVICE))
+    q = torch.randn(3, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="cos and sin"):
+        _triton_ops().apply_rotary(q, q.clone(), torch.ones(2, 4, device=DEVICE), torch.ones(2, 4, device=DEVICE))
