@@ -1,0 +1,226 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3 share one implementation with flags.
+
+Differences handled: GQA, q/k/v (and o) biases, MLP biases, Qwen3's per-head RMSNorm on q and k
+before rope, an explicit `head_dim`, tied embeddings and rope scaling (see `rotary.py`).
+
+q/k/v are one Linear and gate/up are one Linear (fused at load time), so a layer runs four
+matmuls. Attention goes only through the paged KV cache via the attention backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from engine.kernels.backend import AttentionBackend
+from engine.kernels.ops import apply_rotary, silu_and_mul
+from engine.models.base import CausalLM, MappedWeight, RMSNorm
+from engine.models.rotary import RotaryTables, rope_config_from_hf
+from engine.models.spec import KVCacheSpec
+
+# checkpoint projection name -> (our fused projection, index of its block of rows)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """Everything the layers need from the HF config, validated."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+        super().__init__()
+        self.d = d
+        self.backend = backend
+        self.scale = d.head_dim**-0.5
+        self.qkv_proj = nn.Linear(d.hidden_size, d.q_size + 2 * d.kv_size, bias=d.qkv_bias)
+        self.o_proj = nn.Linear(d.q_size, d.hidden_size, bias=d.o_bias)
+        if d.qk_norm:
+            self.q_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
+            self.k_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        d = self.d
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([d.q_size, d.kv_size, d.kv_size], dim=-1)
+        q = q.view(-1, d.num_heads, d.head_dim)
+        k = k.view(-1, d.num_kv_heads, d.head_dim)
+        v = v.view(-1, d.num_kv_heads, d.head_dim)
+        if d.qk_norm:
+            q = self.q_norm(q.reshape(-1, d.head_dim))[0].view(q.shape)
+            k = self.k_norm(k.reshape(-1, d.head_dim))[0].view(k.shape)
+        apply_rotary(q, k, cos, sin)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, d.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, d: LlamaDims):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d.hidden_size, 2 * d.intermediate_size, bias=d.mlp_bias)
+        self.down_proj = nn.Linear(d.intermediate_size, d.hidden_size, bias=d.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.self_attn = LlamaAttention(d, backend)
+        self.post_attention_layernorm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+        self.mlp = LlamaMLP(d)
+
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        # The residual stream is carried separately so each norm can fuse the residual add.
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(d, backend) for _ in range(d.num_layers))
+        self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama (also the base of Mistral, Qwen2 and Qwen3 below)."""
+
+    @classmethod
+    def family_flags(cls, config) -> dict:
+        bias = bool(getattr(config, "attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=False)
+
+    def __init__(self, config, backend: AttentionBackend, device: torch.device | str):
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act must be 'silu' for {type(self).__name__}, got {config.hidden_act!r}")
+        num_heads = config.num_attention_heads
+        d = LlamaDims(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            **self.family_flags(config),
+        )
+        self.dims = d
+        self.max_model_len = self.context_limit(config)
+        self.kv_spec = KVCacheSpec(d.num_layers, d.num_kv_heads, d.head_dim)
+        self.model = LlamaModel(d, backend)
+        if not d.tie_word_embeddings:
+            self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
+        rc = rope_config_from_hf(config, d.head_dim, config.max_position_embeddings)
+        self.rotary = RotaryTables(rc, device)
+
+    @staticmethod
+    def context_limit(config) -> int:
+        return int(config.max_position_embeddings)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.dims.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        self.check_inputs(input_ids, positions, kv_caches)
+        cos, sin = self.rotary.lookup(positions)
+        h = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        return self.model.norm(h, residual)[0]
+
+    def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:
+        if "rotary_emb." in name:  # some checkpoints store inv_freq; we recompute it
+            return []
+        if name.startswith("lm_head.") and self.dims.tie_word_embeddings:
+            return []
+        module, _, kind = name.rpartition(".")
+        prefix, _, proj = module.rpartition(".")
+        if proj not in _FUSED:
+            return [(name, None, tensor)]
+        fused, index = _FUSED[proj]
+        d = self.dims
+        sizes = [d.q_size, d.kv_size, d.kv_size] if fused == "qkv_proj" else [d.intermediate_size] * 2
+        return [(f"{prefix}.{fused}.{kind}", sum(sizes[:index]), tensor)]
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama without biases. Sliding-window attention is not implemented, so the context is
+    capped at the window, where full attention and windowed attention agree."""
+
+    @staticmethod
+    def context_limit(config) -> int:
+        window = getattr(config, "sliding_window", None)
+        limit = int(config.max_position_embeddings)
+        return min(limit, int(window)) if window else limit
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biases on q/k/v (not on o)."""
+
+    @classmethod
+    def family_flags(cls, config) -> dict:
+        return dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
+
+    @staticmethod
+    def context_limit(config) -> int:
+        limit = int(config.max_position_embeddings)
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", False) and window:
+            return min(limit, int(window))
+        return limit
+
+
+class Qwen3ForCausalLM(Qwen2ForCausalLM):
+    """Llama with per-head RMSNorm on q and k before rope; `attention_bias` covers q/k/v/o."""
+
+    @classmethod
+    def family_flags(cls, config) -> dict:
+        bias = bool(getattr(config, "attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True)

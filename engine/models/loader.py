@@ -1,0 +1,132 @@
+"""From a model name to a ready model: find the files, read config and tokenizer, build the
+architecture and fill its weights (safetensors, sharded safetensors, GGUF, or random "dummy")."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.kernels.backend import get_attention_backend
+from engine.models.base import CausalLM
+from engine.models.default_model import default_gguf_path
+from engine.models.registry import model_class
+from engine.models.weights import iter_gguf, iter_safetensors
+
+LOAD_FORMATS = ("auto", "dummy")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model lives: an HF checkpoint directory, or `gguf_file` inside directory `path`."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    def hf_kwargs(self) -> dict:
+        """Arguments telling transformers' from_pretrained which file to read."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """None -> the default SmolLM2 GGUF; a directory with config.json -> HF checkpoint; a .gguf
+    file, or a directory holding exactly one, -> GGUF. Anything else raises ValueError naming
+    `model` (RuntimeError with an install hint when the default package is missing)."""
+    if model is None:
+        path = default_gguf_path()
+        return ModelSource(os.path.dirname(path), os.path.basename(path))
+    if not os.path.exists(model):
+        raise ValueError(f"model {model!r} does not exist (expected a checkpoint directory or a .gguf file)")
+    model = os.path.abspath(model)
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            raise ValueError(f"model {model!r} is a file but not a .gguf file")
+        return ModelSource(os.path.dirname(model), os.path.basename(model))
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return ModelSource(model)
+    ggufs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model, "*.gguf")))
+    if len(ggufs) == 1:
+        return ModelSource(model, ggufs[0])
+    if ggufs:
+        raise ValueError(f"model directory {model!r} holds several .gguf files {ggufs}; pass the file's path")
+    raise ValueError(f"model directory {model!r} has neither a config.json nor a .gguf file")
+
+
+def load_hf_config(src: ModelSource):
+    """The transformers config (read from the GGUF metadata for GGUF sources)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(src.path, **src.hf_kwargs())
+
+
+def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
+    """The fast tokenizer (with chat template) of `src`, or of `tokenizer` (a directory or .gguf
+    file) when given."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        if not os.path.exists(tokenizer):
+            raise ValueError(f"tokenizer {tokenizer!r} does not exist")
+        if tokenizer.endswith(".gguf"):
+            return AutoTokenizer.from_pretrained(os.path.dirname(tokenizer) or ".",
+                                                 gguf_file=os.path.basename(tokenizer))
+        return AutoTokenizer.from_pretrained(tokenizer)
+    return AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+
+
+def resolve_dtype(dtype: str, hf_config, device: torch.device | str) -> torch.dtype:
+    """Maps a dtype name to torch. "auto" takes the checkpoint's dtype, bfloat16 when it names
+    none (GGUF), and bfloat16 instead of float16 on CPU."""
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype != "auto":
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = _DTYPES.get(declared)
+    if declared not in _DTYPES.values():
+        declared = torch.bfloat16
+    if declared == torch.float16 and torch.device(device).type == "cpu":
+        declared = torch.bfloat16
+    return declared
+
+
+def load_model(
+    src: ModelSource,
+    hf_config,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attention_backend: str = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+) -> CausalLM:
+    """Builds the model for `hf_config`'s architecture on `device` in `dtype`, in eval mode with
+    gradients off. load_format "dummy" fills deterministic random weights (from `seed`) and
+    reads no weight files."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    cls = model_class(hf_config)
+    backend = get_attention_backend(attention_backend, device)
+    # Build on the meta device (no memory, no random init), then allocate uninitialised storage
+    # directly in the target dtype: every parameter is overwritten below.
+    with torch.device("meta"):
+        model = cls(hf_config, backend, device)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if load_format == "dummy":
+        model.init_dummy_weights(seed)
+    elif src.is_gguf:
+        model.load_weights(iter_gguf(os.path.join(src.path, src.gguf_file), hf_config, dtype))
+    else:
+        model.load_weights(iter_safetensors(src.path))
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,58 @@
+"""Streams checkpoint tensors (HF names) from safetensors files or a GGUF file.
+
+Tensors are yielded one at a time so a model's weights are never held twice in memory
+(GGUF is the exception: transformers' reader dequantizes the whole file at once).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterator
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The weight files of an HF checkpoint directory: the shards named by the index when there
+    is one, otherwise every *.safetensors file. ValueError when there are none."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise ValueError(f"shards listed in {index} are missing: {absent}")
+        return files
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in model directory {directory!r}")
+    return files
+
+
+def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def iter_gguf(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized GGUF tensors under HF names, via transformers' reader (which also undoes
+    llama.cpp's permutation of the Llama q/k weights)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # The reader derives the GGUF -> HF name map from an HF model's state-dict keys; a meta-device
+    # model provides those keys without allocating any weights.
+    with torch.device("meta"):
+        names_only = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only, torch_dtype=dtype)
+    yield from parsed["tensors"].items()
