@@ -1,0 +1,311 @@
+"""An asyncio front for `LLMEngine`: the engine's step loop runs on its own thread, callers
+await per-request streams of outputs.
+
+Guarantees:
+- The model never runs on the event loop: `LLMEngine` is built and stepped only on the engine
+  thread, so HTTP handling never blocks on a forward pass.
+- Requests and aborts are handed to the engine thread through a thread-safe queue and applied
+  between steps; outputs come back with `loop.call_soon_threadsafe` into per-request queues.
+- Leaving `generate` early (break, cancellation, client disconnect) aborts the request, which
+  frees its KV blocks before the engine's next step.
+- If the engine thread dies, every pending and future request fails with `EngineDeadError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.outputs import EngineStats, RequestOutput
+
+logger = logging.getLogger("conveyor.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped because of an error; no request can be served any more."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: Any
+    kwargs: dict
+    accepted: asyncio.Future  # resolved on the caller's loop: None, or the ValueError
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput items, or an exception to raise
+    finished: bool = False
+
+
+@dataclass
+class StepInfo:
+    """What one engine step did; handed to `on_step` observers on the engine thread."""
+
+    duration: float
+    num_outputs: int
+    stats: EngineStats
+
+
+@dataclass
+class _State:
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AsyncEngine:
+    """Owns an `LLMEngine` running on a background thread. `engine_factory` builds the engine
+    (on that thread); by default `LLMEngine(config)`. `on_step` observers run on the engine
+    thread after every step and must be thread-safe (prometheus metrics are)."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        engine_factory: Callable[[], Any] | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+        idle_wait: float = 0.05,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._factory = engine_factory or self._default_factory
+        self.on_step = on_step  # settable later, e.g. by the server's metrics
+        self._idle_wait = idle_wait
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._state = _State()
+        self._stats = EngineStats()
+        self.engine: Any = None
+        self.errored: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, **kwargs: Any) -> "AsyncEngine":
+        return cls(config, **kwargs)
+
+    def _default_factory(self) -> Any:
+        from engine.llm_engine import LLMEngine  # imported here: loading torch models is slow
+
+        return LLMEngine(self.config)
+
+    # ---- status -------------------------------------------------------------------------
+    @property
+    def is_ready(self) -> bool:
+        """True once the engine is built and its thread is alive and healthy."""
+        return self._ready.is_set() and self.errored is None and self._thread.is_alive()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Blocks until the engine is built (or failed). Returns `is_ready`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.is_set() and self.errored is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._ready.wait(0.05 if left is None else min(0.05, left))
+        return self.is_ready
+
+    def get_stats(self) -> EngineStats:
+        """The snapshot published after the latest step or command (safe from any thread)."""
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._state.lock:
+            return len(self._state.streams)
+
+    # ---- requests -----------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: Any,
+        request_id: str,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        tenant: str | None = None,
+        arrival_time: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's cumulative outputs as steps produce them, ending with the one
+        whose `finished` is True. Raises ValueError (before the first yield) when the engine
+        rejects the request, EngineDeadError when the engine thread has died."""
+        if self.errored is not None:
+            raise EngineDeadError("the engine stopped after an error")
+        if not self._ready.is_set():
+            raise EngineDeadError("the engine is not ready yet")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop=loop, queue=asyncio.Queue())
+        with self._state.lock:
+            if request_id in self._state.streams:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            self._state.streams[request_id] = stream
+        accepted = loop.create_future()
+        kwargs = {"priority": priority, "cache_salt": cache_salt, "tenant": tenant,
+                  "arrival_time": time.time() if arrival_time is None else arrival_time}
+        self._submit(_Add(request_id, prompt, params, kwargs, accepted))
+        if not self._thread.is_alive():  # it died between our check and the submit
+            _resolve(accepted, EngineDeadError("the engine stopped after an internal error"))
+        try:
+            error = await accepted
+            if error is not None:
+                stream.finished = True  # the engine never took it: nothing to abort
+                raise error
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                yield item
+                if stream.finished:
+                    return
+        finally:
+            with self._state.lock:
+                self._state.streams.pop(request_id, None)
+            if not stream.finished and self.errored is None:
+                self._submit(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request from any thread; a no-op for unknown or finished ones."""
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread after its current step; pending requests get an error."""
+        self._stop.set()
+        self._wakeup.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+            self._publish_stats()
+            self._ready.set()
+            while not self._stop.is_set():
+                self._apply_commands()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                else:
+                    self._wakeup.wait(self._idle_wait)
+                    self._wakeup.clear()
+            self._fail_all(EngineDeadError("the engine was shut down"))
+        except BaseException as exc:  # noqa: BLE001 - any death must reach the callers
+            logger.exception("engine thread died")
+            self.errored = exc
+            self._fail_all(EngineDeadError("the engine stopped after an internal error"))
+
+    def _apply_commands(self) -> None:
+        changed = False
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            changed = True
+            if isinstance(command, _Abort):
+                self.engine.abort_request(command.request_id)
+                continue
+            error: BaseException | None = None
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params,
+                                        **command.kwargs)
+            except ValueError as exc:
+                error = exc
+            with self._state.lock:
+                stream = self._state.streams.get(command.request_id)
+            if stream is None:  # the caller left before we got here
+                if error is None:
+                    self.engine.abort_request(command.request_id)
+                continue
+            stream.loop.call_soon_threadsafe(_resolve, command.accepted, error)
+        if changed:
+            self._publish_stats()
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        duration = time.perf_counter() - start
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._state.lock:
+            for out in outputs:
+                stream = self._state.streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        # One wake-up per event loop per step, not one per request.
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its callers are gone
+                pass
+        stats = self._publish_stats()
+        if self.on_step is not None:
+            self.on_step(StepInfo(duration=duration, num_outputs=len(outputs), stats=stats))
+
+    def _publish_stats(self) -> EngineStats:
+        # A copy, so readers on other threads never see a half-updated object.
+        self._stats = replace(self.engine.get_stats())
+        return self._stats
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._state.lock:
+            streams = list(self._state.streams.values())
+        for stream in streams:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:
+                pass
+        # Callers still waiting for their request to be accepted get the error too.
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Add):
+                loop = command.accepted.get_loop()
+                try:
+                    loop.call_soon_threadsafe(_resolve, command.accepted, error)
+                except RuntimeError:
+                    pass
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

@@ -1,0 +1,1 @@
+"""Conveyor's OpenAI-compatible HTTP server (Starlette + uvicorn)."""

@@ -1,0 +1,192 @@
+"""The Starlette application: routes, the X-Request-Id middleware and error envelopes.
+
+`build_app(engine, settings)` wires an `AsyncEngine` to HTTP. Every response carries
+`X-Request-Id` (the client's, when it sent a sane one, else a fresh one), every error uses
+OpenAI's envelope, and unexpected failures answer a generic 500 while the details go to the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.async_engine import AsyncEngine
+from server.errors import APIError, internal_error
+from server.limits import Admission
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.openapi import build_openapi
+from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.serving import GenerationService, read_json, request_logger
+from server.settings import ServerSettings
+
+logger = logging.getLogger("conveyor.server")
+STATIC_DIR = Path(__file__).parent / "static"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+           "/health", "/version", "/metrics", "/openapi.json", "/docs")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("conveyor")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+class RequestIdMiddleware:
+    """Accepts or generates X-Request-Id, echoes it on the response, logs one line per request
+    with it, and counts requests by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = [500]
+        start = time.monotonic()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope["path"] if scope["path"] in _ROUTES else "other"
+            self.metrics.http_requests.labels(route, str(status[0])).inc()
+            logger.info("[request_id=%s] %s %s -> %d in %.3fs", rid, scope["method"], scope["path"],
+                        status[0], time.monotonic() - start)
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
+              shutdown_engine: bool = True) -> Starlette:
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(engine.get_stats, lambda: service.served_name(),
+                            prefix_caching=engine.config.enable_prefix_caching)
+    engine.on_step = lambda info: metrics.observe_step(info.duration, info.stats)
+    service = GenerationService(engine, settings, metrics, Admission(settings))
+    openapi = build_openapi(version())
+
+    def api(handler):
+        """Maps APIError and unexpected exceptions to envelopes inside the route."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except APIError as exc:
+                request_logger(request).info("error %d: %s", exc.status, exc.message)
+                return exc.to_response()
+            except Exception:  # noqa: BLE001 - never leak internals to clients
+                request_logger(request).exception("unexpected error")
+                return internal_error().to_response()
+        return endpoint
+
+    def require_ready() -> None:
+        if not engine.is_ready:
+            raise APIError(503, "The engine is not ready." if engine.errored is None else
+                           "The engine stopped after an error.", code="engine_not_ready",
+                           retry_after=settings.retry_after_seconds)
+
+    async def completions(request: Request) -> Response:
+        return await service.handle(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await service.handle(request, chat=True)
+
+    async def models(request: Request) -> Response:
+        require_ready()
+        return JSONResponse({"object": "list", "data": [{
+            "id": service.served_name(), "object": "model", "created": int(time.time()),
+            "owned_by": "conveyor", "root": engine.model_name,
+            "max_model_len": engine.max_model_len}]})
+
+    async def tokenize(request: Request) -> Response:
+        req = TokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
+        require_ready()
+        service.check_model(req.model)
+        tok = engine.tokenizer
+        if req.messages is not None:
+            text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+
+    async def detokenize(request: Request) -> Response:
+        req = DetokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
+        require_ready()
+        service.check_model(req.model)
+        if any(t >= len(engine.tokenizer) for t in req.tokens):
+            raise APIError(400, f"tokens must be below the vocabulary size {len(engine.tokenizer)}",
+                           param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
+
+    async def health(request: Request) -> Response:
+        require_ready()
+        return JSONResponse({"status": "ok"})
+
+    async def version_route(request: Request) -> Response:
+        return JSONResponse({"version": version()})
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def openapi_route(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def docs(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        messages = {404: f"No route {request.url.path}.",
+                    405: f"Method {request.method} is not allowed on {request.url.path}."}
+        error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                         code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
+        return error.to_response(headers=dict(exc.headers or {}))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        yield
+        if shutdown_engine:
+            engine.shutdown()
+
+    routes = [
+        Route("/v1/completions", api(completions), methods=["POST"]),
+        Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
+        Route("/v1/models", api(models), methods=["GET"]),
+        Route("/tokenize", api(tokenize), methods=["POST"]),
+        Route("/detokenize", api(detokenize), methods=["POST"]),
+        Route("/health", api(health), methods=["GET"]),
+        Route("/version", api(version_route), methods=["GET"]),
+        Route("/metrics", api(metrics_route), methods=["GET"]),
+        Route("/openapi.json", api(openapi_route), methods=["GET"]),
+        Route("/docs", api(docs), methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware, metrics=metrics)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.settings = settings
+    return app

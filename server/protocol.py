@@ -1,0 +1,273 @@
+"""Request models of the OpenAI-compatible API, parsed and validated from JSON bodies.
+
+Every wrong type or range raises `APIError(400)` naming the field in `param`. Unknown fields
+are ignored (clients send many); known OpenAI fields we cannot honour are rejected, not
+silently dropped, so a client never gets a result that quietly ignores what it asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import bad_request
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Fields:
+    """Typed access to a JSON object's fields; each getter raises a 400 naming the field."""
+
+    def __init__(self, body: Any, prefix: str = "") -> None:
+        if not isinstance(body, dict):
+            raise bad_request(f"{prefix or 'request body'} must be a JSON object", prefix or None)
+        self.body = body
+        self.prefix = prefix
+
+    def _name(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def _present(self, name: str) -> bool:
+        return self.body.get(name) is not None
+
+    def integer(self, name: str, default: int | None = None, lo: int | None = None,
+                hi: int | None = None) -> int | None:
+        if not self._present(name):
+            return default
+        value = self.body[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(f"{self._name(name)} must be an integer, got {value!r}", self._name(name))
+        self._range(name, value, lo, hi)
+        return value
+
+    def number(self, name: str, default: float | None = None, lo: float | None = None,
+               hi: float | None = None) -> float | None:
+        if not self._present(name):
+            return default
+        value = self.body[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad_request(f"{self._name(name)} must be a number, got {value!r}", self._name(name))
+        self._range(name, value, lo, hi)
+        return float(value)
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        if not self._present(name):
+            return default
+        value = self.body[name]
+        if not isinstance(value, bool):
+            raise bad_request(f"{self._name(name)} must be a boolean, got {value!r}", self._name(name))
+        return value
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        if not self._present(name):
+            return default
+        value = self.body[name]
+        if not isinstance(value, str):
+            raise bad_request(f"{self._name(name)} must be a string, got {value!r}", self._name(name))
+        return value
+
+    def int_list(self, name: str) -> list[int] | None:
+        if not self._present(name):
+            return None
+        value = self.body[name]
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise bad_request(f"{self._name(name)} must be a list of non-negative integers",
+                              self._name(name))
+        return value
+
+    def stop(self) -> list[str] | None:
+        if not self._present("stop"):
+            return None
+        value = self.body["stop"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+            raise bad_request("stop must be a non-empty string or a list of non-empty strings", "stop")
+        return value
+
+    def _range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise bad_request(f"{self._name(name)} must be in {bounds}, got {value!r}", self._name(name))
+
+    def reject_unsupported(self, name: str, unset: tuple = (None, False, 0, 1, [], {}, "")) -> None:
+        if name in self.body and self.body[name] not in unset:
+            raise bad_request(f"{name} is not supported by this server", name, code="unsupported")
+
+
+@dataclass
+class GenerationRequest:
+    """Fields shared by completions and chat completions. `sampling` holds keyword arguments
+    for `SamplingParams` (without max_tokens: the server resolves it against the context)."""
+
+    model: str | None
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    priority: int
+    user: str | None
+    timeout: float | None
+    logprobs: int | None  # top-n per token; None = no logprobs
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+    for name in ("logit_bias", "suffix", "tools", "functions", "echo"):
+        f.reject_unsupported(name)
+    if f.body.get("response_format") not in (None, {"type": "text"}):  # text is the default
+        raise bad_request("response_format other than text is not supported", "response_format",
+                          code="unsupported")
+    n = f.integer("n", 1, 1, MAX_N)
+    best_of = f.integer("best_of", None, 1, MAX_N)
+    if best_of is not None and best_of != n:
+        raise bad_request("best_of different from n is not supported", "best_of", code="unsupported")
+    max_tokens = None
+    for name in max_tokens_names:
+        max_tokens = f.integer(name, None, 1) if max_tokens is None else max_tokens
+    stream_options = f.body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        include_usage = _Fields(stream_options, "stream_options").boolean("include_usage")
+    user = f.string("user")
+    sampling = {
+        "n": n,
+        "temperature": f.number("temperature", 1.0, 0.0, 2.0),
+        "top_p": f.number("top_p", 1.0, 0.0, 1.0),
+        "top_k": f.integer("top_k", 0, -1),
+        "min_p": f.number("min_p", 0.0, 0.0, 1.0),
+        "seed": f.integer("seed"),
+        "presence_penalty": f.number("presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": f.number("frequency_penalty", 0.0, -2.0, 2.0),
+        "repetition_penalty": f.number("repetition_penalty", 1.0, 0.0),
+        "stop": f.stop(),
+        "stop_token_ids": f.int_list("stop_token_ids"),
+        "ignore_eos": f.boolean("ignore_eos"),
+        "min_tokens": f.integer("min_tokens", 0, 0),
+        "include_stop_str_in_output": f.boolean("include_stop_str_in_output"),
+        "skip_special_tokens": f.boolean("skip_special_tokens", True),
+    }
+    if sampling["top_p"] == 0.0:
+        raise bad_request("top_p must be greater than 0", "top_p")
+    return {
+        "model": f.string("model"),
+        "max_tokens": max_tokens,
+        "stream": f.boolean("stream"),
+        "include_usage": include_usage,
+        "priority": f.integer("priority", 0),
+        "user": user,
+        "timeout": f.number("timeout", None, 0.001),
+        "sampling": sampling,
+    }
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] = ""
+
+    @classmethod
+    def from_json(cls, body: Any) -> "CompletionRequest":
+        f = _Fields(body)
+        common = _common(f, ("max_tokens",))
+        logprobs = f.integer("logprobs", None, 0, MAX_LOGPROBS)
+        return cls(prompt=_prompt(body.get("prompt")), logprobs=logprobs, **common)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    if isinstance(value, str):
+        if not value:
+            raise bad_request("prompt must not be empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise bad_request("batched prompts are not supported: send one prompt per request",
+                          "prompt", code="unsupported")
+    raise bad_request("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+
+
+@dataclass
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[dict[str, str]] = field(default_factory=list)
+    add_generation_prompt: bool = True
+
+    @classmethod
+    def from_json(cls, body: Any) -> "ChatCompletionRequest":
+        f = _Fields(body)
+        common = _common(f, ("max_completion_tokens", "max_tokens"))
+        top_logprobs = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
+        want_logprobs = f.boolean("logprobs")
+        if top_logprobs and not want_logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        logprobs = (top_logprobs or 0) if want_logprobs else None
+        return cls(messages=_messages(body.get("messages")), logprobs=logprobs,
+                   add_generation_prompt=f.boolean("add_generation_prompt", True), **common)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("messages must be a non-empty list of message objects", "messages")
+    out = []
+    for i, msg in enumerate(value):
+        name = f"messages[{i}]"
+        f = _Fields(msg, name)
+        role = f.string("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                              f"{name}.role")
+        out.append({"role": role, "content": _content(msg.get("content"), f"{name}.content")})
+    return out
+
+
+def _content(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{name}[{j}] must be a text part: only text content is supported",
+                                  f"{name}[{j}]")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"{name} must be a string or a list of text parts", name)
+
+
+@dataclass
+class TokenizeRequest:
+    """`/tokenize`: either `prompt` (a string) or chat `messages`."""
+
+    model: str | None
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    add_special_tokens: bool
+
+    @classmethod
+    def from_json(cls, body: Any) -> "TokenizeRequest":
+        f = _Fields(body)
+        prompt = f.string("prompt")
+        messages = _messages(body["messages"]) if body.get("messages") is not None else None
+        if (prompt is None) == (messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        return cls(model=f.string("model"), prompt=prompt, messages=messages,
+                   add_special_tokens=f.boolean("add_special_tokens", True))
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int]
+
+    @classmethod
+    def from_json(cls, body: Any) -> "DetokenizeRequest":
+        f = _Fields(body)
+        tokens = f.int_list("tokens")
+        if tokens is None:
+            raise bad_request("tokens is required: a list of token ids", "tokens")
+        return cls(model=f.string("model"), tokens=tokens)

@@ -1,0 +1,26 @@
+"""Server-wide settings: limits and names that apply to every request."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    """`None` for a cap means "no cap beyond the model's context"."""
+
+    served_model_name: str | None = None  # the name clients use; default: the engine's model name
+    max_tokens_cap: int | None = None  # largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = None  # longest prompt accepted
+    max_waiting_requests: int = 1024  # admitted requests not yet producing tokens
+    max_waiting_tokens: int | None = None  # their prompt tokens together
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_seconds: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        for name in ("max_waiting_requests", "max_body_bytes", "retry_after_seconds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
