@@ -27,7 +27,7 @@ def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     chosen_ids = token_ids.index_select(0, idx)
     chosen = lp.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
     k = max(num_top[i] for i in wanted)
-    top_vals, top_ids = (lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
+    top_vals, top_ids = lp.topk(k, dim=-1)  # k may be 0: empty rows
     top_vals, top_ids, chosen_ids = top_vals.tolist(), top_ids.tolist(), chosen_ids.tolist()
     for j, row in enumerate(wanted):
         n = num_top[row]

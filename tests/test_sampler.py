@@ -7,6 +7,8 @@ from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 
 EOS = 2
+# CUDA runs too where a GPU is present: generators, noise and scatters are device-specific.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def row(prompt=(1,), output=(), generator=None, **params) -> SamplingRow:
@@ -23,14 +25,15 @@ def crafted_logits() -> tuple[torch.Tensor, list[int]]:
     return logits, perm.tolist()
 
 
-def draw_many(logits: torch.Tensor, draws: int, **params) -> list[int]:
+def draw_many(logits: torch.Tensor, draws: int, device: str = "cpu", **params) -> list[int]:
     """Samples `draws` times from one distribution, as one batch of identical rows."""
-    batch = logits.unsqueeze(0).expand(draws, -1)  # a view, like the engine may pass
+    batch = logits.to(device).unsqueeze(0).expand(draws, -1)  # a view, like the engine may pass
     return Sampler({EOS})(batch, [row(**params) for _ in range(draws)]).token_ids
 
 
-def test_greedy_is_argmax_in_a_mixed_batch():
-    logits = torch.randn(6, 50)
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_is_argmax_in_a_mixed_batch(device):
+    logits = torch.randn(6, 50, device=device)
     rows = [row(temperature=0.0) if i % 2 == 0 else row(temperature=1.0) for i in range(6)]
     out = Sampler({EOS})(logits, rows)
     expected = logits.argmax(dim=1).tolist()
@@ -38,8 +41,9 @@ def test_greedy_is_argmax_in_a_mixed_batch():
     assert Sampler({EOS})(logits, [row(temperature=0.0)] * 6).token_ids == expected
 
 
-def test_top_k_1_is_greedy():
-    logits = torch.randn(8, 100)
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_1_is_greedy(device):
+    logits = torch.randn(8, 100, device=device)
     out = Sampler({EOS})(logits, [row(temperature=1.3, top_k=1) for _ in range(8)])
     assert out.token_ids == logits.argmax(dim=1).tolist()
 
@@ -52,9 +56,10 @@ def test_top_k_1_is_greedy():
     (dict(top_p=0.7, temperature=0.5), [0, 1]),  # sharper: p^2 / sum gives 0.62, 0.24, ...
     (dict(top_p=0.6, temperature=0.5), [0]),
 ])
-def test_truncation_never_samples_outside_the_allowed_set(params, allowed_ranks):
+@pytest.mark.parametrize("device", DEVICES)
+def test_truncation_never_samples_outside_the_allowed_set(params, allowed_ranks, device):
     logits, order = crafted_logits()
-    tokens = draw_many(logits, 3000, **params)
+    tokens = draw_many(logits, 3000, device, **params)
     allowed = {order[r] for r in allowed_ranks}
     assert set(tokens) == allowed  # nothing outside, and every allowed token shows up
 
@@ -69,27 +74,28 @@ def test_temperature_sampling_frequencies_follow_softmax():
     assert chi2 < 25.0, (observed, expected)  # df=4: p ~ 5e-5 by chance
 
 
-def run_steps(seed: int, position: int, others: list[SamplingRow], steps: int = 5) -> list[int]:
+def run_steps(seed: int, position: int, others: list[SamplingRow], device: str, steps: int = 5) -> list[int]:
     """Tokens of one seeded row over several steps, placed at `position` among `others`."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     seeded = row(generator=gen, seed=seed, temperature=0.9, top_p=0.95)
     tokens = []
     for _ in range(steps):
         rows = others[:position] + [seeded] + others[position:]
-        logits = torch.randn(len(rows), 1000)
-        logits[position] = torch.linspace(-1.0, 1.0, 1000)
+        logits = torch.randn(len(rows), 1000, device=device)
+        logits[position] = torch.linspace(-1.0, 1.0, 1000, device=device)
         tokens.append(Sampler({EOS})(logits, rows).token_ids[position])
     return tokens
 
 
-def test_seeded_row_is_independent_of_the_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_row_is_independent_of_the_batch(device):
     batch_a = [row(temperature=1.0), row(temperature=0.5, top_k=10)]
-    batch_b = [row(temperature=0.0), row(min_p=0.1), row(generator=torch.Generator().manual_seed(1)),
-               row(temperature=2.0)]
-    first = run_steps(seed=123, position=0, others=batch_a)
-    assert run_steps(seed=123, position=3, others=batch_b) == first
-    assert run_steps(seed=123, position=0, others=[]) == first
-    assert run_steps(seed=124, position=1, others=batch_a) != first
+    batch_b = [row(temperature=0.0), row(min_p=0.1),
+               row(generator=torch.Generator(device=device).manual_seed(1)), row(temperature=2.0)]
+    first = run_steps(seed=123, position=0, others=batch_a, device=device)
+    assert run_steps(seed=123, position=3, others=batch_b, device=device) == first
+    assert run_steps(seed=123, position=0, others=[], device=device) == first
+    assert run_steps(seed=124, position=1, others=batch_a, device=device) != first
 
 
 def reference_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -106,8 +112,9 @@ def reference_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.
     return out
 
 
-def test_penalties_match_reference():
-    logits = torch.randn(5, 40) * 3
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_match_reference(device):
+    logits = torch.randn(5, 40, device=device) * 3
     rows = [
         row(prompt=[3, 4, 5, 3], output=[7, 7, 8], repetition_penalty=1.3),
         row(prompt=[1], output=[9, 9, 9, 2, 10], presence_penalty=0.7, frequency_penalty=0.4),
@@ -127,8 +134,9 @@ def test_penalties_match_reference():
     assert tokens == reference_penalties(logits, rows).argmax(dim=1).tolist()
 
 
-def test_min_tokens_blocks_eos_and_stop_token_ids():
-    logits = torch.randn(4, 20)
+@pytest.mark.parametrize("device", DEVICES)
+def test_min_tokens_blocks_eos_and_stop_token_ids(device):
+    logits = torch.randn(4, 20, device=device)
     logits[:, EOS] = 50.0
     logits[:, 11] = 40.0
     rows = [
@@ -146,9 +154,10 @@ def test_min_tokens_blocks_eos_and_stop_token_ids():
     assert torch.equal(logits, original)
 
 
-def test_logprobs_come_from_the_raw_distribution():
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_come_from_the_raw_distribution(device):
     vocab = 20
-    logits = torch.randn(4, vocab) * 2
+    logits = torch.randn(4, vocab, device=device) * 2
     rows = [
         row(logprobs=3, temperature=0.5, repetition_penalty=1.7, output=[1, 2, 3]),
         row(logprobs=0),
@@ -180,3 +189,14 @@ def test_logprobs_come_from_the_raw_distribution():
 def test_bad_logits_shape_raises():
     with pytest.raises(ValueError, match="logits"):
         Sampler({EOS})(torch.randn(3, 10), [row(), row()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_logits_are_sampled_in_float32(device):
+    logits = torch.randn(3, 64, device=device).to(torch.bfloat16)
+    rows = [row(temperature=0.0, logprobs=2), row(temperature=0.8, top_p=0.9), row(min_p=0.05)]
+    out = Sampler({EOS})(logits, rows)
+    assert out.token_ids[0] == logits.float()[0].argmax().item()
+    ref = torch.log_softmax(logits.float(), dim=1)
+    for i, t in enumerate(out.token_ids):
+        assert math.isclose(out.chosen_logprobs[i], ref[i, t].item(), abs_tol=1e-5)
