@@ -85,7 +85,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     metrics = ServerMetrics(engine.get_stats, lambda: service.served_name(),
                             prefix_caching=engine.config.enable_prefix_caching)
     engine.on_step = lambda info: metrics.observe_step(info.duration, info.stats)
-    service = GenerationService(engine, settings, metrics, Admission(settings))
+    admission = Admission(settings)
+    service = GenerationService(engine, settings, metrics, admission)
     openapi = build_openapi(version())
 
     def api(handler):
@@ -189,4 +190,5 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.admission = admission
     return app

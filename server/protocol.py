@@ -92,8 +92,10 @@ class _Fields:
             bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise bad_request(f"{self._name(name)} must be in {bounds}, got {value!r}", self._name(name))
 
-    def reject_unsupported(self, name: str, unset: tuple = (None, False, 0, 1, [], {}, "")) -> None:
-        if name in self.body and self.body[name] not in unset:
+    def reject_unsupported(self, name: str) -> None:
+        value = self.body.get(name)
+        # identity for False: `True in (1,)` holds in Python, and echo=true must be refused
+        if not (value is None or value is False or value in ([], {}, "")):
             raise bad_request(f"{name} is not supported by this server", name, code="unsupported")
 
 
