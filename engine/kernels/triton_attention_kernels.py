@@ -10,8 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def store_kv_kernel(
@@ -103,7 +101,7 @@ def paged_attention_kernel(
         kv_lo = split * split_len
         kv_hi = tl.minimum(kv_hi, kv_lo + split_len)
 
-    qk_scale = scale * LOG2E
+    qk_scale = scale * 1.4426950408889634  # log2(e): softmax via exp2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
