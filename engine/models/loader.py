@@ -12,7 +12,8 @@ from engine.kernels.backend import get_attention_backend
 from engine.models.base import CausalLM
 from engine.models.default_model import default_gguf_path
 from engine.models.registry import model_class
-from engine.models.weights import iter_gguf, iter_safetensors
+from engine.models.gguf_weights import iter_gguf
+from engine.models.weights import iter_safetensors
 
 LOAD_FORMATS = ("auto", "dummy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,7 +1,7 @@
-"""Streams checkpoint tensors (HF names) from safetensors files or a GGUF file.
+"""Streams checkpoint tensors (HF names) from safetensors files (single or sharded).
 
-Tensors are yielded one at a time so a model's weights are never held twice in memory
-(GGUF is the exception: transformers' reader dequantizes the whole file at once).
+Tensors are yielded one at a time so a model's weights are never held twice in memory.
+GGUF files are read by `gguf_weights.py`.
 """
 from __future__ import annotations
 
@@ -42,17 +42,3 @@ def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
-
-
-def iter_gguf(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized GGUF tensors under HF names, via transformers' reader (which also undoes
-    llama.cpp's permutation of the Llama q/k weights)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    # The reader derives the GGUF -> HF name map from an HF model's state-dict keys; a meta-device
-    # model provides those keys without allocating any weights.
-    with torch.device("meta"):
-        names_only = AutoModelForCausalLM.from_config(hf_config)
-    parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only, torch_dtype=dtype)
-    yield from parsed["tensors"].items()
