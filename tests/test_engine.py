@@ -39,7 +39,8 @@ def hf_greedy(path, prompts, max_new=MAX_NEW):
 
 
 def check_against_hf(llm, path, prompts, ref=None):
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
+    # min_tokens masks EOS like min_new_tokens does in the reference
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW, logprobs=2)
     outs = llm.generate(prompts, params, use_tqdm=False)
     ref = ref or hf_greedy(path, prompts)
     for out, (tokens, logprobs) in zip(outs, ref):
@@ -69,7 +70,7 @@ def test_preemption_and_chunked_prefill_do_not_change_output(checkpoints):
     llm = LLM(path, dtype="float32", num_blocks=8, max_num_batched_tokens=24, attention_backend="torch",
               enable_prefix_caching=False)
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW, logprobs=0)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     final = {}
