@@ -60,9 +60,9 @@ def _config(arch: str, overrides: dict):
 
 
 def make_tiny_checkpoint(path: str, arch: str = "llama", *, seed: int = 0, max_shard_size: str | None = None,
-                         **overrides) -> str:
-    """Writes a tiny random float32 checkpoint of `arch` plus the SmolLM2 tokenizer to `path`;
-    `overrides` go to the transformers config. Returns `path`."""
+                         with_tokenizer: bool = True, **overrides) -> str:
+    """Writes a tiny random float32 checkpoint of `arch` plus (unless `with_tokenizer` is False)
+    the SmolLM2 tokenizer to `path`; `overrides` go to the transformers config. Returns `path`."""
     from transformers import AutoModelForCausalLM
 
     config = _config(arch, overrides)
@@ -75,7 +75,8 @@ def make_tiny_checkpoint(path: str, arch: str = "llama", *, seed: int = 0, max_s
                     p.add_(torch.randn_like(p) * 0.1)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
-    shutil.copytree(smollm2_tokenizer_dir(), path, dirs_exist_ok=True)
+    if with_tokenizer:
+        shutil.copytree(smollm2_tokenizer_dir(), path, dirs_exist_ok=True)
     return path
 
 

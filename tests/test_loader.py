@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from engine.models.default_model import DEFAULT_GGUF_FILE
-from engine.models.loader import ModelSource, load_hf_config, load_model, load_tokenizer, resolve_model
+from engine.models.loader import (
+    ModelSource, load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model,
+)
 from engine.models.registry import ARCHITECTURES
 from tests.checkpoints import load_reference, make_tiny_checkpoint, smollm2_tokenizer_dir
 from tests.test_models import PagedRunner, hf_logits, random_prompt
@@ -128,6 +130,16 @@ def test_dummy_weights_need_no_files_and_follow_the_seed(tmp_path):
     assert logits.shape == (10, 1024) and torch.isfinite(logits).all()
 
 
+def test_resolve_dtype():
+    cfg = LlamaConfig(dtype="float16")
+    assert resolve_dtype("auto", cfg, "cpu") == torch.bfloat16  # fp16 matmuls are slow on CPU
+    assert resolve_dtype("auto", cfg, "cuda") == torch.float16
+    assert resolve_dtype("auto", LlamaConfig(dtype="float32"), "cpu") == torch.float32
+    assert resolve_dtype("float32", cfg, "cpu") == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", cfg, "cpu")
+
+
 def test_unknown_architecture_lists_supported(tmp_path):
     cfg = LlamaConfig(architectures=["FooForCausalLM"])
     with pytest.raises(ValueError, match="FooForCausalLM.*supported.*LlamaForCausalLM"):
@@ -154,7 +166,7 @@ def test_smollm2_gguf_matches_transformers():
     assert 20 <= len(ids) <= 40
     ours = load_model(src, cfg, torch.float32, "cpu")
     got = _logits(ours, ids)
-    ref = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
-    want = hf_logits(ref, ids)
+    ref = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, config=cfg, dtype=torch.float32)
+    want = hf_logits(ref.eval(), ids)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
