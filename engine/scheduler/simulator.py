@@ -150,7 +150,7 @@ class Simulator:
         self.config = config
         self.cost_model = cost_model
         self.policy = make_policy(policy)
-        self.policy_name = policy if isinstance(policy, str) else self.policy.name
+        self.policy_name = policy if isinstance(policy, str) and ":" not in policy else self.policy.name
         self.now = 0.0
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         sched_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,

@@ -1,0 +1,173 @@
+"""Compares scheduling policies on one trace with the simulator (no model runs).
+
+    python -m benchmarks.simulate --policies fcfs,sjf,fair --num-requests 10000 --rate 3 \
+        --tenants a:0.8,b:0.2 [--cost-model benchmarks/out/cost_model.json] [--trace FILE]
+
+Prints one row per policy (and per tenant), writes ``simulate_summary.json`` and
+``simulate.png`` to ``--out-dir``. ``--validate`` also replays the trace on the real engine
+under the first policy and prints the simulator's error on throughput and mean TTFT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.calibrate import add_engine_args
+from engine.scheduler.cost_model import load_cost_model
+from engine.scheduler.simulator import SimConfig, SimResult, Timeline, percentiles, simulate
+from engine.scheduler.traces import TraceSpec, generate_trace, load_trace, save_trace
+
+
+def parse_shares(text: str | None, field_name: str, key_type=str) -> dict:
+    """``"a:0.8,b:0.2"`` -> ``{"a": 0.8, "b": 0.2}``."""
+    if not text:
+        return {}
+    shares = {}
+    for part in text.split(","):
+        key, sep, weight = part.rpartition(":")
+        try:
+            shares[key_type(key)] = float(weight)
+        except ValueError:
+            raise ValueError(f"{field_name} must look like NAME:SHARE,NAME:SHARE, got {text!r}") from None
+        if not sep:
+            raise ValueError(f"{field_name} must look like NAME:SHARE,NAME:SHARE, got {text!r}")
+    return shares
+
+
+def build_trace(args: argparse.Namespace):
+    if args.trace:
+        return load_trace(args.trace)
+    spec = TraceSpec(num_requests=args.num_requests, rate=args.rate, arrival=args.arrival, cv=args.cv,
+                     prompt_len=args.prompt_len, output_len=args.output_len,
+                     tenants=parse_shares(args.tenants, "tenants"),
+                     priorities=parse_shares(args.priorities, "priorities", int),
+                     system_prompt_len=args.system_prompt_len, seed=args.seed)
+    return generate_trace(spec)
+
+
+def print_table(summaries: list[dict]) -> None:
+    head = (f"{'policy':<28}{'req/s':>8}{'out tok/s':>11}{'TTFT mean':>11}{'p50':>9}{'p99':>9}"
+            f"{'TPOT mean':>11}{'p99':>9}{'E2E p99':>10}{'preempt':>9}{'KV mean':>9}{'sim s':>8}")
+    print(head)
+    for s in summaries:
+        t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
+        print(f"{s['policy'][-27:]:<28}{s['throughput_req_s']:>8.2f}{s['throughput_out_tok_s']:>11.1f}"
+              f"{t['mean']:>11.3f}{t['p50']:>9.3f}{t['p99']:>9.3f}{p['mean']:>11.4f}{p['p99']:>9.4f}"
+              f"{e['p99']:>10.2f}{s['num_preemptions']:>9d}{s['kv_usage_mean']:>9.2f}{s['sim_wall_s']:>8.2f}")
+    if any(s["per_tenant"] for s in summaries):
+        print(f"\n{'policy':<28}{'tenant':<12}{'requests':>9}{'tok share':>10}{'TTFT mean':>11}{'p99':>9}")
+        for s in summaries:
+            for tenant, ts in s["per_tenant"].items():
+                print(f"{s['policy'][-27:]:<28}{tenant:<12}{ts['num_requests']:>9d}"
+                      f"{ts['share_of_out_tokens']:>10.2f}{ts['ttft_s']['mean']:>11.3f}{ts['ttft_s']['p99']:>9.3f}")
+
+
+def plot(results: list[SimResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for r in results:
+        ttft = np.sort([rec.ttft for rec in r.records])
+        axes[0, 0].plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=r.policy)
+        axes[0, 1].plot(r.timeline.time, r.timeline.kv_usage, label=r.policy, lw=0.8)
+        axes[1, 0].plot(r.timeline.time, r.timeline.num_waiting, label=r.policy, lw=0.8)
+    axes[0, 0].set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="symlog")
+    axes[0, 1].set(xlabel="simulated time (s)", ylabel="fraction of KV blocks in use", title="KV usage")
+    axes[1, 0].set(xlabel="simulated time (s)", ylabel="requests", title="waiting queue")
+    tenants = sorted({rec.tenant for r in results for rec in r.records if rec.tenant is not None})
+    if tenants:
+        width = 0.8 / len(results)
+        for i, r in enumerate(results):
+            means = [percentiles([x.ttft for x in r.records if x.tenant == t])["mean"] for t in tenants]
+            axes[1, 1].bar(np.arange(len(tenants)) + i * width, means, width, label=r.policy)
+        axes[1, 1].set_xticks(np.arange(len(tenants)) + width * (len(results) - 1) / 2, tenants)
+    axes[1, 1].set(ylabel="mean TTFT (s)", title="per-tenant TTFT")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def validate(args: argparse.Namespace, trace) -> dict:
+    """Replays the trace on the real engine under the first policy; compares with ``sim``."""
+    from benchmarks.calibrate import make_engine, measure_steps, run_trace_on_engine
+
+    args.policy = args.policies.split(",")[0]
+    engine = make_engine(args)
+    measure_steps(engine, [2], [32], 3, seed=1)  # warm-up, as in calibration
+    records = run_trace_on_engine(engine, trace, seed=args.seed)
+    real = SimResult(args.policy, records, Timeline(), 0, engine.scheduler.num_preemptions, 0.0).summary()
+    # Re-simulate with the engine's exact settings (block count, model length, vocabulary).
+    config = SimConfig(num_blocks=engine.num_blocks, block_size=args.block_size,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                       max_model_len=engine.max_model_len, vocab_size=engine.hf_config.vocab_size,
+                       seed=args.seed)
+    predicted = simulate(trace, args.policy, config, load_cost_model(args.cost_model)).summary()
+    report = {"num_requests": len(trace), "policy": args.policy}
+    metrics = {"throughput_out_tok_s": lambda s: s["throughput_out_tok_s"],
+               "ttft_mean_s": lambda s: s["ttft_s"]["mean"], "e2e_mean_s": lambda s: s["e2e_s"]["mean"]}
+    for name, get in metrics.items():
+        sim_v, real_v = get(predicted), get(real)
+        report[name] = {"sim": sim_v, "real": real_v, "rel_error": (sim_v - real_v) / real_v}
+        print(f"{name:<22} sim {sim_v:10.3f}   real {real_v:10.3f}   error {(sim_v - real_v) / real_v:+.1%}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policies", default="fcfs,sjf,fair",
+                        help="comma-separated policy names or module:Class paths")
+    parser.add_argument("--trace", help="a JSON-lines trace file (overrides the synthetic options)")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=2.0, help="requests per second")
+    parser.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    parser.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation")
+    parser.add_argument("--prompt-len", default="lognormal:128:0.8:1024")
+    parser.add_argument("--output-len", default="lognormal:64:0.8:512")
+    parser.add_argument("--tenants", help="e.g. heavy:0.8,light:0.2")
+    parser.add_argument("--priorities", help="e.g. 0:0.3,1:0.7")
+    parser.add_argument("--system-prompt-len", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-trace", help="write the trace used as JSON lines")
+    add_engine_args(parser)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--static-batching", action="store_true")
+    parser.add_argument("--cost-model", help="JSON from benchmarks.calibrate (default: built-in)")
+    parser.add_argument("--out-dir", default="benchmarks/out")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--validate", action="store_true", help="also run the real engine on the trace")
+    args = parser.parse_args(argv)
+
+    trace = build_trace(args)
+    if args.save_trace:
+        save_trace(trace, args.save_trace)
+    config = SimConfig(num_blocks=args.num_blocks, block_size=args.block_size,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                       static_batching=args.static_batching, seed=args.seed)
+    cost_model = load_cost_model(args.cost_model)
+    print(f"{len(trace)} requests; cost model: {cost_model.source}")
+    results = [simulate(trace, p, config, cost_model) for p in args.policies.split(",") if p]
+    summaries = [r.summary() for r in results]
+    print_table(summaries)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = {"config": vars(args), "summaries": summaries}
+    if not args.no_plot:
+        plot(results, out_dir / "simulate.png")
+        print(f"wrote {out_dir / 'simulate.png'}")
+    if args.validate:
+        output["validation"] = validate(args, trace)
+    (out_dir / "simulate_summary.json").write_text(json.dumps(output, indent=2, default=str))
+    print(f"wrote {out_dir / 'simulate_summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
