@@ -24,7 +24,7 @@ def _name_map(arch: str, hf_names: list[str], num_layers: int) -> dict[str, str]
     table = gguf.get_tensor_name_map(arch_ids[0], num_layers)
     mapping = {}
     for hf_name in hf_names:
-        base, dot, suffix = hf_name.rpartition(".")
+        base, _, suffix = hf_name.rpartition(".")
         gguf_name = table.get_name(base)
         if gguf_name is not None:
             mapping[f"{gguf_name}.{suffix}"] = hf_name
