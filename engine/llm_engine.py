@@ -14,7 +14,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
-from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_model
+from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampler import Sampler
@@ -22,7 +22,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler.policy import make_policy
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
-from engine.startup import choose_num_blocks, eos_token_ids, resolve_device, resolve_dtype
+from engine.startup import choose_num_blocks, eos_token_ids, resolve_device
 
 
 class LLMEngine:
@@ -34,7 +34,7 @@ class LLMEngine:
         source = resolve_model(config.model)
         self.hf_config = load_hf_config(source)
         self.tokenizer = self._load_tokenizer(source)
-        self.dtype = resolve_dtype(config.dtype, self.hf_config, source, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.model = load_model(
             source, self.hf_config, self.dtype, self.device,
             attention_backend=config.attention_backend, load_format=config.load_format, seed=config.seed,
@@ -54,8 +54,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched_config, self.kv, self.policy)
         self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer)
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                      and config.attention_backend in ("auto", "triton"))
         self.runner = ModelRunner(self.model, self.kv, self.num_blocks, block_size, self.device, self.dtype,
-                                  Sampler(self.eos_token_ids))
+                                  Sampler(self.eos_token_ids), cuda_graph_batch=config.max_num_seqs if use_graphs else 0,
+                                  max_model_len=self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)

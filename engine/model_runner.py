@@ -28,7 +28,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, sampler: Sampler):
+                 device: torch.device, dtype: torch.dtype, sampler: Sampler, cuda_graph_batch: int = 0,
+                 max_model_len: int = 0):
+        """``cuda_graph_batch`` > 0 captures CUDA graphs for decode steps of up to that many
+        sequences (CUDA with the Triton backend only)."""
         self.model = model
         self.kv = kv
         self.device = device
@@ -38,6 +41,11 @@ class ModelRunner:
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         # zeros, not empty: the attention reads masked-out slots, and NaN * 0 would still be NaN
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.graphs = None
+        if cuda_graph_batch > 0:
+            from engine.cuda_graphs import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_model_len, cuda_graph_batch, device)
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -64,7 +72,10 @@ class ModelRunner:
                 sample_requests.append(request)
         meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta.positions, self.kv_caches, meta)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(ids, meta)
+        else:
+            hidden = self.model(ids, meta.positions, self.kv_caches, meta)
         if not sample_requests:
             return StepResult([], None, meta.num_tokens)
         last_token = meta.query_start_loc[1:].to(torch.long) - 1

@@ -1,11 +1,10 @@
-"""Decisions made once when an engine starts: device, dtype, KV cache size, stop tokens."""
+"""Decisions made once when an engine starts: device, KV cache size, stop tokens."""
 from __future__ import annotations
 
 import torch
 
 from engine.config import EngineConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: plenty for small models, modest next to 24 GiB of RAM
 CUDA_KV_FRACTION = 0.8  # of the GPU memory still free after the weights are loaded
 
@@ -16,23 +15,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, hf_config, source, device: torch.device) -> torch.dtype:
-    """`auto`: the checkpoint's dtype; GGUF (quantized, no dtype of its own) runs in bfloat16;
-    float16 becomes bfloat16 on CPU, where float16 matmuls are slow."""
-    if name != "auto":
-        return _DTYPES[name]
-    if getattr(source, "gguf_file", None):
-        return torch.bfloat16
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = _DTYPES.get(dtype)
-    if dtype not in _DTYPES.values():
-        return torch.float32
-    if dtype == torch.float16 and device.type == "cpu":
-        return torch.bfloat16
-    return dtype
 
 
 def choose_num_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
