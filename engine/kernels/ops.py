@@ -36,11 +36,9 @@ def rms_norm(
 def rms_norm_torch(x, weight, eps, residual=None):
     if residual is not None:
         x = x + residual
-    residual = x
-    xf = x.float()
-    var = xf.pow(2).mean(dim=-1, keepdim=True)
-    out = (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight
-    return out, residual
+    # one fused kernel; statistics are accumulated in float32 even for bf16/fp16 inputs
+    out = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return out, x
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -53,16 +51,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 def apply_rotary_torch(q, k, cos, sin) -> None:
+    # In the model's dtype, like the reference implementations: converting every q/k element
+    # to float32 and back costs more than the rotation itself on CPU.
     half = cos.shape[-1]
-    c = cos[:, None, :].float()
-    s = sin[:, None, :].float()
+    c = cos[:, None, :].to(q.dtype)
+    s = sin[:, None, :].to(q.dtype)
     for t in (q, k):
-        x1 = t[..., :half].float()
-        x2 = t[..., half : 2 * half].float()
+        x1 = t[..., :half]
+        x2 = t[..., half : 2 * half]
         r1 = x1 * c - x2 * s
-        r2 = x2 * c + x1 * s
-        t[..., :half] = r1.to(t.dtype)
-        t[..., half : 2 * half] = r2.to(t.dtype)
+        t[..., half : 2 * half] = x2 * c + x1 * s
+        t[..., :half] = r1
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

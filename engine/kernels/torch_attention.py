@@ -77,15 +77,12 @@ class TorchAttentionBackend:
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [Lq, H, D]; k, v: [Lk, KVH, D] with Lk >= Lq; query j sits at position Lk - Lq + j."""
     lq, lk = q.shape[0], k.shape[0]
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    gqa = q.shape[1] != k.shape[1]
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     if lq == lk:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         qpos = torch.arange(lk - lq, lk, device=q.device)
         mask = torch.arange(lk, device=q.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.transpose(0, 1)
