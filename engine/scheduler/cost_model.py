@@ -40,7 +40,7 @@ class CostModel:
     per_token_s: float = 0.00025
     per_context_token_s: float = 0.000002
     per_seq_s: float = 0.002
-    source: str = "built-in default (rough numbers for SmolLM2-135M on a small CPU)"
+    source: str = "built-in default (illustrative numbers, not a measurement: calibrate for predictions)"
     fit_info: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
