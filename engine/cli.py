@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-tokens", type=int, default=None)
     serve.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--config", default=None,
+                       help="production config (.toml/.yaml): tenants, limits, models, routing, guards; "
+                            "see docs/production.md")
+    serve.add_argument("--redis-url", default=None,
+                       help="shared state for replicas, e.g. redis://127.0.0.1:6379/0 (overrides the config's)")
+
+    hk = sub.add_parser("hash-key", help="print the SHA-256 digest of an API key for the config file")
+    hk.add_argument("key")
 
     gen = sub.add_parser("generate", help="print one completion")
     _engine_args(gen)
@@ -77,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    import dataclasses
+
     from engine.async_engine import AsyncEngine
     from server.app import build_app
+    from server.config_file import ProductionConfig, load_config
     from server.settings import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,10 +97,21 @@ def serve(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name, max_tokens_cap=args.max_tokens_cap,
         max_prompt_tokens=args.max_prompt_tokens, max_waiting_requests=args.max_waiting_requests,
         max_waiting_tokens=args.max_waiting_tokens, max_body_bytes=args.max_body_bytes)
-    # The engine loads on its own thread; /health answers 503 until it is ready.
-    engine = AsyncEngine(engine_config(args))
-    app = build_app(engine, settings)
+    production = load_config(args.config) if args.config else ProductionConfig()
+    if args.redis_url:
+        production.redis_url = args.redis_url
+    # Each engine loads on its own thread; /health answers 503 until the first is ready.
+    engines = {m.name: AsyncEngine(dataclasses.replace(engine_config(args), model=m.path, dtype=m.dtype,
+                                                       **m.engine)) for m in production.models}
+    engine = engines.pop(production.models[0].name) if production.models else AsyncEngine(engine_config(args))
+    app = build_app(engine, settings, production=production, engines=engines)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def hash_key(args: argparse.Namespace) -> None:
+    from server.auth import hash_key as digest
+
+    print(digest(args.key))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -114,7 +136,7 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"serve": serve, "generate": generate}[args.command](args)
+        {"serve": serve, "generate": generate, "hash-key": hash_key}[args.command](args)
     except ValueError as exc:  # configuration errors: a clear message, not a traceback
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,16 @@
 """The Starlette application: routes, the X-Request-Id middleware and error envelopes.
 
-`build_app(engine, settings)` wires an `AsyncEngine` to HTTP. Every response carries
+`build_app(engine, settings)` wires an `AsyncEngine` to HTTP; with `production` (a loaded
+config file) the production layer of server/gateway.py (tenants, limits, idempotency, caching,
+usage, routing over several engines, guardrails) sits in front of generation, and with no
+config it runs with everything off (open, unlimited). Every response carries
 `X-Request-Id` (the client's, when it sent a sane one, else a fresh one), every error uses
 OpenAI's envelope, and unexpected failures answer a generic 500 while the details go to the log.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import re
@@ -24,19 +28,23 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
+from server.config_file import ModelConfig, ProductionConfig
 from server.errors import APIError, internal_error
+from server.gateway import Gateway
 from server.limits import Admission
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openapi import build_openapi
+from server.prod_metrics import ProductionMetrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serving import GenerationService, read_json, request_logger
 from server.settings import ServerSettings
+from server.store import Store, open_store
 
 logger = logging.getLogger("conveyor.server")
 STATIC_DIR = Path(__file__).parent / "static"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-           "/health", "/version", "/metrics", "/openapi.json", "/docs")
+           "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage")
 
 
 def version() -> str:
@@ -80,13 +88,33 @@ class RequestIdMiddleware:
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
-              shutdown_engine: bool = True) -> Starlette:
+              shutdown_engine: bool = True, *, production: ProductionConfig | None = None,
+              engines: dict[str, AsyncEngine] | None = None, store: Store | None = None) -> Starlette:
+    """`engine` serves the first model of `production.models` (or the only model when the
+    config lists none); `engines` maps the other configured models' names to their engines.
+    `store` defaults to Redis at `production.redis_url`, else in memory."""
     settings = settings or ServerSettings()
+    production = production or ProductionConfig()
+    engines = dict(engines or {})
+    names = [m.name for m in production.models]
+    if sorted(engines) != sorted(names[1:]):
+        raise ValueError(f"engines must hold the models after the first one, {names[1:]}; got {sorted(engines)}")
+    if names and settings.served_model_name is None:
+        settings = dataclasses.replace(settings, served_model_name=names[0])
     metrics = ServerMetrics(engine.get_stats, lambda: service.served_name(),
                             prefix_caching=engine.config.enable_prefix_caching)
     engine.on_step = lambda info: metrics.observe_step(info.duration, info.stats)
     admission = Admission(settings)
     service = GenerationService(engine, settings, metrics, admission)
+    services: list[tuple[ModelConfig | None, GenerationService]] = [
+        (production.models[0] if names else None, service)]
+    for cfg in production.models[1:]:
+        services.append((cfg, GenerationService(
+            engines[cfg.name], dataclasses.replace(settings, served_model_name=cfg.name), metrics, admission)))
+    owns_store = store is None
+    store = store if store is not None else open_store(production.redis_url)
+    gateway = Gateway(production, services, store, ProductionMetrics(metrics.registry))
+    gateway.auth.log_mode()
     openapi = build_openapi(version())
 
     def api(handler):
@@ -109,23 +137,32 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
                            retry_after=settings.retry_after_seconds)
 
     async def completions(request: Request) -> Response:
-        return await service.handle(request, chat=False)
+        return await gateway.handle(request, chat=False)
 
     async def chat_completions(request: Request) -> Response:
-        return await service.handle(request, chat=True)
+        return await gateway.handle(request, chat=True)
 
     async def models(request: Request) -> Response:
+        tenant = gateway.tenant(request)
         require_ready()
         return JSONResponse({"object": "list", "data": [{
-            "id": service.served_name(), "object": "model", "created": int(time.time()),
-            "owned_by": "conveyor", "root": engine.model_name,
-            "max_model_len": engine.max_model_len}]})
+            "id": m.config.name, "object": "model", "created": int(time.time()),
+            "owned_by": "conveyor", "root": m.service.engine.model_name,
+            "max_model_len": m.service.engine.max_model_len}
+            for m in gateway.allowed(tenant) if m.service.engine.is_ready]})
+
+    def engine_for(request: Request, model: str | None) -> AsyncEngine:
+        chosen = gateway.model_for(gateway.tenant(request), model).service.engine
+        if not chosen.is_ready:
+            raise APIError(503, "The engine is not ready.", code="engine_not_ready",
+                           retry_after=settings.retry_after_seconds)
+        return chosen
 
     async def tokenize(request: Request) -> Response:
+        gateway.tenant(request)
         req = TokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
         require_ready()
-        service.check_model(req.model)
-        tok = engine.tokenizer
+        tok = engine_for(request, req.model).tokenizer
         if req.messages is not None:
             text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
             ids = tok.encode(text, add_special_tokens=False)
@@ -134,13 +171,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
     async def detokenize(request: Request) -> Response:
+        gateway.tenant(request)
         req = DetokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
         require_ready()
-        service.check_model(req.model)
-        if any(t >= len(engine.tokenizer) for t in req.tokens):
-            raise APIError(400, f"tokens must be below the vocabulary size {len(engine.tokenizer)}",
+        tok = engine_for(request, req.model).tokenizer
+        if any(t >= len(tok) for t in req.tokens):
+            raise APIError(400, f"tokens must be below the vocabulary size {len(tok)}",
                            param="tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": tok.decode(req.tokens)})
+
+    async def usage_route(request: Request) -> Response:
+        return await gateway.usage_report(request)
 
     async def health(request: Request) -> Response:
         require_ready()
@@ -170,7 +211,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     async def lifespan(app: Starlette) -> Any:
         yield
         if shutdown_engine:
-            engine.shutdown()
+            for e in [engine, *engines.values()]:
+                e.shutdown()
+        if owns_store:
+            await store.close()
 
     routes = [
         Route("/v1/completions", api(completions), methods=["POST"]),
@@ -178,6 +222,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         Route("/v1/models", api(models), methods=["GET"]),
         Route("/tokenize", api(tokenize), methods=["POST"]),
         Route("/detokenize", api(detokenize), methods=["POST"]),
+        Route("/v1/usage", api(usage_route), methods=["GET"]),
         Route("/health", api(health), methods=["GET"]),
         Route("/version", api(version_route), methods=["GET"]),
         Route("/metrics", api(metrics_route), methods=["GET"]),
@@ -191,4 +236,5 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.admission = admission
+    app.state.gateway = gateway
     return app

@@ -12,10 +12,15 @@ from starlette.responses import JSONResponse
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     408: "timeout_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable_error",
 }
 
@@ -30,6 +35,7 @@ class APIError(Exception):
     code: str | None = None
     type: str | None = None
     retry_after: int | None = None  # seconds, sent as Retry-After
+    headers: dict[str, str] | None = None  # extra response headers (e.g. x-ratelimit-*)
 
     def __str__(self) -> str:
         return self.message
@@ -43,7 +49,7 @@ class APIError(Exception):
         }}
 
     def to_response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        headers = dict(headers or {})
+        headers = {**(self.headers or {}), **(headers or {})}
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
         return JSONResponse(self.body(), status_code=self.status, headers=headers)

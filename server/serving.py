@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +25,11 @@ from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, internal_error, param_from_message
-from server.formatting import Formatter
+from server.formatting import Formatter, usage
 from server.limits import Admission, Ticket, resolve_max_tokens
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.recorded import RecordedResponse
 from server.settings import ServerSettings
 from server.sse import DONE, SSEResponse, sse_event
 
@@ -103,17 +104,45 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 @dataclass
+class Prepared:
+    """A validated request ready for the engine."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+
+
+@dataclass
+class RequestHooks:
+    """What the production layer (server/gateway.py) adds to one request; the defaults change
+    nothing. `on_done` is called exactly once per request that reached the engine, with the
+    last output seen (None if none) and, if it completed, its recorded response; completed
+    requests await it before the client gets the end of the response."""
+
+    tenant: str | None = None  # for the fair policy; default: the `user` field
+    cache_salt: str | None = None
+    priority: int | None = None  # default: the request's own
+    model_name: str | None = None  # the name in responses; default: served_name()
+    headers: dict[str, str] = field(default_factory=dict)
+    final_headers: Callable[[RequestOutput], dict[str, str]] | None = None  # JSON responses only
+    wrap_stream: Callable[[AsyncIterator[RequestOutput]], AsyncIterator[RequestOutput]] | None = None
+    on_done: Callable[[RequestOutput | None, RecordedResponse | None], Awaitable[None]] | None = None
+
+
+@dataclass
 class _Tracker:
     """Per-request bookkeeping for metrics and the waiting budget."""
 
     metrics: ServerMetrics
     ticket: Ticket
+    last: RequestOutput | None = None
     last_time: float | None = None
     last_tokens: int = 0
     reasons: list[str] = field(default_factory=list)
 
     def seen(self, out: RequestOutput) -> None:
         self.ticket.release()  # producing output: no longer waiting
+        self.last = out
         now = time.monotonic()
         tokens = sum(len(c.token_ids) for c in out.outputs)
         if tokens > self.last_tokens:
@@ -130,6 +159,7 @@ class GenerationService:
     settings: ServerSettings
     metrics: ServerMetrics
     admission: Admission
+    _background: set = field(default_factory=set)  # finishing tasks of aborted streams
 
     def served_name(self) -> str:
         """The model name clients use: --served-model-name, else the model's file or folder
@@ -147,13 +177,19 @@ class GenerationService:
                            code="model_not_found")
 
     async def handle(self, request: Request, chat: bool) -> Response:
-        log = request_logger(request)
         body = await read_json(request, self.settings.max_body_bytes)
-        req: GenerationRequest = (ChatCompletionRequest if chat else CompletionRequest).from_json(body)
+        req = parse_request(body, chat)
+        self.require_ready()
+        self.check_model(req.model)
+        return await self.execute(request, req, chat, self.prepare(req, chat), RequestHooks())
+
+    def require_ready(self) -> None:
         if not self.engine.is_ready:
             raise APIError(503, "The engine is not ready.", code="engine_not_ready",
                            retry_after=self.settings.retry_after_seconds)
-        self.check_model(req.model)
+
+    def prepare(self, req: GenerationRequest, chat: bool) -> Prepared:
+        """Tokenizes and checks the request against the limits (APIError 400 if it cannot run)."""
         prompt_ids = self._prompt_ids(req)
         max_tokens = resolve_max_tokens(len(prompt_ids), req.max_tokens, self.engine.max_model_len,
                                         self.settings, chat)
@@ -161,6 +197,13 @@ class GenerationService:
             params = SamplingParams(max_tokens=max_tokens, logprobs=req.logprobs, **req.sampling)
         except ValueError as exc:
             raise bad_request(str(exc), param_from_message(str(exc), _PARAM_NAMES)) from None
+        return Prepared(prompt_ids, max_tokens, params)
+
+    async def execute(self, request: Request, req: GenerationRequest, chat: bool, prep: Prepared,
+                      hooks: RequestHooks) -> Response:
+        """Admits and runs a prepared request, answering JSON or SSE."""
+        log = request_logger(request)
+        prompt_ids, max_tokens, params = prep.prompt_ids, prep.max_tokens, prep.params
         try:
             ticket = self.admission.admit(len(prompt_ids))
         except APIError:
@@ -168,26 +211,36 @@ class GenerationService:
             raise
         rid = request.scope["state"]["request_id"]
         prefix = "chatcmpl" if chat else "cmpl"
-        fmt = Formatter(chat=chat, response_id=f"{prefix}-{rid}", model=self.served_name(),
+        fmt = Formatter(chat=chat, response_id=f"{prefix}-{rid}", model=hooks.model_name or self.served_name(),
                         created=int(time.time()), tokenizer=self.engine.tokenizer,
                         logprobs=req.logprobs, include_usage=req.include_usage)
         engine_id = f"{prefix}-{rid}-{uuid.uuid4().hex[:8]}"  # unique even if a client reuses ids
         log.info("%s: %d prompt tokens, max_tokens=%d, n=%d, stream=%s", prefix, len(prompt_ids),
                  max_tokens, params.n, req.stream)
-        stream = self.engine.generate(prompt_ids, params, engine_id, priority=req.priority,
-                                      tenant=req.user)
+        stream = self.engine.generate(
+            prompt_ids, params, engine_id, cache_salt=hooks.cache_salt,
+            priority=req.priority if hooks.priority is None else hooks.priority,
+            tenant=hooks.tenant or req.user)
+        if hooks.wrap_stream is not None:
+            stream = hooks.wrap_stream(stream)
         deadline = None if req.timeout is None else asyncio.get_running_loop().time() + req.timeout
         tracker = _Tracker(self.metrics, ticket)
+        finish = _Finisher(hooks, tracker)
         handed_off = False  # once the SSE body owns the stream, it closes it
         try:
             if req.stream:
                 first = await until_disconnect(request, _next(stream, deadline, tracker))
                 handed_off = True
-                return SSEResponse(self._stream_body(first, stream, deadline, tracker, fmt, log),
-                                   headers=_headers(first))
+                headers = {**_headers(first), **hooks.headers}
+                return SSEResponse(self._stream_body(first, stream, deadline, tracker, fmt, log, finish,
+                                                     headers), headers=headers)
             final = await until_disconnect(request, _last(stream, deadline, tracker))
             log.info("finished: %s", [c.finish_reason for c in final.outputs])
-            return JSONResponse(fmt.response(final), headers=_headers(final, generated=True))
+            body = fmt.response(final)
+            headers = {**_headers(final, generated=True), **hooks.headers,
+                       **(hooks.final_headers(final) if hooks.final_headers else {})}
+            await finish(RecordedResponse(200, headers, body=body, usage=usage(final)))
+            return JSONResponse(body, headers=headers)
         except ClientGone:
             log.info("client disconnected; request aborted")
             return Response(status_code=499)
@@ -197,6 +250,7 @@ class GenerationService:
             ticket.release()
             if not handed_off:
                 await stream.aclose()
+                await finish(None)
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         tok = self.engine.tokenizer
@@ -214,23 +268,62 @@ class GenerationService:
 
     async def _stream_body(self, first: RequestOutput, stream: AsyncIterator[RequestOutput],
                            deadline: float | None, tracker: _Tracker, fmt: Formatter,
-                           log: logging.LoggerAdapter) -> AsyncIterator[str]:
+                           log: logging.LoggerAdapter, finish: "_Finisher",
+                           headers: dict[str, str]) -> AsyncIterator[str]:
         out = first
+        events: list[str] = []  # kept for replays (idempotency, cache) when someone listens
+        completed = False
         try:
             while True:
                 for chunk in fmt.chunks(out):
-                    yield sse_event(chunk)
+                    event = sse_event(chunk)
+                    if finish.listening:
+                        events.append(event)
+                    yield event
                 if out.finished:
                     break
                 out = await _next(stream, deadline, tracker)
             if fmt.include_usage:
-                yield sse_event(fmt.usage_chunk(out))
+                events.append(sse_event(fmt.usage_chunk(out)))
+                yield events[-1]
             log.info("stream finished: %s", [c.finish_reason for c in out.outputs])
+            completed = True
         except Exception as exc:  # noqa: BLE001 - after headers, errors go in-band
             yield _as_api_error(exc, None, log).to_sse()
         finally:
             await stream.aclose()
+            if not completed and not finish.called:
+                # the client left (or it failed): settle in the background, since awaiting
+                # here may run inside a cancelled scope
+                task = asyncio.ensure_future(finish(None))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        if completed:
+            await finish(RecordedResponse(200, headers, events=[*events, DONE], usage=usage(out)))
         yield DONE
+
+
+def parse_request(body: Any, chat: bool) -> GenerationRequest:
+    return (ChatCompletionRequest if chat else CompletionRequest).from_json(body)
+
+
+@dataclass
+class _Finisher:
+    """Calls `hooks.on_done` at most once."""
+
+    hooks: RequestHooks
+    tracker: _Tracker
+    called: bool = False
+
+    @property
+    def listening(self) -> bool:
+        return self.hooks.on_done is not None
+
+    async def __call__(self, recorded: RecordedResponse | None) -> None:
+        if self.called or self.hooks.on_done is None:
+            return
+        self.called = True
+        await self.hooks.on_done(self.tracker.last, recorded)
 
 
 async def _next(stream: AsyncIterator[RequestOutput], deadline: float | None,

@@ -1,0 +1,32 @@
+"""Prometheus counters of the production layer, registered in the server's own registry:
+cache and dedup hits, idempotent replays, rate-limit refusals, guard actions, routing
+decisions, and per-tenant requests, tokens and cost."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+class ProductionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.cache_hits = Counter("conveyor_cache_hits", "Requests answered without the engine.",
+                                  ["kind"], registry=r)  # response | dedup
+        self.cache_misses = Counter("conveyor_cache_misses", "Cacheable requests run on the engine.",
+                                    registry=r)
+        self.idempotent_replays = Counter("conveyor_idempotent_replays",
+                                          "Responses replayed for a repeated Idempotency-Key.", registry=r)
+        self.rate_limited = Counter("conveyor_rate_limited", "Requests refused by a tenant's limit.",
+                                    ["tenant", "limit"], registry=r)
+        self.guard_actions = Counter("conveyor_guard_actions", "Guardrail actions.",
+                                     ["guard", "action"], registry=r)
+        self.routed = Counter("conveyor_routed_requests", "Requests by the model that served them.",
+                              ["model", "reason"], registry=r)
+        self.tenant_requests = Counter("conveyor_tenant_requests", "Finished requests per tenant.",
+                                       ["tenant", "model"], registry=r)
+        self.tenant_tokens = Counter("conveyor_tenant_tokens", "Tokens per tenant.",
+                                     ["tenant", "model", "kind"], registry=r)  # prompt|cached|completion
+        self.tenant_cost = Counter("conveyor_tenant_cost_dollars", "Cost in US dollars per tenant.",
+                                   ["tenant", "model"], registry=r)
+
+    def guard_action(self, guard: str, action: str, count: int) -> None:
+        self.guard_actions.labels(guard, action).inc(count)

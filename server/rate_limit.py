@@ -1,0 +1,144 @@
+"""Per-tenant rate limits: requests per minute, tokens per minute and concurrent requests.
+
+Counters live in the shared store, in fixed windows (`rl:{tenant}:tok:{window index}`), so
+every replica on the same store enforces one limit. Guarantees:
+- Admission reserves `prompt tokens + max_tokens` and one request; if any limit would be
+  exceeded, nothing stays reserved and the caller gets a 429 with `Retry-After`.
+- `Reservation.settle(actual)` (called once when the request ends, however it ends) replaces
+  the reservation by the real usage and frees the concurrency slot.
+- `headers` are OpenAI's `x-ratelimit-*` for the tenant's state after the decision.
+Counting first and undoing on refusal keeps each check one atomic store call; two racing
+requests may both be refused near the limit, but never both admitted past it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.config_file import TenantConfig
+from server.errors import APIError
+from server.store import Store
+
+_CONCURRENCY_TTL = 3600.0  # a replica that dies mid-request cannot hold slots forever
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: '850ms', '17s', '6m0s'."""
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    s = math.ceil(seconds)
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+@dataclass
+class Reservation:
+    limiter: "RateLimiter"
+    tenant: TenantConfig
+    window: int
+    tokens: int
+    holds_slot: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+    async def settle(self, actual_tokens: int) -> None:
+        """Idempotent: the first call counts, later ones do nothing."""
+        if self.settled:
+            return
+        self.settled = True
+        lim, name = self.limiter, self.tenant.name
+        if self.tenant.tokens_per_minute is not None and actual_tokens != self.tokens:
+            await lim.store.incr(f"rl:{name}:tok:{self.window}", actual_tokens - self.tokens,
+                                 ttl=2 * lim.window_seconds)
+        if self.holds_slot:
+            await lim.store.incr(f"rl:{name}:conc", -1, ttl=_CONCURRENCY_TTL)
+
+
+@dataclass
+class RateLimiter:
+    store: Store
+    window_seconds: float = 60.0
+    on_reject: Callable[[str, str], None] | None = None  # (tenant, which limit)
+
+    def _window(self) -> tuple[int, float]:
+        now = time.time()
+        index = int(now // self.window_seconds)
+        return index, (index + 1) * self.window_seconds - now
+
+    async def reserve(self, tenant: TenantConfig, tokens: int) -> Reservation:
+        """Reserves one request and `tokens` tokens, or raises APIError(429)."""
+        window, reset = self._window()
+        name, ttl = tenant.name, 2 * self.window_seconds
+        res = Reservation(self, tenant, window, tokens, holds_slot=False)
+        undo: list[tuple[str, int, float]] = []
+
+        async def refuse(which: str, message: str, retry_after: float, headers: dict) -> APIError:
+            for key, amount, key_ttl in undo:
+                await self.store.incr(key, -amount, ttl=key_ttl)
+            if self.on_reject is not None:
+                self.on_reject(name, which)
+            return APIError(429, message, code="rate_limit_exceeded",
+                            retry_after=max(1, math.ceil(retry_after)), headers=headers)
+
+        used_req = used_tok = None
+        if tenant.max_concurrent is not None:
+            key = f"rl:{name}:conc"
+            running = await self.store.incr(key, 1, ttl=_CONCURRENCY_TTL)
+            undo.append((key, 1, _CONCURRENCY_TTL))
+            if running > tenant.max_concurrent:
+                headers = await self._headers(tenant, window, reset)
+                raise await refuse("concurrent", f"Too many concurrent requests for tenant {name}: "
+                                   f"limit {tenant.max_concurrent}. Retry when one finishes.",
+                                   1, headers)
+            res.holds_slot = True
+        if tenant.requests_per_minute is not None:
+            key = f"rl:{name}:req:{window}"
+            used_req = await self.store.incr(key, 1, ttl=ttl)
+            undo.append((key, 1, ttl))
+            if used_req > tenant.requests_per_minute:
+                headers = self._format(tenant, used_req - 1, None, reset)
+                raise await refuse("requests", f"Rate limit reached for requests per minute for "
+                                   f"tenant {name}: limit {tenant.requests_per_minute}, used "
+                                   f"{used_req - 1}. Please try again in {duration(reset)}.",
+                                   reset, headers)
+        if tenant.tokens_per_minute is not None:
+            key = f"rl:{name}:tok:{window}"
+            used_tok = await self.store.incr(key, tokens, ttl=ttl)
+            undo.append((key, tokens, ttl))
+            if used_tok > tenant.tokens_per_minute:
+                headers = self._format(tenant, None if used_req is None else used_req - 1,
+                                       used_tok - tokens, reset)
+                too_big = tokens > tenant.tokens_per_minute
+                raise await refuse("tokens", f"Rate limit reached for tokens per minute for tenant "
+                                   f"{name}: limit {tenant.tokens_per_minute}, used "
+                                   f"{used_tok - tokens}, requested {tokens} (prompt + max_tokens)."
+                                   + (" The request alone exceeds the limit: lower max_tokens."
+                                      if too_big else f" Please try again in {duration(reset)}."),
+                                   reset, headers)
+        res.headers = self._format(tenant, used_req, used_tok, reset)
+        return res
+
+    async def _headers(self, tenant: TenantConfig, window: int, reset: float) -> dict[str, str]:
+        req = await self.store.get(f"rl:{tenant.name}:req:{window}")
+        tok = await self.store.get(f"rl:{tenant.name}:tok:{window}")
+        return self._format(tenant, int(req or 0), int(tok or 0), reset)
+
+    async def current_headers(self, tenant: TenantConfig) -> dict[str, str]:
+        """The tenant's headers now, without reserving anything (for replays)."""
+        window, reset = self._window()
+        return await self._headers(tenant, window, reset)
+
+    @staticmethod
+    def _format(tenant: TenantConfig, used_req: int | None, used_tok: int | None,
+                reset: float) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if tenant.requests_per_minute is not None:
+            h["x-ratelimit-limit-requests"] = str(tenant.requests_per_minute)
+            h["x-ratelimit-remaining-requests"] = str(max(0, tenant.requests_per_minute - (used_req or 0)))
+            h["x-ratelimit-reset-requests"] = duration(reset)
+        if tenant.tokens_per_minute is not None:
+            h["x-ratelimit-limit-tokens"] = str(tenant.tokens_per_minute)
+            h["x-ratelimit-remaining-tokens"] = str(max(0, tenant.tokens_per_minute - (used_tok or 0)))
+            h["x-ratelimit-reset-tokens"] = duration(reset)
+        return h
