@@ -78,11 +78,12 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """q: [Lq, H, D]; k, v: [Lk, KVH, D] with Lk >= Lq; query j sits at position Lk - Lq + j."""
     lq, lk = q.shape[0], k.shape[0]
     gqa = q.shape[1] != k.shape[1]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # 4-D [1, H, L, D]: with 3-D inputs torch falls back to its slow math kernel on CPU
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if lq == lk:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         qpos = torch.arange(lk - lq, lk, device=q.device)
         mask = torch.arange(lk, device=q.device)[None, :] <= qpos[:, None]
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
