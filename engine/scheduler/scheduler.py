@@ -79,12 +79,6 @@ class Scheduler:
         key = self.policy.admission_key(request, self.clock())
         heapq.heappush(self._waiting, (key, request.seq_no, request))
 
-    def _ordered_waiting(self, now: float) -> list[Request]:
-        if not self.policy.static_keys:  # keys move with time or accounts: re-rank
-            self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
-            heapq.heapify(self._waiting)
-        return [r for _, _, r in sorted(self._waiting)] if len(self._waiting) > 1 else self.waiting_requests()
-
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """Removes a request from whichever queue holds it and frees its blocks."""
         if request.status.finished:
@@ -132,16 +126,18 @@ class Scheduler:
             budget -= num_new
 
         admit = not out.preempted and not (self.config.static_batching and batch_closed)
-        if admit and self._waiting:
-            for request in self._ordered_waiting(now):
-                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
+        if admit and self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self.policy.static_keys:  # keys move with time or accounts: re-rank
+                self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
+                heapq.heapify(self._waiting)
+            while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                request = self._waiting[0][2]
                 cached = self.kv.find_cached_prefix(request)
                 num_computed = len(cached) * self.kv.block_size
                 num_new = min(request.num_tokens - num_computed, budget)
                 if not self.kv.allocate_slots(request, num_new, cached):
                     break  # keep admission order: don't let later requests jump the queue
-                self._remove_waiting(request)
+                heapq.heappop(self._waiting)
                 self.kv.record_lookup(request.num_tokens, num_computed)
                 if request.num_cached_tokens < 0:
                     request.num_cached_tokens = num_computed
@@ -154,14 +150,6 @@ class Scheduler:
         for request, n in out.scheduled:
             self.policy.on_scheduled(request, n)
         return out
-
-    def _remove_waiting(self, request: Request) -> None:
-        for i, entry in enumerate(self._waiting):
-            if entry[2] is request:
-                self._waiting[i] = self._waiting[-1]
-                self._waiting.pop()
-                heapq.heapify(self._waiting)
-                return
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
