@@ -53,7 +53,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 # 2. kernel tests on CUDA (fp32/fp16/bf16, bigger cases); parallel compiles when xdist exists
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
-part tests 150 $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider $XDIST || echo FAILED
+if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1 when device time is short and the tests already passed
+  part tests 150 $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider $XDIST || echo FAILED
+fi
 
 # 3. kernel timings
 part kernels 120 $PY -m benchmarks.gpu_kernels --out "$OUT/gpu_kernels.json" || echo FAILED

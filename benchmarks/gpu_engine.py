@@ -83,12 +83,15 @@ def bench_engine(model_dir: str, enforce_eager: bool, workloads, bw: float, wbyt
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", attention_backend="auto",
               enforce_eager=enforce_eager, max_num_seqs=256, max_num_batched_tokens=8192,
-              kv_cache_memory=16 << 30)
+              kv_cache_memory=16 << 30, max_model_len=4096)
     startup = time.perf_counter() - t0
     print(f"engine enforce_eager={enforce_eager}: started in {startup:.1f} s", flush=True)
     # warm-up: compiles every Triton variant the workloads need (decode, prefill, split-KV)
     for batch in (1, 64):
         llm.generate(prompts(batch, 99), SamplingParams(max_tokens=8, ignore_eos=True, temperature=0), use_tqdm=False)
+    # greedy continuations of fixed prompts, to compare graph replay with eager execution
+    check = llm.generate(prompts(16, 7), SamplingParams(max_tokens=16, ignore_eos=True, temperature=0), use_tqdm=False)
+    check_tokens = [o.outputs[0].token_ids for o in check]
     results = []
     for batch, new_tokens in workloads:
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0)
@@ -106,6 +109,7 @@ def bench_engine(model_dir: str, enforce_eager: bool, workloads, bw: float, wbyt
             r["fraction_of_bandwidth_limit"] = wbytes * r["tokens_per_s"] / bw
         results.append(r)
         print(_fmt(r), flush=True)
+    results.append({"impl": "conveyor", "enforce_eager": enforce_eager, "check_tokens": check_tokens})
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -182,6 +186,12 @@ def main() -> int:
                 errors.append(f"{label}: {exc!r}")
                 gc.collect()
                 torch.cuda.empty_cache()
+    checks = {r["enforce_eager"]: r.pop("check_tokens") for r in results if "check_tokens" in r}
+    results = [r for r in results if "tokens_per_s" in r]
+    if len(checks) == 2:
+        same = sum(a == b for a, b in zip(checks[True], checks[False]))
+        print(f"graphs vs eager: {same}/{len(checks[True])} greedy 16-token continuations identical "
+              f"(bf16; a split-KV layout change can flip near-ties)", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "bandwidth_GBps": bw / 1e9,
