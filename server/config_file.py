@@ -65,6 +65,7 @@ class GuardConfig:
     kinds: list[str] = field(default_factory=lambda: list(PII_KINDS))  # pii: what to redact
     redact_input: bool = False  # pii: also redact the prompt before the model sees it
     terms: list[str] = field(default_factory=list)  # blocklist: case-insensitive phrases
+    check_input: bool = True  # blocklist: also refuse requests whose input has a phrase
 
 
 @dataclass

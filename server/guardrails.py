@@ -97,6 +97,7 @@ class _BlockFilter:
 class BlocklistGuard:
     name: str
     terms: list[str]
+    check_inputs: bool = True
     pattern: regex.Pattern = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,7 +106,7 @@ class BlocklistGuard:
         self.pattern = regex.compile("|".join(regex.escape(t) for t in self.terms), regex.I)
 
     def check_input(self, texts: list[str]) -> tuple[list[str], int]:
-        if any(self.pattern.search(t) for t in texts):
+        if self.check_inputs and any(self.pattern.search(t) for t in texts):
             raise APIError(400, "The request was refused by the content filter.",
                            code="content_filter")
         return texts, 0
@@ -117,7 +118,7 @@ class BlocklistGuard:
 def build_guard(name: str, cfg: GuardConfig) -> Guard:
     if cfg.type == "pii":
         return PIIGuard(name, tuple(cfg.kinds), cfg.redact_input)
-    return BlocklistGuard(name, list(cfg.terms))
+    return BlocklistGuard(name, list(cfg.terms), cfg.check_input)
 
 
 @dataclass
