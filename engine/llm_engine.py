@@ -24,6 +24,11 @@ from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 from engine.startup import choose_num_blocks, eos_token_ids, resolve_device
 
+# Decode graphs are captured up to this batch; larger decode steps run eagerly. On an H200
+# (benchmarks/RESULTS.md) graphs gave 5.7x at batch 1 and 3.1x at batch 64, but a captured
+# batch of 256 ran at half the eager speed, for reasons not yet understood.
+MAX_GRAPH_BATCH = 128
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
@@ -57,7 +62,8 @@ class LLMEngine:
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager
                       and config.attention_backend in ("auto", "triton"))
         self.runner = ModelRunner(self.model, self.kv, self.num_blocks, block_size, self.device, self.dtype,
-                                  Sampler(self.eos_token_ids), cuda_graph_batch=config.max_num_seqs if use_graphs else 0,
+                                  Sampler(self.eos_token_ids),
+                                  cuda_graph_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH) if use_graphs else 0,
                                   max_model_len=self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)

@@ -36,9 +36,10 @@ def rms_norm(
 def rms_norm_torch(x, weight, eps, residual=None):
     if residual is not None:
         x = x + residual
-    # one fused kernel; statistics are accumulated in float32 even for bf16/fp16 inputs
-    out = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
-    return out, x
+    # Normalise in float32, round to the model dtype, then scale: the rounding points of the
+    # reference implementations (and of the Triton kernel). F.rms_norm fuses the statistics.
+    normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return normed.to(x.dtype) * weight, x
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
