@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from engine.logprobs import chosen_logprobs, top_logprobs
@@ -42,8 +44,8 @@ class SamplerOutput:
     token_ids: list[int]
     # Per row: chosen token + top-n ids -> logprob (raw distribution); None when not requested.
     logprobs: list[dict[int, float] | None]
-    # Logprob of each chosen token under the raw distribution. Always computed (it costs one
-    # logsumexp over the batch), so never NaN for finite logits.
+    # Logprob of each chosen token under the raw distribution; NaN for every row when no row of
+    # the batch asked for logprobs (it costs a logsumexp over the whole vocabulary).
     chosen_logprobs: list[float]
 
 
@@ -61,10 +63,16 @@ class Sampler:
         raw = logits if logits.dtype == torch.float32 else logits.float()
         penalized = self.penalize(raw, rows)
         tokens = self._pick(penalized, rows)
+        wanted = [r.params.logprobs for r in rows]
+        # a log-softmax over the whole vocabulary is a real cost per step: only when asked
+        if any(w is not None for w in wanted):
+            chosen = chosen_logprobs(raw, tokens).tolist()
+        else:
+            chosen = [math.nan] * len(rows)
         return SamplerOutput(
             token_ids=tokens.tolist(),
-            logprobs=top_logprobs(raw, tokens, [r.params.logprobs for r in rows]),
-            chosen_logprobs=chosen_logprobs(raw, tokens).tolist(),
+            logprobs=top_logprobs(raw, tokens, wanted),
+            chosen_logprobs=chosen,
         )
 
     def penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
