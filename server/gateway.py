@@ -32,7 +32,8 @@ from server.rate_limit import RateLimiter
 from server.recorded import RecordedResponse
 from server.response_cache import InFlight, ResponseCache, is_deterministic
 from server.routing import AUTO, Router
-from server.serving import GenerationService, RequestHooks, parse_request, read_json
+from server.request_hooks import RequestHooks
+from server.serving import GenerationService, parse_request, read_json
 from server.store import Store
 from server.usage import UsageLog, UsageRecord, cost, parse_time
 
@@ -134,6 +135,9 @@ class Gateway:
         chain = GuardChain([self.guards[g] for g in tenant.guards], self.metrics.guard_action) \
             if tenant.guards else None
         if chain is not None:
+            if req.logprobs is not None:  # token strings would bypass the output guards
+                raise APIError(400, "logprobs are not available to tenants with output guardrails.",
+                               param="logprobs", code="unsupported")
             _rewrite_input(req, chain)
         model, reason = self._route(tenant, req)
         service = model.service

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from server.limits import Admission, Ticket, resolve_max_tokens
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.recorded import RecordedResponse
+from server.request_hooks import Finisher, RequestHooks
 from server.settings import ServerSettings
 from server.sse import DONE, SSEResponse, sse_event
 
@@ -110,23 +111,6 @@ class Prepared:
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
-
-
-@dataclass
-class RequestHooks:
-    """What the production layer (server/gateway.py) adds to one request; the defaults change
-    nothing. `on_done` is called exactly once per request that reached the engine, with the
-    last output seen (None if none) and, if it completed, its recorded response; completed
-    requests await it before the client gets the end of the response."""
-
-    tenant: str | None = None  # for the fair policy; default: the `user` field
-    cache_salt: str | None = None
-    priority: int | None = None  # default: the request's own
-    model_name: str | None = None  # the name in responses; default: served_name()
-    headers: dict[str, str] = field(default_factory=dict)
-    final_headers: Callable[[RequestOutput], dict[str, str]] | None = None  # JSON responses only
-    wrap_stream: Callable[[AsyncIterator[RequestOutput]], AsyncIterator[RequestOutput]] | None = None
-    on_done: Callable[[RequestOutput | None, RecordedResponse | None], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -225,7 +209,7 @@ class GenerationService:
             stream = hooks.wrap_stream(stream)
         deadline = None if req.timeout is None else asyncio.get_running_loop().time() + req.timeout
         tracker = _Tracker(self.metrics, ticket)
-        finish = _Finisher(hooks, tracker)
+        finish = Finisher(hooks, lambda: tracker.last)
         handed_off = False  # once the SSE body owns the stream, it closes it
         try:
             if req.stream:
@@ -268,7 +252,7 @@ class GenerationService:
 
     async def _stream_body(self, first: RequestOutput, stream: AsyncIterator[RequestOutput],
                            deadline: float | None, tracker: _Tracker, fmt: Formatter,
-                           log: logging.LoggerAdapter, finish: "_Finisher",
+                           log: logging.LoggerAdapter, finish: Finisher,
                            headers: dict[str, str]) -> AsyncIterator[str]:
         out = first
         events: list[str] = []  # kept for replays (idempotency, cache) when someone listens
@@ -305,25 +289,6 @@ class GenerationService:
 
 def parse_request(body: Any, chat: bool) -> GenerationRequest:
     return (ChatCompletionRequest if chat else CompletionRequest).from_json(body)
-
-
-@dataclass
-class _Finisher:
-    """Calls `hooks.on_done` at most once."""
-
-    hooks: RequestHooks
-    tracker: _Tracker
-    called: bool = False
-
-    @property
-    def listening(self) -> bool:
-        return self.hooks.on_done is not None
-
-    async def __call__(self, recorded: RecordedResponse | None) -> None:
-        if self.called or self.hooks.on_done is None:
-            return
-        self.called = True
-        await self.hooks.on_done(self.tracker.last, recorded)
 
 
 async def _next(stream: AsyncIterator[RequestOutput], deadline: float | None,

@@ -42,7 +42,7 @@ class UsageRecord:
     cached_tokens: int
     completion_tokens: int
     cost: float
-    source: str = "engine"  # engine | cache | dedup | replay (the last three cost nothing)
+    source: str = "engine"  # engine | response (the cache) | dedup; the last two cost nothing
 
 
 @dataclass

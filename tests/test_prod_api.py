@@ -322,6 +322,8 @@ def test_pii_is_redacted_in_json_and_streams(server, http):
     assert text == REDACTED
     assert complete(http, "beta", PII_PROMPT, max_tokens=100).json()["choices"][0]["text"] == PII_PROMPT
     assert server.metric("conveyor_guard_actions_total", guard="pii", action="redact_output") >= 6
+    leak = complete(http, "acme", PII_PROMPT, max_tokens=5, logprobs=1)  # raw tokens would leak
+    assert leak.status_code == 400 and leak.json()["error"]["param"] == "logprobs"
 
 
 def test_blocklist_stops_output_with_content_filter(server, http):
