@@ -97,7 +97,7 @@ class Gateway:
         models = self.models()
         probe = models[0].service
         probe.require_ready()
-        prompt_tokens = len(probe._prompt_ids(req))
+        prompt_tokens = len(probe.prompt_ids(req))
         max_tokens = req.max_tokens or max(1, probe.engine.max_model_len - prompt_tokens)
         router = Router(self.config.routing, [m.config for m in models])
         decision = router.choose(tenant, prompt_tokens, max_tokens, _text_of(req))

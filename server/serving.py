@@ -174,7 +174,7 @@ class GenerationService:
 
     def prepare(self, req: GenerationRequest, chat: bool) -> Prepared:
         """Tokenizes and checks the request against the limits (APIError 400 if it cannot run)."""
-        prompt_ids = self._prompt_ids(req)
+        prompt_ids = self.prompt_ids(req)
         max_tokens = resolve_max_tokens(len(prompt_ids), req.max_tokens, self.engine.max_model_len,
                                         self.settings, chat)
         try:
@@ -236,7 +236,7 @@ class GenerationService:
                 await stream.aclose()
                 await finish(None)
 
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
         tok = self.engine.tokenizer
         if isinstance(req, ChatCompletionRequest):
             try:

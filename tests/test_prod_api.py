@@ -338,3 +338,16 @@ def test_blocklist_stops_output_with_content_filter(server, http):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_filter"
     assert server.metric("conveyor_guard_actions_total", guard="no_fruit", action="block_output") >= 2
     assert server.metric("conveyor_guard_actions_total", guard="no_drop", action="block_input") == 1
+
+
+def test_chat_stream_on_the_real_engine_is_replayed_by_key(http):
+    body = {"model": "small", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4,
+            "stream": True, "temperature": 0.8, "ignore_eos": True}
+    headers = auth("beta", **{"Idempotency-Key": "chat-1"})
+    first = http.post("/v1/chat/completions", json=body, headers=headers)
+    again = http.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.text == first.text
+    chunks = [json.loads(line[6:]) for line in first.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert {c["model"] for c in chunks} == {"small"} and chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -175,3 +175,16 @@ def test_idempotency_keys_expire_after_ttl():
         assert await idem.begin("t", "k", fp) is None  # expired: runs again
     asyncio.run(run())
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+
+
+def test_idempotency_join_in_flight_waits_for_the_first():
+    async def run() -> None:
+        idem = Idempotency(MemoryStore(), join_in_flight=True)
+        fp = fingerprint({"prompt": "y"})
+        assert await idem.begin("t", "k", fp) is None
+        waiter = asyncio.ensure_future(idem.begin("t", "k", fp))
+        await asyncio.sleep(0.12)
+        assert not waiter.done()  # still running: the retry waits instead of a 409
+        await idem.complete("t", "k", fp, RecordedResponse(200, events=["data: [DONE]\n\n"]))
+        assert (await asyncio.wait_for(waiter, 2)).events == ["data: [DONE]\n\n"]
+    asyncio.run(run())
