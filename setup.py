@@ -24,6 +24,7 @@ setup(
         "prometheus-client",
         "pyyaml",
         "redis",
+        "regex",
     ],
     extras_require={
         "triton": ["triton"],
