@@ -16,6 +16,7 @@ from benchmarks.workloads import Workload
 
 ENV_VAR = "LLAMA_SERVER"
 DEFAULT_PATH = "/opt/peers/llama.cpp/build/bin/llama-server"
+CONVERT_PYTHON_ENV = "LLAMA_CONVERT_PYTHON"
 
 
 def find_server(explicit: str | None = None) -> str | None:
@@ -41,8 +42,14 @@ def convert_to_gguf(model_dir: str, server: str, out_path: str, dtype: str) -> s
     if not os.path.exists(script):
         raise FileNotFoundError(f"{script} not found: llama-server is expected at <llama.cpp>/build/bin/")
     outtype = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}[dtype]
-    subprocess.run([sys.executable, script, model_dir, "--outfile", out_path + ".tmp", "--outtype", outtype],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the converter imports sentencepiece for Llama vocabularies: any Python that has it will do
+    python = os.environ.get(CONVERT_PYTHON_ENV, sys.executable)
+    proc = subprocess.run([python, script, model_dir, "--outfile", out_path + ".tmp", "--outtype", outtype],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({tail[0]}); set {CONVERT_PYTHON_ENV} to a Python "
+                           "with sentencepiece and numpy (e.g. the vLLM venv's)")
     os.replace(out_path + ".tmp", out_path)
     return out_path
 
