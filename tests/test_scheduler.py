@@ -207,3 +207,26 @@ def test_static_batching_waits_for_batch_to_finish():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="scheduling_policy"):
         make_policy("nope")
+
+
+def test_static_batch_fills_to_max_num_seqs_across_steps():
+    kv = KVCacheManager(1000, 4)
+    cfg = SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=3, static_batching=True)
+    sched = Scheduler(cfg, kv, make_policy("fcfs"))
+    reqs = [make_request(f"r{i}", list(range(6)), 4) for i in range(5)]
+    _, steps = run_to_completion(sched, reqs)
+    first_step = {r.request_id: i for i, s in reversed(list(enumerate(steps))) for r, _ in s.scheduled}
+    last_step = {r.request_id: i for i, s in enumerate(steps) for r, _ in s.scheduled}
+    # r0..r2 form one batch (admitted over several steps: 6-token prompts, 8-token budget);
+    # r3 starts only after the whole first batch has finished
+    assert max(first_step[f"r{i}"] for i in range(3)) < min(last_step[f"r{i}"] for i in range(3))
+    assert first_step["r3"] > max(last_step[f"r{i}"] for i in range(3))
+
+
+def test_sjf_aging_lets_old_long_request_win_eventually():
+    policy = make_policy("sjf")
+    old_long = make_request("long", list(range(500)), 100, arrival=0.0)
+    new_short = make_request("short", list(range(5)), 2, arrival=1.0)  # 1 s of aging < 593 tokens
+    assert policy.admission_key(new_short, 1.0) < policy.admission_key(old_long, 1.0)
+    late_short = make_request("late", list(range(5)), 2, arrival=1000.0)
+    assert policy.admission_key(old_long, 1000.0) < policy.admission_key(late_short, 1000.0)

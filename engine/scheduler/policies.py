@@ -12,18 +12,19 @@ class SJFPolicy(SchedulingPolicy):
     """Shortest remaining work first (prompt tokens still to compute + tokens still to generate).
 
     Aging: every second of waiting counts as ``aging_tokens_per_s`` tokens less work, so a long
-    request's key eventually drops below any newcomer's and it cannot starve.
+    request's key eventually drops below any newcomer's and it cannot starve. Since every waiting
+    request ages at the same rate, ``work - aging * (now - arrival)`` orders requests exactly as
+    ``work + aging * arrival`` does: the key does not move with time, so it is computed once.
     """
 
     name = "sjf"
-    static_keys = False
+    static_keys = True
 
     def __init__(self, aging_tokens_per_s: float = 256.0):
         self.aging = aging_tokens_per_s
 
     def admission_key(self, request: Request, now: float) -> tuple:
-        waited = max(0.0, now - request.arrival_time)
-        return (request.remaining_tokens - self.aging * waited, request.seq_no)
+        return (request.remaining_tokens + self.aging * request.arrival_time, request.seq_no)
 
     def preemption_key(self, request: Request, now: float) -> tuple:
         # preempt the request with the most work left (it loses least by waiting)

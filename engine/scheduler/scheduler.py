@@ -59,6 +59,7 @@ class Scheduler:
         self._waiting: list[tuple[tuple, int, Request]] = []  # heap (static keys) or list
         self._seq = 0
         self.num_preemptions = 0
+        self._batch: set[str] = set()  # static batching: members of the batch being run
 
     # -- queue --------------------------------------------------------------------------------
     @property
@@ -89,6 +90,7 @@ class Scheduler:
             self._waiting = [e for e in self._waiting if e[2] is not request]
             heapq.heapify(self._waiting)
         request.status = status
+        self._batch.discard(request.request_id)
         self.kv.free(request)
         self.policy.on_finished(request)
 
@@ -101,8 +103,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
-        # Static batching: the batch is open while every member is still in its prompt.
-        batch_closed = any(r.num_output_tokens > 0 for r in self.running)
 
         for request in list(self.running):
             if budget == 0:
@@ -125,13 +125,18 @@ class Scheduler:
             scheduled_ids.add(request.request_id)
             budget -= num_new
 
-        admit = not out.preempted and not (self.config.static_batching and batch_closed)
+        admit = not out.preempted
         if admit and self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             if not self.policy.static_keys:  # keys move with time or accounts: re-rank
                 self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
                 heapq.heapify(self._waiting)
+            if self.config.static_batching and not self._batch:
+                # the next batch: the first max_num_seqs waiting requests, fixed until all finish
+                self._batch = {r.request_id for _, _, r in heapq.nsmallest(self.config.max_num_seqs, self._waiting)}
             while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self._waiting[0][2]
+                if self.config.static_batching and request.request_id not in self._batch:
+                    break
                 cached = self.kv.find_cached_prefix(request)
                 num_computed = len(cached) * self.kv.block_size
                 num_new = min(request.num_tokens - num_computed, budget)
