@@ -63,15 +63,17 @@ class TorchAttentionBackend:
         pos = torch.arange(max_len, device=q.device)
         bt = meta.block_tables[:nd]
         slots = bt[:, pos // meta.block_size].to(torch.int64) * meta.block_size + pos % meta.block_size
-        keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[slots]  # [nd, S, KVH, D]
-        values = kv_cache[1].view(-1, num_kv_heads, head_dim)[slots]
+        # Gather rows of a [slots * kv_heads, head_dim] view straight into [nd, KVH, S, D] order,
+        # so both matmuls below read their operands without a permuting copy.
+        rows = slots[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[None, :, None]
+        keys = kv_cache[0].view(-1, head_dim)[rows]
+        values = kv_cache[1].view(-1, head_dim)[rows]
         qg = q.view(nd, num_kv_heads, group, head_dim)
-        scores = torch.einsum("bkgd,bskd->bkgs", qg, keys).float() * scale
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [nd, KVH, G, S]
         valid = pos[None, :] < meta.seq_lens[:nd, None]  # [nd, S]
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(values.dtype)
-        out = torch.einsum("bkgs,bskd->bkgd", probs, values)
-        return out.reshape(nd, num_heads, head_dim)
+        return torch.matmul(probs, values).reshape(nd, num_heads, head_dim)
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
