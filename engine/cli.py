@@ -36,6 +36,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", default="fcfs")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -46,7 +49,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
-        seed=args.seed)
+        seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager)
 
 
 def build_parser() -> argparse.ArgumentParser:
