@@ -273,3 +273,30 @@ def test_engine_greedy_output_same_with_triton_backend(tmp_path):
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert all(len(set(t)) > 1 for t in tokens["torch"]), "degenerate reference output hides bugs"
     assert tokens["triton"] == tokens["torch"]
+
+
+def test_torch_decode_groups_by_length_match_one_padded_batch():
+    """The torch backend attends decodes in groups of similar length; the result must equal one
+    padded batch over all of them."""
+    import engine.kernels.torch_attention as ta
+    from engine.attention_metadata import AttentionMetadata
+
+    assert ta.decode_groups([5, 300, 10, 1200, 40, 290]) == [[0, 2, 4], [5, 1], [3]]
+    assert ta.decode_groups([50, 60, 70]) == [[0, 1, 2]]
+    lens, bs = [5, 300, 10, 1200, 40, 290, 77], 16
+    tables, nb = [], 0
+    for length in lens:
+        n = -(-length // bs)
+        tables.append(list(range(nb, nb + n)))
+        nb += n
+    kv = torch.randn(2, nb, bs, 2, 32)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, bs)
+    q, k = torch.randn(len(lens), 4, 32), torch.randn(len(lens), 2, 32)
+    v = torch.randn_like(k)
+    backend = ta.TorchAttentionBackend()
+    grouped = backend.forward(q, k, v, kv.clone(), meta, 0.2)
+    one = torch.empty_like(q)
+    kv1 = kv.clone()
+    ta.write_kv(k, v, kv1, meta.slot_mapping)
+    one[:] = backend._decode(q, kv1, meta.block_tables, meta.seq_lens, max(lens), bs, 0.2)
+    torch.testing.assert_close(grouped, one, atol=1e-6, rtol=1e-5)

@@ -30,6 +30,26 @@ def gather_slots(block_table: torch.Tensor, length: int, block_size: int) -> tor
     return block_table[pos // block_size].to(torch.int64) * block_size + pos % block_size
 
 
+def decode_groups(lens: list[int], max_groups: int = 4) -> list[list[int]]:
+    """Splits decode sequences into groups of similar context length (indices into ``lens``).
+
+    Decodes are attended as one padded batch per group, so a single long context must not make
+    every short one pay for its padding: a new group starts when a length is more than twice the
+    shortest of the current group (and at least 64 tokens longer).
+    """
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups, current = [], [order[0]]
+    for i in order[1:]:
+        first = lens[current[0]]
+        if lens[i] > 2 * first and lens[i] - first > 64 and len(groups) < max_groups - 1:
+            groups.append(current)
+            current = [i]
+        else:
+            current.append(i)
+    groups.append(current)
+    return groups
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -38,7 +58,15 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta, scale)
+            groups = decode_groups(meta.seq_lens_cpu[:nd])
+            if len(groups) == 1:
+                out[:nd] = self._decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                        max(meta.seq_lens_cpu[:nd]), meta.block_size, scale)
+            for group in groups if len(groups) > 1 else ():
+                sel = torch.tensor(group, device=q.device)
+                max_len = max(meta.seq_lens_cpu[i] for i in group)
+                out[sel] = self._decode(q[sel], kv_cache, meta.block_tables[sel], meta.seq_lens[sel],
+                                        max_len, meta.block_size, scale)
         start = nd
         for i in range(nd, meta.num_seqs):
             q_len, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
@@ -54,15 +82,14 @@ class TorchAttentionBackend:
         return out
 
     @staticmethod
-    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(q, kv_cache, block_tables, seq_lens, max_len: int, block_size: int, scale: float) -> torch.Tensor:
+        """One query per sequence, each attending to its whole context, padded to max_len."""
         nd = q.shape[0]
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = kv_cache.shape[3]
         group = num_heads // num_kv_heads
-        max_len = max(meta.seq_lens_cpu[:nd])
         pos = torch.arange(max_len, device=q.device)
-        bt = meta.block_tables[:nd]
-        slots = bt[:, pos // meta.block_size].to(torch.int64) * meta.block_size + pos % meta.block_size
+        slots = block_tables[:, pos // block_size].to(torch.int64) * block_size + pos % block_size
         # Gather rows of a [slots * kv_heads, head_dim] view straight into [nd, KVH, S, D] order,
         # so both matmuls below read their operands without a permuting copy.
         rows = slots[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=q.device)[None, :, None]
@@ -70,7 +97,7 @@ class TorchAttentionBackend:
         values = kv_cache[1].view(-1, head_dim)[rows]
         qg = q.view(nd, num_kv_heads, group, head_dim)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [nd, KVH, G, S]
-        valid = pos[None, :] < meta.seq_lens[:nd, None]  # [nd, S]
+        valid = pos[None, :] < seq_lens[:, None]  # [nd, S]
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(values.dtype)
         return torch.matmul(probs, values).reshape(nd, num_heads, head_dim)
