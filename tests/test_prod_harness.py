@@ -7,14 +7,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from engine.async_engine import AsyncEngine
 from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
@@ -22,7 +20,7 @@ from server.app import build_app
 from server.config_file import ProductionConfig
 from server.settings import ServerSettings
 from server.store import Store
-from tests.test_server_harness import free_port
+from tests.test_server_harness import ServerThread, free_port
 
 
 @dataclass
@@ -89,38 +87,14 @@ def echo_engine(name: str = "echo", step_delay: float = 0.01) -> AsyncEngine:
     return AsyncEngine(engine_factory=lambda: EchoEngine(tok, name, step_delay=step_delay))
 
 
-class ProdServer:
+class ProdServer(ServerThread):
     """uvicorn on a free loopback port serving `build_app(..., production=...)`."""
 
     def __init__(self, engine: AsyncEngine, production: ProductionConfig,
                  engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
                  settings: ServerSettings | None = None) -> None:
-        self.engines = [engine, *(engines or {}).values()]
-        self.app = build_app(engine, settings, production=production, engines=engines, store=store)
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self, timeout: float = 120.0) -> "ProdServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        for e in self.engines:
-            if not e.wait_ready(max(1.0, deadline - time.monotonic())):
-                raise RuntimeError(f"engine did not become ready: {e.errored!r}")
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        for e in self.engines:
-            e.shutdown()
+        app = build_app(engine, settings, production=production, engines=engines, store=store)
+        super().__init__(engine, app=app, engines=[engine, *(engines or {}).values()])
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of `name`'s samples whose labels include `labels`."""

@@ -34,11 +34,15 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn on 127.0.0.1:<free port> in a daemon thread; `stop()` shuts it and the engine."""
+    """uvicorn on 127.0.0.1:<free port> in a daemon thread; `stop()` shuts it and the engines.
+    By default it serves `build_app(engine, settings)`; pass `app` (and every engine it uses in
+    `engines`) to serve something else."""
 
-    def __init__(self, engine: AsyncEngine, settings: ServerSettings | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings | None = None, *, app=None,
+                 engines: list[AsyncEngine] | None = None) -> None:
         self.engine = engine
-        self.app = build_app(engine, settings)
+        self.engines = engines or [engine]
+        self.app = app if app is not None else build_app(engine, settings)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -53,14 +57,16 @@ class ServerThread:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
-        if not self.engine.wait_ready(max(1.0, deadline - time.monotonic())):
-            raise RuntimeError(f"engine did not become ready: {self.engine.errored!r}")
+        for e in self.engines:
+            if not e.wait_ready(max(1.0, deadline - time.monotonic())):
+                raise RuntimeError(f"engine did not become ready: {e.errored!r}")
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-        self.engine.shutdown()
+        for e in self.engines:
+            e.shutdown()
 
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value}."""
