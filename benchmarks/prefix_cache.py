@@ -64,7 +64,7 @@ def main() -> None:
             results[name].append(run_once(llm, prompts, args.max_tokens))
     print(f"{args.requests} requests, {args.prefix}-token shared prefix + {args.suffix}-token suffix, "
           f"{args.max_tokens} output tokens, {args.dtype}, {args.threads} threads, {args.rounds} rounds (median)")
-    print(f"| setting | wall s | mean TTFT s | prompt tokens computed |\n|---|---|---|---|")
+    print("| setting | wall s | mean TTFT s | prompt tokens computed |\n|---|---|---|---|")
     med = {}
     for name, runs in results.items():
         med[name] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}

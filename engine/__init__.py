@@ -9,30 +9,20 @@ from __future__ import annotations
 __all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "AsyncEngine", "RequestOutput"]
 
 
+# name -> module; imported lazily so `import engine.kernels...` does not pull in the whole stack
+_EXPORTS = {
+    "LLM": "engine.llm",
+    "SamplingParams": "engine.sampling_params",
+    "LLMEngine": "engine.llm_engine",
+    "EngineConfig": "engine.config",
+    "AsyncEngine": "engine.async_engine",
+    "RequestOutput": "engine.outputs",
+}
+
+
 def __getattr__(name: str):
-    # Imported lazily so `import engine.kernels...` does not pull in the whole stack.
-    if name == "LLM":
-        from engine.llm import LLM
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    import importlib
 
-        return LLM
-    if name == "SamplingParams":
-        from engine.sampling_params import SamplingParams
-
-        return SamplingParams
-    if name == "LLMEngine":
-        from engine.llm_engine import LLMEngine
-
-        return LLMEngine
-    if name == "EngineConfig":
-        from engine.config import EngineConfig
-
-        return EngineConfig
-    if name == "AsyncEngine":
-        from engine.async_engine import AsyncEngine
-
-        return AsyncEngine
-    if name == "RequestOutput":
-        from engine.outputs import RequestOutput
-
-        return RequestOutput
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

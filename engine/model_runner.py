@@ -38,7 +38,7 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         spec = model.kv_spec
-        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = spec.layer_shape(num_blocks, block_size)
         # zeros, not empty: the attention reads masked-out slots, and NaN * 0 would still be NaN
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.graphs = None
@@ -49,9 +49,7 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
-        spec = model.kv_spec
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        return model.kv_spec.bytes_per_token(dtype) * block_size
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
