@@ -3,7 +3,8 @@
 `Authenticator.authenticate` guarantees: with no keys configured every request is the open
 tenant ("anonymous", or the tenant of that name in the config) and the server logs that it is
 open; with keys configured, a request without `Authorization: Bearer KEY` or with an unknown
-key gets a 401 in OpenAI's envelope and never reaches the engine.
+key gets a 401 in OpenAI's envelope and never reaches the engine; a wrong key is never echoed
+beyond a 4-character hint (its last 4 characters).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ OPEN_TENANT = "anonymous"
 def hash_key(key: str) -> str:
     """The digest to put in `api_key_sha256`."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_hint(key: str) -> str:
+    """What an error may show of a wrong key: its last 4 characters when it is long enough
+    (12+) that they give nothing useful away, else nothing."""
+    return f"****{key[-4:]}" if len(key) >= 12 and key[-4:].isprintable() else "****"
 
 
 def _unauthorized(message: str) -> APIError:
@@ -71,8 +78,7 @@ class Authenticator:
             raise _unauthorized("The Authorization header must be `Bearer YOUR_KEY`.")
         tenant = self._by_hash.get(hash_key(key))
         if tenant is None:
-            shown = key[:3] + "*" * max(0, min(len(key) - 7, 20)) + key[-4:] if len(key) > 8 else "***"
-            raise _unauthorized(f"Incorrect API key provided: {shown}.")
+            raise _unauthorized(f"Incorrect API key provided: {key_hint(key)}.")
         return tenant
 
     def require_admin(self, tenant: TenantConfig) -> None:

@@ -10,6 +10,9 @@ model, prompt or messages, every sampling parameter, stream flag). Guarantees:
 - the same key with a different request gets 422;
 - a completed key is remembered for `ttl_seconds` (default 24 h); a request that fails does
   not keep its key, so the client may retry it.
+- with the store unreachable `begin` raises StoreUnavailable (503, Retry-After): a key that
+  cannot be checked is not run; `complete` and `abandon` never raise (written later by the
+  settler, or the running record lapses after 15 minutes).
 Records live in the shared store, so a key used on one replica is honoured by all.
 """
 from __future__ import annotations
@@ -18,11 +21,13 @@ import asyncio
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import APIError, bad_request
 from server.recorded import RecordedResponse
+from server.settlement import Settler
 from server.store import Store
 
 HEADER = "idempotency-key"
@@ -49,6 +54,11 @@ class Idempotency:
     store: Store
     ttl_seconds: float = 24 * 3600.0
     join_in_flight: bool = False
+    settler: Settler = field(init=False)
+    _owned: dict[str, str] = field(default_factory=dict)  # store key -> our running record
+
+    def __post_init__(self) -> None:
+        self.settler = Settler(self.store)
 
     @staticmethod
     def _key(tenant: str, key: str) -> str:
@@ -59,11 +69,12 @@ class Idempotency:
         """None: this request owns the key and must `complete` or `abandon` it. Otherwise
         the stored response to replay. Raises APIError 409 / 422."""
         store_key = self._key(tenant, key)
-        running = json.dumps({"state": "running", "fp": fp})
+        running = json.dumps({"state": "running", "fp": fp, "owner": uuid.uuid4().hex})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (wait_limit if wait_limit is not None else _RUNNING_TTL)
         while True:
             if await self.store.set_if_absent(store_key, running, ttl=_RUNNING_TTL):
+                self._owned[store_key] = running
                 return None
             raw = await self.store.get(store_key)
             if raw is None:
@@ -82,8 +93,18 @@ class Idempotency:
             await asyncio.sleep(_POLL)
 
     async def complete(self, tenant: str, key: str, fp: str, response: RecordedResponse) -> None:
-        record = {"state": "done", "fp": fp, "response": response.dumps()}
-        await self.store.set(self._key(tenant, key), json.dumps(record), ttl=self.ttl_seconds)
+        """Stores the response for replays; never raises."""
+        record = json.dumps({"state": "done", "fp": fp, "response": response.dumps()})
+        store_key = self._key(tenant, key)
+        self._owned.pop(store_key, None)
+        await self.settler.write("idempotency", f"complete key of tenant {tenant}",
+                                 lambda: self.store.set(store_key, record, ttl=self.ttl_seconds))
 
     async def abandon(self, tenant: str, key: str) -> None:
-        await self.store.delete(self._key(tenant, key))
+        """Frees the key so the client may retry; never raises. Only our own running record
+        is deleted, so a late retry (after an outage) cannot free a key someone else took."""
+        store_key = self._key(tenant, key)
+        running = self._owned.pop(store_key, None)
+        if running is not None:
+            await self.settler.write("idempotency", f"abandon key of tenant {tenant}",
+                                     lambda: self.store.delete_if(store_key, running))

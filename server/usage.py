@@ -3,17 +3,20 @@
 Each record names the tenant, user (`user` field or `X-User-Id`), feature (`X-Feature-Id`
 or `metadata.feature`), model and model version, the token counts and the cost in US dollars
 from the model's price table. Records are appended to the shared store, so `GET /v1/usage`
-on any replica sees every replica's requests.
+on any replica sees every replica's requests. `record` never raises: while the store is
+unreachable a record waits in the background and is written when it comes back, or is
+counted lost (`conveyor_usage_lost_total{kind="record"}`) after the settler's budget.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.config_file import PriceConfig
 from server.errors import bad_request
+from server.settlement import Settler
 from server.store import Store
 
 GROUPS = ("tenant", "user", "feature", "model")
@@ -48,9 +51,16 @@ class UsageRecord:
 @dataclass
 class UsageLog:
     store: Store
+    settler: Settler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settler = Settler(self.store)
 
     async def record(self, rec: UsageRecord) -> None:
-        await self.store.append(_KEY, json.dumps(asdict(rec), separators=(",", ":")), MAX_RECORDS)
+        """Appends the record now or later; never raises."""
+        line = json.dumps(asdict(rec), separators=(",", ":"))
+        await self.settler.write("record", f"usage of request {rec.request_id}",
+                                 lambda: self.store.append(_KEY, line, MAX_RECORDS))
 
     async def records(self) -> list[UsageRecord]:
         return [UsageRecord(**json.loads(r)) for r in await self.store.items(_KEY)]

@@ -20,7 +20,8 @@ from server.pii import StreamRedactor, luhn_ok, redact
 from server.rate_limit import RateLimiter, duration
 from server.recorded import RecordedResponse
 from server.routing import Router, complexity
-from server.store import MemoryStore
+from server.store import MemoryStore, StoreUnavailable
+from server.usage import UsageLog, UsageRecord
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "conveyor.example.toml"
 
@@ -188,3 +189,115 @@ def test_idempotency_join_in_flight_waits_for_the_first():
         await idem.complete("t", "k", fp, RecordedResponse(200, events=["data: [DONE]\n\n"]))
         assert (await asyncio.wait_for(waiter, 2)).events == ["data: [DONE]\n\n"]
     asyncio.run(run())
+
+
+# ---- outages: leases, settlement, fail open/closed, key hints ----------------------------
+class FlakyStore:
+    """A MemoryStore that raises StoreUnavailable from every call while `down`."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.observer = self.inner.observer
+        self.down = False
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        async def call(*args, **kwargs):
+            if self.down:
+                raise StoreUnavailable(name)
+            return await method(*args, **kwargs)
+        return call
+
+
+def test_concurrency_leases_lapse_after_a_crash_and_never_go_negative():
+    async def run() -> None:
+        store = MemoryStore()
+        crashed = RateLimiter(store, lease_seconds=0.3)
+        t = TenantConfig("t", max_concurrent=8)
+        held = [await crashed.reserve(t, 1) for _ in range(8)]
+        assert all(r.lease for r in held)
+        with pytest.raises(APIError, match="concurrent"):
+            await crashed.reserve(t, 1)
+        await crashed.leases.close()  # the replica dies: nothing released, nothing refreshed
+        await asyncio.sleep(0.35)
+        other = RateLimiter(store, lease_seconds=0.3)
+        fresh = [await other.reserve(t, 1) for _ in range(8)]  # full concurrency again
+        for r in held + fresh:
+            await r.settle(1)  # late releases of lapsed leases do nothing
+        assert await store.lease_count("rl:t:conc") == 0
+        # a running request's lease is refreshed past its ttl, and released at the end
+        long = await other.reserve(t, 1)
+        await asyncio.sleep(0.5)
+        assert await store.lease_count("rl:t:conc") == 1
+        await long.settle(1)
+        assert await store.lease_count("rl:t:conc") == 0 and other.leases.held == 0
+    asyncio.run(run())
+
+
+def test_outage_admission_is_503_or_fail_open_and_settlement_never_raises():
+    async def run() -> None:
+        store = FlakyStore()
+        lost: list[str] = []
+        store.observer.lost = lost.append
+        t = TenantConfig("t", tokens_per_minute=100, requests_per_minute=10, max_concurrent=2)
+        closed = RateLimiter(store, 3600, lease_seconds=0.25)
+        opened = RateLimiter(store, 3600, fail_open=True)
+        res = await closed.reserve(t, 60)
+        store.down = True
+        with pytest.raises(StoreUnavailable) as err:
+            await closed.reserve(t, 10)
+        assert err.value.status == 503 and err.value.retry_after and isinstance(err.value, APIError)
+        free = await opened.reserve(t, 10)
+        assert free.unlimited and free.headers == {} and free.lease is None
+        await free.settle(3)
+        await res.settle(20)  # does not raise; waits in the background
+        assert closed.settler.pending == 1
+        store.down = False
+        await asyncio.sleep(0.3)
+        assert closed.settler.pending == 0 and lost == []
+        assert await store.inner.get(f"rl:t:tok:{res.window}") == "20"
+        # its release missed the outage, so the slot lapsed within the lease ttl instead
+        assert closed.leases.held == 0 and await store.inner.lease_count("rl:t:conc") == 0
+        # a record that cannot be written within the budget is counted lost
+        usage = UsageLog(store)
+        usage.settler.budget_seconds = 0.3
+        store.down = True
+        await usage.record(UsageRecord(0.0, "r1", "t", None, None, "m", "1", 1, 0, 1, 0.0))
+        await asyncio.sleep(0.5)
+        assert lost == ["record"] and usage.settler.pending == 0
+    asyncio.run(run())
+
+
+def test_idempotency_outcomes_survive_an_outage():
+    async def run() -> None:
+        store = FlakyStore()
+        idem = Idempotency(store)
+        fp = fingerprint({"prompt": "z"})
+        assert await idem.begin("t", "k", fp) is None
+        store.down = True
+        with pytest.raises(StoreUnavailable):
+            await idem.begin("t", "k2", fp)
+        await idem.abandon("t", "k")  # never raises; done once the store is back
+        store.down = False
+        await asyncio.sleep(0.3)
+        assert await idem.begin("t", "k", fp) is None  # the key was freed
+        # a stale abandon never frees a key another request now holds
+        await idem.abandon("t", "k-unknown")
+        assert await store.inner.get(idem._key("t", "k")) is not None
+    asyncio.run(run())
+
+
+def test_wrong_keys_are_never_echoed_beyond_four_characters():
+    auth = Authenticator([TenantConfig(name="t", api_key_sha256=[hash_key("sk-right-key")])])
+    for wrong in ("sk-proj-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz", "sk-short", "x"):
+        with pytest.raises(APIError) as err:
+            auth.authenticate(f"Bearer {wrong}")
+        message = err.value.message
+        assert wrong not in message and wrong[:4] not in message.replace("****", "")
+        visible = message.split("provided: ")[1].rstrip(".").replace("*", "")
+        assert len(visible) <= 4 and (visible == "" or wrong.endswith(visible))
