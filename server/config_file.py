@@ -98,6 +98,11 @@ class CacheConfig:
 
 
 @dataclass
+class StoreConfig:
+    fail_open: bool = False  # store unreachable: admit limited tenants without limits, not 503
+
+
+@dataclass
 class ProductionConfig:
     tenants: list[TenantConfig] = field(default_factory=list)
     models: list[ModelConfig] = field(default_factory=list)
@@ -105,6 +110,7 @@ class ProductionConfig:
     guards: dict[str, GuardConfig] = field(default_factory=dict)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     redis_url: str | None = None
     rate_limit_window_seconds: float = 60.0
 
