@@ -27,6 +27,10 @@ class ProductionMetrics:
                                      ["tenant", "model", "kind"], registry=r)  # prompt|cached|completion
         self.tenant_cost = Counter("conveyor_tenant_cost_dollars", "Cost in US dollars per tenant.",
                                    ["tenant", "model"], registry=r)
+        self.store_errors = Counter("conveyor_store_errors", "Shared-store operations that failed "
+                                    "(store unreachable).", ["op"], registry=r)
+        self.usage_lost = Counter("conveyor_usage_lost", "Settlement writes given up after the store "
+                                  "stayed unreachable.", ["kind"], registry=r)  # record|tokens|idempotency
 
     def guard_action(self, guard: str, action: str, count: int) -> None:
         self.guard_actions.labels(guard, action).inc(count)
