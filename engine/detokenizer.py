@@ -14,7 +14,7 @@ emitted the window slides forward, so each step decodes a few tokens: O(1) per t
 from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
-from engine.stop_checker import find_stop_string, partial_stop_len
+from engine.stop_checker import StopMatcher
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as context before the first output token. Tokenizers whose decoding of a
@@ -55,6 +55,8 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._text = ""
         self._sent = 0  # how much of _text stream_delta has handed out
+        # sees every character of _text once, in order, so its positions index into _text
+        self._stops = StopMatcher(params.stop) if params.stop else None
 
     @property
     def output_text(self) -> str:
@@ -83,8 +85,8 @@ class IncrementalDetokenizer:
         if finished and not self.stopped and self._read_offset < len(self._ids):
             self._append_text(self._decode_new(flush=True))
         end = len(self._text)
-        if not (finished or self.stopped):
-            end -= partial_stop_len(self._text, self.params.stop)
+        if not (finished or self.stopped) and self._stops is not None:
+            end -= self._stops.held_back()
         if end <= self._sent:
             return ""
         delta = self._text[self._sent:end]
@@ -118,16 +120,16 @@ class IncrementalDetokenizer:
     def _append_text(self, delta: str) -> str | None:
         if not delta:
             return None
-        old_len = len(self._text)
         self._text += delta
-        stops = self.params.stop
-        if not stops or len(self.token_ids) < self.params.min_tokens:
+        if self._stops is None:
             return None
-        # Only matches ending in the new text are new; they start at most max_len - 1 earlier.
-        hit = find_stop_string(self._text, stops, max(0, old_len - self.params.max_stop_str_len + 1))
-        if hit is None:
+        # Fed even before min_tokens, so a stop string that starts earlier and ends later is
+        # still found; only matches ending in this delta are new.
+        hit = self._stops.feed(delta)
+        if hit is None or len(self.token_ids) < self.params.min_tokens:
             return None
-        index, stop = hit
+        index, which = hit
+        stop = self.params.stop[which]
         self._text = self._text[:index + len(stop) if self.params.include_stop_str_in_output else index]
         self._sent = min(self._sent, len(self._text))
         self.stop_reason = stop

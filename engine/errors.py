@@ -1,0 +1,18 @@
+"""Errors the engine raises for requests it refuses.
+
+`InvalidParameterError` is a `ValueError` (callers that catch ValueError keep working) that also
+names the offending request field in `param`. Its message starts with that field's name, so an
+API layer that only sees the text can still tell which field was wrong.
+"""
+from __future__ import annotations
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter the engine cannot honour. `param` is the field's name as the client
+    spelled it (e.g. "stop_token_ids", "seed"); the message starts with it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        if not message.startswith(param):
+            message = f"{param}: {message}"
+        super().__init__(message)
+        self.param = param
