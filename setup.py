@@ -25,10 +25,12 @@ setup(
         "pyyaml",
         "redis",
         "regex",
+        "swagger-ui-py>=25.7",  # Swagger UI's assets for /docs, served locally
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib",
+                 "selenium==4.51.0"],  # drives Debian's chromium in tests/test_pages_browser.py
         "bench": ["matplotlib", "httpx"],
     },
     entry_points={"console_scripts": ["conveyor=engine.cli:main"]},

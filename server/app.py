@@ -16,15 +16,13 @@ import logging
 import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
@@ -34,6 +32,7 @@ from server.gateway import Gateway
 from server.limits import Admission
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openapi import build_openapi
+from server.pages import page_routes
 from server.prod_metrics import ProductionMetrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
 from server.serving import GenerationService, read_json, request_logger
@@ -41,10 +40,9 @@ from server.settings import ServerSettings
 from server.store import Store, open_store
 
 logger = logging.getLogger("conveyor.server")
-STATIC_DIR = Path(__file__).parent / "static"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-           "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage")
+           "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage", "/")
 
 
 def version() -> str:
@@ -196,9 +194,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     async def openapi_route(request: Request) -> Response:
         return JSONResponse(openapi)
 
-    async def docs(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
-
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         messages = {404: f"No route {request.url.path}.",
@@ -227,8 +222,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         Route("/version", api(version_route), methods=["GET"]),
         Route("/metrics", api(metrics_route), methods=["GET"]),
         Route("/openapi.json", api(openapi_route), methods=["GET"]),
-        Route("/docs", api(docs), methods=["GET"]),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        *page_routes(),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware, metrics=metrics)

@@ -147,7 +147,12 @@ def build_openapi(version: str) -> dict:
                                 _json({"type": "object", "properties": {"version": _STR}}, "Version")),
             "/metrics": _simple("get", "Prometheus metrics", text),
             "/openapi.json": _simple("get", "This document", _json({"type": "object"}, "OpenAPI")),
-            "/docs": _simple("get", "Browsable API documentation", html),
+            "/docs": _simple("get", "Interactive API console (Swagger UI)", html),
+            "/": _simple("get", "Chat playground", html),
         },
-        "components": {"schemas": _SCHEMAS},
+        # Optional bearer auth (servers run open unless their config lists API keys); it gives
+        # the /docs console its "Authorize" button.
+        "security": [{}, {"apiKey": []}],
+        "components": {"schemas": _SCHEMAS,
+                       "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
     }

@@ -193,6 +193,7 @@ def test_openapi_validates_and_docs_are_local(http):
     page = http.get("/docs")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
-    assert "/static/docs.js" in page.text
-    js = http.get("/static/docs.js")
-    assert js.status_code == 200 and "openapi.json" in js.text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in page.text  # Swagger UI, served locally
+    js = http.get("/static/api-docs.js")
+    assert js.status_code == 200 and "/openapi.json" in js.text
+    assert http.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
