@@ -104,14 +104,18 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-n per generated token; 0 = only the chosen token
     skip_special_tokens: bool = True
-    # Names of MODEL_DEFAULTABLE fields the caller left unset (None).
-    unset: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    # Names of MODEL_DEFAULTABLE fields the caller left unset (None); computed at construction.
+    # It is an init field so that `SamplingParams(**vars(p))` and `dataclasses.replace` keep it.
+    unset: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        unset = frozenset(k for k in MODEL_DEFAULTABLE if getattr(self, k) is None)
+        if not isinstance(self.unset, (set, frozenset)) or not set(self.unset) <= MODEL_DEFAULTABLE.keys():
+            raise _fail("unset", f"unset must be a set of {sorted(MODEL_DEFAULTABLE)}")
+        unset = frozenset(self.unset) | {k for k in MODEL_DEFAULTABLE if getattr(self, k) is None}
         for name in unset:
-            setattr(self, name, MODEL_DEFAULTABLE[name])
-        self.unset = unset
+            if getattr(self, name) is None:
+                setattr(self, name, MODEL_DEFAULTABLE[name])
+        self.unset = frozenset(unset)
 
         _check_int("n", self.n)
         if self.n < 1:
