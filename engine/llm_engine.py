@@ -22,7 +22,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler.policy import make_policy
 from engine.scheduler.request import Request, RequestStatus
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
-from engine.startup import choose_num_blocks, eos_token_ids, resolve_device
+from engine.startup import choose_num_blocks, configure_threads, eos_token_ids, resolve_device
 
 # Decode graphs are captured up to this batch; larger decode steps run eagerly. On an H200
 # (benchmarks/RESULTS.md) graphs gave 5.7x at batch 1 and 3.1x at batch 64, but a captured
@@ -33,9 +33,8 @@ MAX_GRAPH_BATCH = 128
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
+        configure_threads(config.num_threads, self.device)
         source = resolve_model(config.model)
         self.hf_config = load_hf_config(source)
         self.tokenizer = self._load_tokenizer(source)

@@ -130,14 +130,49 @@ def test_dummy_weights_need_no_files_and_follow_the_seed(tmp_path):
     assert logits.shape == (10, 1024) and torch.isfinite(logits).all()
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
+    import engine.startup as startup
+
     cfg = LlamaConfig(dtype="float16")
-    assert resolve_dtype("auto", cfg, "cpu") == torch.bfloat16  # fp16 matmuls are slow on CPU
     assert resolve_dtype("auto", cfg, "cuda") == torch.float16
+    assert resolve_dtype("auto", LlamaConfig(), "cuda") == torch.bfloat16  # names none (GGUF)
     assert resolve_dtype("auto", LlamaConfig(dtype="float32"), "cpu") == torch.float32
     assert resolve_dtype("float32", cfg, "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", LlamaConfig(dtype="float32"), "cpu") == torch.bfloat16  # explicit wins
+    # half-precision checkpoints on CPU: bf16 only where the CPU has fast bf16 kernels
+    monkeypatch.setattr(startup, "cpu_has_fast_bf16", lambda: (True, "test: fast"))
+    assert resolve_dtype("auto", cfg, "cpu") == torch.bfloat16  # never fp16 on CPU
+    assert resolve_dtype("auto", LlamaConfig(), "cpu") == torch.bfloat16
+    monkeypatch.setattr(startup, "cpu_has_fast_bf16", lambda: (False, "test: slow"))
+    assert resolve_dtype("auto", cfg, "cpu") == torch.float32
+    assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16"), "cpu") == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", cfg, "cpu")
+
+
+def test_cpu_bf16_detection_follows_the_flags(monkeypatch):
+    import engine.startup as startup
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(startup, "cpu_flags", lambda: {"avx2", "avx512f"})
+    fast, why = startup.cpu_has_fast_bf16()
+    assert not fast and "no native bf16" in why  # plain AVX-512: oneDNN would emulate bf16
+    monkeypatch.setattr(startup, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    fast, why = startup.cpu_has_fast_bf16()
+    assert fast and "avx512_bf16" in why
+
+
+def test_default_threads_one_per_physical_core():
+    import engine.startup as startup
+
+    cores = startup.physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    try:
+        assert startup.configure_threads(None, torch.device("cpu")) == cores
+        assert startup.configure_threads(1, torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_architecture_lists_supported(tmp_path):

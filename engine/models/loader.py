@@ -3,7 +3,9 @@ architecture and fill its weights (safetensors, sharded safetensors, GGUF, or ra
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,9 @@ from engine.models.default_model import default_gguf_path
 from engine.models.registry import model_class
 from engine.models.gguf_weights import iter_gguf
 from engine.models.weights import iter_safetensors
+from engine.startup import choose_cpu_dtype
+
+logger = logging.getLogger("conveyor.engine")
 
 LOAD_FORMATS = ("auto", "dummy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,20 +87,29 @@ def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
 
 
 def resolve_dtype(dtype: str, hf_config, device: torch.device | str) -> torch.dtype:
-    """Maps a dtype name to torch. "auto" takes the checkpoint's dtype, bfloat16 when it names
-    none (GGUF), and bfloat16 instead of float16 on CPU."""
+    """Maps a dtype name to torch; an explicit name always wins. "auto" takes the checkpoint's
+    dtype on GPU (bfloat16 when it names none, as GGUF files); on CPU it takes bfloat16 only
+    where the CPU has fast bf16 kernels and float32 otherwise (`startup.choose_cpu_dtype`).
+    The choice and its reason are logged."""
     if dtype in _DTYPES:
+        logger.info("dtype: %s (asked for)", dtype)
         return _DTYPES[dtype]
     if dtype != "auto":
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # read the attributes directly: transformers' `torch_dtype` property logs a deprecation
+    fields = vars(hf_config)
+    declared = fields.get("dtype") or fields.get("torch_dtype")
     if isinstance(declared, str):
         declared = _DTYPES.get(declared)
     if declared not in _DTYPES.values():
-        declared = torch.bfloat16
-    if declared == torch.float16 and torch.device(device).type == "cpu":
-        declared = torch.bfloat16
-    return declared
+        declared = None
+    if torch.device(device).type == "cpu":
+        chosen, why = choose_cpu_dtype(declared)
+    else:
+        chosen = declared or torch.bfloat16
+        why = "the checkpoint's dtype" if declared else "the checkpoint names no dtype"
+    logger.info("dtype: %s (auto: %s; --dtype to change)", str(chosen).removeprefix("torch."), why)
+    return chosen
 
 
 def load_model(
@@ -119,6 +133,11 @@ def load_model(
     backend = get_attention_backend(attention_backend, device)
     # Build on the meta device (no memory, no random init), then allocate uninitialised storage
     # directly in the target dtype: every parameter is overwritten below.
+    start = time.perf_counter()
+    what = "random (dummy) weights" if load_format == "dummy" else (
+        src.gguf_file if src.is_gguf else "safetensors")
+    logger.info("loading weights: %s %s from %s (%s, %s)", cls.__name__, what, src.path,
+                str(dtype).removeprefix("torch."), device)
     with torch.device("meta"):
         model = cls(hf_config, backend, device)
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -130,4 +149,6 @@ def load_model(
         model.load_weights(iter_safetensors(src.path))
     model.eval()
     model.requires_grad_(False)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
     return model
