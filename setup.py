@@ -5,7 +5,8 @@ setup(
     name="conveyor",
     version="0.1.0",
     description="LLM inference engine with continuous batching, paged KV cache and an OpenAI-compatible server",
-    packages=find_packages(include=["engine", "engine.*", "server", "server.*", "benchmarks", "benchmarks.*"]),
+    packages=find_packages(include=["conveyor", "conveyor.*", "engine", "engine.*", "server", "server.*",
+                                    "benchmarks", "benchmarks.*"]),
     package_data={"server": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
@@ -28,11 +29,14 @@ setup(
         "swagger-ui-py>=25.7",  # Swagger UI's assets for /docs, served locally
     ],
     extras_require={
+        # GPU kernels; install.sh adds it on machines with an NVIDIA GPU.
         "triton": ["triton"],
+        # triton here runs the GPU kernels' tests through Triton's interpreter on CPU.
         "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib",
+                 "openapi-spec-validator", "psutil",
                  "schemathesis==4.32.5",  # tests/test_fuzz_openapi.py (pinned: its API changes)
                  "selenium==4.51.0"],  # drives Debian's chromium in tests/test_pages_browser.py
-        "bench": ["matplotlib", "httpx"],
+        "bench": ["matplotlib", "httpx", "psutil"],
     },
-    entry_points={"console_scripts": ["conveyor=engine.cli:main"]},
+    entry_points={"console_scripts": ["conveyor=conveyor.cli:main"]},
 )

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = None
     else:
         port = free_port()
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port)]
+        cmd = [sys.executable, "-m", "conveyor", "serve", "--port", str(port)]
         if args.serve_model:
             cmd += ["--model", args.serve_model]
         cmd += args.serve_args.split()

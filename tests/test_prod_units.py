@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main as cli_main
+from conveyor.cli import main as cli_main
 from server.auth import Authenticator, hash_key
 from server.config_file import ModelConfig, PriceConfig, RoutingConfig, RoutingRule, TenantConfig, \
     config_from_dict, load_config

@@ -1,0 +1,6 @@
+"""`python -m conveyor ...` runs the `conveyor` command."""
+import sys
+
+from conveyor.cli import main
+
+sys.exit(main())
