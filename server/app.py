@@ -1,14 +1,16 @@
 """The Starlette application: routes, the X-Request-Id middleware and error envelopes.
 
-`build_app(engine, settings)` wires an `AsyncEngine` to HTTP; with `production` (a loaded
-config file) the production layer of server/gateway.py (tenants, limits, idempotency, caching,
-usage, routing over several engines, guardrails) sits in front of generation, and with no
-config it runs with everything off (open, unlimited). Every response carries
-`X-Request-Id` (the client's, when it sent a sane one, else a fresh one), every error uses
-OpenAI's envelope, and unexpected failures answer a generic 500 while the details go to the log.
+`build_app(engine, settings)` wires engines to HTTP: one `ModelHandle` per served model, the
+request pipeline of server/gateway.py in front of generation (tenants, limits, idempotency,
+caching, usage, routing, guardrails; with no config everything is off: open, unlimited).
+Every response carries `X-Request-Id` (the client's, when it sent a sane one, else a fresh
+one), every error uses OpenAI's envelope, and unexpected failures answer a generic 500 while
+the details go to the log. `/health` is liveness (503 only when an engine died), `/ready` is
+readiness (503 while loading, draining after SIGTERM, or while the shared store is down).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -35,14 +37,17 @@ from server.openapi import build_openapi
 from server.pages import page_routes
 from server.prod_metrics import ProductionMetrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
-from server.serving import GenerationService, read_json, request_logger
+from server.served_models import ModelHandle, ModelSet
+from server.serving import ModelService, read_json, request_logger
 from server.settings import ServerSettings
+from server.shutdown import Drain
 from server.store import Store, open_store
 
 logger = logging.getLogger("conveyor.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-           "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage", "/")
+           "/health", "/ready", "/version", "/metrics", "/admin/metrics", "/openapi.json", "/docs",
+           "/v1/usage", "/")
 
 
 def version() -> str:
@@ -54,7 +59,8 @@ def version() -> str:
 
 class RequestIdMiddleware:
     """Accepts or generates X-Request-Id, echoes it on the response, logs one line per request
-    with it, and counts requests by route and status."""
+    with it, and counts requests by route and status (499 when the client disconnected first,
+    as nginx logs it)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -66,7 +72,8 @@ class RequestIdMiddleware:
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         status = [500]
         start = time.monotonic()
 
@@ -79,39 +86,54 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            code = 499 if state.get("client_gone") else status[0]
             route = scope["path"] if scope["path"] in _ROUTES else "other"
-            self.metrics.http_requests.labels(route, str(status[0])).inc()
+            self.metrics.http_requests.labels(route, str(code)).inc()
             logger.info("[request_id=%s] %s %s -> %d in %.3fs", rid, scope["method"], scope["path"],
-                        status[0], time.monotonic() - start)
+                        code, time.monotonic() - start)
+
+
+def _model_handle(config: ModelConfig | None, engine: AsyncEngine, settings: ServerSettings,
+                  metrics: ServerMetrics, admission: Admission) -> ModelHandle:
+    if config is not None:
+        settings = dataclasses.replace(settings, served_model_name=config.name)
+    model_metrics = metrics.for_model(lambda: service.served_name(), engine.get_stats,
+                                      prefix_caching=engine.config.enable_prefix_caching)
+    service = ModelService(engine, settings, model_metrics, admission)
+    engine.on_step = lambda info: model_metrics.observe_step(info.duration, info.stats)
+    return ModelHandle(config, engine, service, model_metrics)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
               shutdown_engine: bool = True, *, production: ProductionConfig | None = None,
-              engines: dict[str, AsyncEngine] | None = None, store: Store | None = None) -> Starlette:
-    """`engine` serves the first model of `production.models` (or the only model when the
-    config lists none); `engines` maps the other configured models' names to their engines.
-    `store` defaults to Redis at `production.redis_url`, else in memory."""
+              engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
+              unavailable_models: dict[str, str] | None = None) -> Starlette:
+    """`engine` serves the first available model of `production.models` (or the only model
+    when the config lists none); `engines` maps the other available models' names to their
+    engines. `unavailable_models` maps optional config models that failed to load to why
+    (reported by /health, refused with 503). `store` defaults to Redis at
+    `production.redis_url`, else in memory."""
     settings = settings or ServerSettings()
     production = production or ProductionConfig()
+    unavailable = dict(unavailable_models or {})
+    configs = [m for m in production.models if m.name not in unavailable]
     engines = dict(engines or {})
-    names = [m.name for m in production.models]
-    if sorted(engines) != sorted(names[1:]):
-        raise ValueError(f"engines must hold the models after the first one, {names[1:]}; got {sorted(engines)}")
-    if names and settings.served_model_name is None:
-        settings = dataclasses.replace(settings, served_model_name=names[0])
-    metrics = ServerMetrics(engine.get_stats, lambda: service.served_name(),
-                            prefix_caching=engine.config.enable_prefix_caching)
-    engine.on_step = lambda info: metrics.observe_step(info.duration, info.stats)
+    if sorted(engines) != sorted(m.name for m in configs[1:]):
+        raise ValueError(f"engines must hold the available models after the first one, "
+                         f"{[m.name for m in configs[1:]]}; got {sorted(engines)}")
+    metrics = ServerMetrics()
     admission = Admission(settings)
-    service = GenerationService(engine, settings, metrics, admission)
-    services: list[tuple[ModelConfig | None, GenerationService]] = [
-        (production.models[0] if names else None, service)]
-    for cfg in production.models[1:]:
-        services.append((cfg, GenerationService(
-            engines[cfg.name], dataclasses.replace(settings, served_model_name=cfg.name), metrics, admission)))
+    pairs = list(zip(configs, [engine, *(engines[m.name] for m in configs[1:])])) or [(None, engine)]
+    models = ModelSet([_model_handle(c, e, settings, metrics, admission) for c, e in pairs], unavailable)
     owns_store = store is None
     store = store if store is not None else open_store(production.redis_url)
-    gateway = Gateway(production, services, store, ProductionMetrics(metrics.registry))
+    prod_metrics = ProductionMetrics(metrics.registry, metrics.tenant_registry)
+    observer = getattr(store, "observer", None)
+    if observer is not None:
+        observer.error = lambda op: prod_metrics.store_errors.labels(op).inc()
+        observer.lost = lambda kind: prod_metrics.usage_lost.labels(kind).inc()
+    drain = Drain(settings.shutdown_timeout, settings.retry_after_seconds)
+    gateway = Gateway(production, models, store, prod_metrics, settings, drain)
     gateway.auth.log_mode()
     openapi = build_openapi(version())
 
@@ -128,68 +150,81 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
                 return internal_error().to_response()
         return endpoint
 
-    def require_ready() -> None:
-        if not engine.is_ready:
-            raise APIError(503, "The engine is not ready." if engine.errored is None else
-                           "The engine stopped after an error.", code="engine_not_ready",
-                           retry_after=settings.retry_after_seconds)
-
     async def completions(request: Request) -> Response:
         return await gateway.handle(request, chat=False)
 
     async def chat_completions(request: Request) -> Response:
         return await gateway.handle(request, chat=True)
 
-    async def models(request: Request) -> Response:
-        tenant = gateway.tenant(request)
-        require_ready()
+    async def models_route(request: Request) -> Response:
+        allowed = models.allowed(gateway.tenant(request))
+        ready = [m for m in allowed if m.engine.is_ready]
+        if allowed and not ready:
+            allowed[0].service.require_ready()
         return JSONResponse({"object": "list", "data": [{
-            "id": m.config.name, "object": "model", "created": int(time.time()),
-            "owned_by": "conveyor", "root": m.service.engine.model_name,
-            "max_model_len": m.service.engine.max_model_len}
-            for m in gateway.allowed(tenant) if m.service.engine.is_ready]})
-
-    def engine_for(request: Request, model: str | None) -> AsyncEngine:
-        chosen = gateway.model_for(gateway.tenant(request), model).service.engine
-        if not chosen.is_ready:
-            raise APIError(503, "The engine is not ready.", code="engine_not_ready",
-                           retry_after=settings.retry_after_seconds)
-        return chosen
+            "id": m.name, "object": "model", "created": int(time.time()), "owned_by": "conveyor",
+            "root": m.name, "max_model_len": m.engine.max_model_len} for m in ready]})
 
     async def tokenize(request: Request) -> Response:
-        gateway.tenant(request)
+        tenant = gateway.tenant(request)
         req = TokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
-        require_ready()
-        tok = engine_for(request, req.model).tokenizer
+        model = models.lookup(tenant, req.model)
+        model.service.require_ready()
+        tok = model.engine.tokenizer
         if req.messages is not None:
             text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.engine.max_model_len})
 
     async def detokenize(request: Request) -> Response:
-        gateway.tenant(request)
+        tenant = gateway.tenant(request)
         req = DetokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
-        require_ready()
-        tok = engine_for(request, req.model).tokenizer
+        model = models.lookup(tenant, req.model)
+        model.service.require_ready()
+        tok = model.engine.tokenizer
         if any(t >= len(tok) for t in req.tokens):
-            raise APIError(400, f"tokens must be below the vocabulary size {len(tok)}",
-                           param="tokens")
+            raise APIError(400, f"tokens must be below the vocabulary size {len(tok)}", param="tokens")
         return JSONResponse({"prompt": tok.decode(req.tokens)})
 
     async def usage_route(request: Request) -> Response:
         return await gateway.usage_report(request)
 
+    def model_states() -> list[dict[str, str]]:
+        return [*({"name": m.name, "state": m.state()} for m in models),
+                *({"name": name, "state": "unavailable", "reason": why} for name, why in unavailable.items())]
+
     async def health(request: Request) -> Response:
-        require_ready()
-        return JSONResponse({"status": "ok"})
+        """Liveness: 503 only when an engine thread died (restart the process)."""
+        states = model_states()
+        failed = [s["name"] for s in states if s["state"] == "failed"]
+        return JSONResponse({"status": "failed" if failed else "ok", "models": states},
+                            status_code=503 if failed else 200)
+
+    async def ready(request: Request) -> Response:
+        """Readiness: 200 only when every model can serve, the server is not draining and the
+        shared store is reachable."""
+        reasons = [f"model {s['name']} is {s['state']}" for s in model_states()
+                   if s["state"] not in ("ready", "unavailable")]
+        if drain.draining:
+            reasons.append("shutting down")
+        if not getattr(store, "healthy", True):
+            reasons.append("the shared store is unreachable")
+        body = {"status": "not ready" if reasons else "ready", "reasons": reasons}
+        return JSONResponse(body, status_code=503 if reasons else 200,
+                            headers={"Retry-After": str(settings.retry_after_seconds)} if reasons else None)
 
     async def version_route(request: Request) -> Response:
         return JSONResponse({"version": version()})
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def admin_metrics(request: Request) -> Response:
+        """The tenant-labelled series (requests, tokens, cost, rate-limit refusals): admin keys only."""
+        gateway.auth.require_admin(gateway.tenant(request))
+        return Response(metrics.render_tenants(), media_type=CONTENT_TYPE)
 
     async def openapi_route(request: Request) -> Response:
         return JSONResponse(openapi)
@@ -204,31 +239,38 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> Any:
+        drain.bind(asyncio.get_running_loop())
+        for name, why in unavailable.items():
+            logger.warning("model %s is unavailable (optional, failed to load): %s", name, why)
         yield
         if shutdown_engine:
-            for e in [engine, *engines.values()]:
-                e.shutdown()
+            for m in models:
+                m.engine.shutdown()
         if owns_store:
             await store.close()
 
     routes = [
         Route("/v1/completions", api(completions), methods=["POST"]),
         Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
-        Route("/v1/models", api(models), methods=["GET"]),
+        Route("/v1/models", api(models_route), methods=["GET"]),
         Route("/tokenize", api(tokenize), methods=["POST"]),
         Route("/detokenize", api(detokenize), methods=["POST"]),
         Route("/v1/usage", api(usage_route), methods=["GET"]),
         Route("/health", api(health), methods=["GET"]),
+        Route("/ready", api(ready), methods=["GET"]),
         Route("/version", api(version_route), methods=["GET"]),
         Route("/metrics", api(metrics_route), methods=["GET"]),
+        Route("/admin/metrics", api(admin_metrics), methods=["GET"]),
         Route("/openapi.json", api(openapi_route), methods=["GET"]),
         *page_routes(),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware, metrics=metrics)
     app.state.engine = engine
+    app.state.models = models
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.admission = admission
     app.state.gateway = gateway
+    app.state.drain = drain
     return app

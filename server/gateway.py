@@ -1,220 +1,381 @@
-"""The production layer: what happens to a generation request between HTTP and the engine.
+"""The request pipeline: everything between HTTP and the engines for a generation request,
+in order, in this one file.
 
-In order: authenticate (401) -> parse -> idempotency (replay / 409 / 422) -> input guards ->
-choose the model (explicit, default, or `auto` routing; 403 if the tenant may not use it) ->
-tokenize and check limits -> rate limits (429) -> response cache / in-flight dedup -> run on
-the model's engine with the tenant's prefix-cache salt, priority and output guards. When the
-request ends, however it ends, its rate-limit reservation is settled to the real usage, a
-usage record is written, and a completed response is stored for idempotent replays and the
-cache. Every response names the model (`X-Conveyor-Model`) and carries the tenant's
-`x-ratelimit-*` headers; JSON responses carry their cost (`X-Conveyor-Cost`, US dollars).
+    1 auth (401) -> 2 idempotency (replay / 409 / 422) -> 3 input guards (400) -> 4 route:
+    the named model, the tenant's default, or `auto` (403 / 404) -> 5 limits (429; 503
+    while the shared store is down, unless fail_open) -> 6 response cache / in-flight dedup
+    -> 7 engine, with the tenant's prefix-cache salt, priority and 8 output guards -> 9 settle
+
+`Gateway.handle` authenticates and parses, then drives `_pipeline` (steps 2-9), an async
+generator that yields either one recorded response (a replay, a cache or dedup hit) or the
+engine's outputs; `handle` answers them as JSON, `_sse` as a stream. `_pipeline`'s one
+`finally` is the settle step: however the request ends (finished, refused, failed, client
+gone, timed out, server shutting down) it replaces the rate-limit reservation by the real
+usage, ends a dedup lead, writes the usage record, and stores a completed response for the
+cache and idempotent replays or frees the idempotency key. Settling never raises, finishes
+even if the request's task is cancelled, and a completed stream is settled before its
+`[DONE]`. Every response names its model (`X-Conveyor-Model`) and carries the tenant's
+`x-ratelimit-*` headers; JSON responses carry their cost (`X-Conveyor-Cost`, US dollars),
+replays and cache hits cost 0.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from engine.async_engine import EngineDeadError
 from engine.outputs import RequestOutput
 from server.auth import Authenticator
-from server.config_file import ModelConfig, ProductionConfig, TenantConfig
-from server.errors import APIError
-from server.formatting import usage as output_usage
+from server.config_file import ProductionConfig, TenantConfig
+from server.errors import APIError, bad_request, internal_error, param_from_message
+from server.formatting import Formatter, usage as output_usage
 from server.guardrails import GuardChain, build_guard
 from server.idempotency import HEADER as IDEMPOTENCY_HEADER, Idempotency, check_key, fingerprint
+from server.limits import default_max_tokens
 from server.prod_metrics import ProductionMetrics
 from server.protocol import ChatCompletionRequest, GenerationRequest
-from server.rate_limit import RateLimiter
+from server.rate_limit import RateLimiter, Reservation
 from server.recorded import RecordedResponse
 from server.response_cache import InFlight, ResponseCache, is_deterministic
 from server.routing import AUTO, Router
-from server.request_hooks import RequestHooks
-from server.serving import GenerationService, parse_request, read_json
+from server.served_models import ModelHandle, ModelSet
+from server.serving import PARAM_NAMES, ClientGone, parse_request, read_json, request_logger, until_disconnect
+from server.settings import ServerSettings
+from server.shutdown import Drain
+from server.sse import DONE, SSEResponse, sse_event
 from server.store import Store
 from server.usage import UsageLog, UsageRecord, cost, parse_time
 
 
-@dataclass
-class _Model:
-    config: ModelConfig
-    service: GenerationService
+@dataclass(eq=False)
+class _Run:
+    """One generation request on its way through the pipeline: what the settle step needs."""
+
+    request: Request
+    tenant: TenantConfig
+    req: GenerationRequest
+    body: dict
+    canonical: dict[str, Any]  # the request as idempotency and the cache see it
+    log: logging.LoggerAdapter
+    key: str | None = None  # Idempotency-Key, validated
+    owns_key: bool = False  # this request must complete or abandon the key
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response
+    model: ModelHandle | None = None
+    formatter: Formatter | None = None
+    reservation: Reservation | None = None
+    cache_fp: str | None = None  # set when the request is cacheable
+    leading: bool = False  # runs the engine for an in-flight dedup group
+    last: RequestOutput | None = None  # the latest engine output
+    answer: RecordedResponse | None = None  # the completed response, however it was produced
+    source: str = "engine"  # engine | response (cache) | dedup
+    deadline: float | None = None  # the request's own `timeout`, event-loop time
+    waiting: Any = None  # the asyncio.Timeout of the current wait for an engine output
+    streaming: bool = False  # the stream's headers are out: Starlette notices disconnects
+
+    @property
+    def keeps_answer(self) -> bool:
+        return self.owns_key or self.cache_fp is not None
 
 
 @dataclass
 class Gateway:
     config: ProductionConfig
-    services: list[tuple[ModelConfig | None, GenerationService]]  # None: the unconfigured model
+    models: ModelSet
     store: Store
     metrics: ProductionMetrics
-    auth: Authenticator = field(init=False)
-    limiter: RateLimiter = field(init=False)
-    idempotency: Idempotency = field(init=False)
-    usage: UsageLog = field(init=False)
+    settings: ServerSettings
+    drain: Drain
+    _running: set[_Run] = field(default_factory=set)  # runs on an engine, for the drain
+    _settling: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         c = self.config
         self.auth = Authenticator(c.tenants)
-        self.limiter = RateLimiter(self.store, c.rate_limit_window_seconds,
+        self.limiter = RateLimiter(self.store, c.rate_limit_window_seconds, fail_open=c.store.fail_open,
                                    on_reject=lambda t, which: self.metrics.rate_limited.labels(t, which).inc())
         self.idempotency = Idempotency(self.store, c.idempotency.ttl_seconds, c.idempotency.join_in_flight)
         self.cache = ResponseCache(self.store, c.cache.ttl_seconds) if c.cache.response_cache else None
         self.inflight = InFlight() if c.cache.dedup else None
         self.usage = UsageLog(self.store)
         self.guards = {name: build_guard(name, g) for name, g in c.guards.items()}
+        self.drain.on_begin.append(self._end_waits_by)
 
-    # ---- models -------------------------------------------------------------------------
-    def models(self) -> list[_Model]:
-        """Served models, small to large; an unconfigured one is named by its service."""
-        return [_Model(cfg or ModelConfig(name=svc.served_name()), svc) for cfg, svc in self.services]
-
-    def allowed(self, tenant: TenantConfig) -> list[_Model]:
-        return [m for m in self.models() if tenant.models is None or m.config.name in tenant.models]
-
-    def model_for(self, tenant: TenantConfig, name: str | None) -> _Model:
-        """The model a request names (None: the tenant's first allowed); 404 / 403 otherwise."""
-        models = self.models()
-        if name is None:
-            allowed = self.allowed(tenant)
-            if not allowed:
-                raise APIError(403, f"Tenant {tenant.name} may not use any model.", code="model_not_allowed")
-            return allowed[0]
-        for m in models:
-            if name == m.config.name or (m.service.engine.engine is not None
-                                         and name == m.service.engine.model_name):
-                if tenant.models is not None and m.config.name not in tenant.models:
-                    raise APIError(403, f"Tenant {tenant.name} may not use the model `{name}`.",
-                                   param="model", code="model_not_allowed")
-                return m
-        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-
-    def _route(self, tenant: TenantConfig, req: GenerationRequest) -> tuple[_Model, str]:
-        if req.model != AUTO:
-            return self.model_for(tenant, req.model), "explicit" if req.model else "default"
-        models = self.models()
-        probe = models[0].service
-        probe.require_ready()
-        prompt_tokens = len(probe.prompt_ids(req))
-        max_tokens = req.max_tokens or max(1, probe.engine.max_model_len - prompt_tokens)
-        router = Router(self.config.routing, [m.config for m in models])
-        decision = router.choose(tenant, prompt_tokens, max_tokens, _text_of(req))
-        return next(m for m in models if m.config.name == decision.model), decision.reason
-
-    # ---- the request --------------------------------------------------------------------
     def tenant(self, request: Request) -> TenantConfig:
         return self.auth.authenticate(request.headers.get("authorization"))
 
+    # ---- 1: auth, then the response ------------------------------------------------------
     async def handle(self, request: Request, chat: bool) -> Response:
+        self.drain.check_admitting()
         tenant = self.tenant(request)
-        body = await read_json(request, self.services[0][1].settings.max_body_bytes)
+        body = await read_json(request, self.settings.max_body_bytes)
         req = parse_request(body, chat)
         canonical = {k: v for k, v in dataclasses.asdict(req).items() if k != "timeout"}
         canonical["endpoint"] = "chat" if chat else "completions"
-        key = request.headers.get(IDEMPOTENCY_HEADER)
+        run = _Run(request, tenant, req, body, canonical, request_logger(request))
+        parts = self._pipeline(run)
+        try:
+            first = await anext(parts)
+            if isinstance(first, RecordedResponse):
+                return first.replay(run.headers)
+            if req.stream:
+                run.streaming = True
+                headers = {**_output_headers(first), **run.headers}
+                body_events, owned = self._sse(run, first, parts, headers), parts
+                parts = None  # the stream's body owns the pipeline now, and the response closes it
+                return SSEResponse(body_events, headers=headers, also_close=owned)
+            final = first
+            while not final.finished:
+                final = await anext(parts)
+            run.log.info("finished: %s", [c.finish_reason for c in final.outputs])
+            headers = {**_output_headers(final, generated=True), **run.headers,
+                       "X-Conveyor-Cost": f"{_cost(run.model, output_usage(final)):.8f}"}
+            content = run.formatter.response(final)
+            run.answer = RecordedResponse(200, headers, body=content, usage=output_usage(final))
+            await parts.aclose()  # settles before the client gets the answer
+            return JSONResponse(content, headers=headers)
+        except ClientGone:
+            self._client_gone(run)
+            return Response(status_code=499)
+        finally:
+            if parts is not None:
+                await parts.aclose()
+
+    async def _sse(self, run: _Run, first: RequestOutput, parts: AsyncIterator[Any],
+                   headers: dict[str, str]) -> AsyncIterator[str]:
+        out, events = first, []  # events are kept for replays (idempotency, cache)
+        try:
+            async with contextlib.aclosing(parts):
+                while True:
+                    for chunk in run.formatter.chunks(out):
+                        event = sse_event(chunk)
+                        if run.keeps_answer:
+                            events.append(event)
+                        yield event
+                    if out.finished:
+                        break
+                    out = await anext(parts)
+                if run.formatter.include_usage:
+                    events.append(sse_event(run.formatter.usage_chunk(out)))
+                    yield events[-1]
+                run.log.info("stream finished: %s", [c.finish_reason for c in out.outputs])
+                run.answer = RecordedResponse(200, headers, events=[*events, DONE], usage=output_usage(out))
+            # leaving `aclosing` ended the pipeline: settled before [DONE]
+        except APIError as exc:  # after the headers, errors go in-band
+            run.log.info("error %d in the stream: %s", exc.status, exc.message)
+            yield exc.to_sse()
+        except (GeneratorExit, asyncio.CancelledError):
+            self._client_gone(run)
+            raise
+        except Exception:  # noqa: BLE001 - never leak internals to clients
+            run.log.exception("unexpected error in the stream")
+            yield internal_error().to_sse()
+        yield DONE
+
+    def _client_gone(self, run: _Run) -> None:
+        run.log.info("client disconnected, aborted")
+        run.request.scope["state"]["client_gone"] = True  # the access metric counts a 499
+
+    # ---- 2-9: the pipeline ---------------------------------------------------------------
+    async def _pipeline(self, run: _Run) -> AsyncIterator[RecordedResponse | RequestOutput]:
+        tenant, req = run.tenant, run.req
+        # 2. idempotency: a stored response is replayed; else this request owns the key
+        key = run.request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None:
-            key = check_key(key)
-            replay = await self.idempotency.begin(tenant.name, key, fingerprint(canonical))
+            run.key = check_key(key)
+            replay = await self.idempotency.begin(tenant.name, run.key, fingerprint(run.canonical))
             if replay is not None:
                 self.metrics.idempotent_replays.inc()
-                rl = await self.limiter.current_headers(tenant)
-                return replay.replay({**rl, "Idempotent-Replayed": "true"})
+                run.headers = {**await self.limiter.current_headers(tenant),
+                               "Idempotent-Replayed": "true", "X-Conveyor-Cost": "0"}
+                yield replay
+                return
+            run.owns_key = True
         try:
-            return await self._run(request, tenant, req, body, chat, canonical, key)
-        except BaseException:
-            if key is not None:  # failed before running: the client may retry with the key
-                await self.idempotency.abandon(tenant.name, key)
-            raise
+            # 3. input guards (may rewrite the prompt or refuse it)
+            guards = self._input_guards(run)
+            # 4. route, tokenizing the prompt once
+            model, reason, prompt_ids = self._route(tenant, req)
+            run.model = model
+            prep = model.service.prepare(req, prompt_ids)
+            # 5. limits: prompt + max_tokens per choice
+            run.reservation = await self.limiter.reserve(
+                tenant, len(prep.prompt_ids) + prep.max_tokens * prep.params.n)
+            self.metrics.routed.labels(model.name, reason).inc()
+            run.headers = {**run.reservation.headers, "X-Conveyor-Model": model.name, "X-Conveyor-Route": reason}
+            # 6. response cache and in-flight dedup
+            hit = await self._cached(run)
+            if hit is not None:
+                yield hit
+                return
+            # 7-8. the engine, its outputs through the tenant's output guards
+            rid = run.request.scope["state"]["request_id"]
+            prefix = "chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"
+            run.formatter = model.service.formatter(req, f"{prefix}-{rid}", model.name)
+            if req.timeout is not None:
+                run.deadline = asyncio.get_running_loop().time() + req.timeout
+            run.log.info("%s: %d prompt tokens, max_tokens=%d, n=%d, stream=%s", prefix,
+                         len(prep.prompt_ids), prep.max_tokens, prep.params.n, req.stream)
+            outputs = model.service.generate(
+                prep, f"{prefix}-{rid}-{uuid.uuid4().hex[:8]}",  # unique even if a client reuses ids
+                cache_salt=f"tenant:{tenant.name}", tenant=tenant.name,
+                priority=req.priority if "priority" in run.body else tenant.priority,
+                output_filter=guards.wrap if guards is not None else None)
+            self._running.add(run)
+            async with contextlib.aclosing(outputs):
+                while True:
+                    run.last = await self._next(run, outputs)
+                    yield run.last
+                    if run.last.finished:
+                        return
+        finally:
+            # 9. settle
+            self._running.discard(run)
+            await self._settle(run)
 
-    async def _run(self, request: Request, tenant: TenantConfig, req: GenerationRequest,
-                   body: dict, chat: bool, canonical: dict, key: str | None) -> Response:
-        """Everything after idempotency; the key (if any) is completed or abandoned when the
-        request ends."""
-        chain = GuardChain([self.guards[g] for g in tenant.guards], self.metrics.guard_action) \
-            if tenant.guards else None
-        if chain is not None:
-            if req.logprobs is not None:  # token strings would bypass the output guards
-                raise APIError(400, "logprobs are not available to tenants with output guardrails.",
-                               param="logprobs", code="unsupported")
-            _rewrite_input(req, chain)
-        model, reason = self._route(tenant, req)
-        service = model.service
-        service.require_ready()
-        prep = service.prepare(req, chat)
-        name = model.config.name
-        reservation = await self.limiter.reserve(tenant, len(prep.prompt_ids) + prep.max_tokens * prep.params.n)
-        self.metrics.routed.labels(name, reason).inc()
-        headers = {**reservation.headers, "X-Conveyor-Model": name, "X-Conveyor-Route": reason}
-        user = req.user or request.headers.get("x-user-id")
-        metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-        feature = request.headers.get("x-feature-id") or metadata.get("feature")
-        rid = request.scope["state"]["request_id"]
+    def _input_guards(self, run: _Run) -> GuardChain | None:
+        if not run.tenant.guards:
+            return None
+        chain = GuardChain([self.guards[g] for g in run.tenant.guards], self.metrics.guard_action)
+        if run.req.logprobs is not None:  # token strings would bypass the output guards
+            raise APIError(400, "logprobs are not available to tenants with output guardrails.",
+                           param="logprobs", code="unsupported")
+        req = run.req
+        if isinstance(req, ChatCompletionRequest):
+            texts = chain.check_input([m["content"] for m in req.messages])
+            req.messages = [{**m, "content": t} for m, t in zip(req.messages, texts)]
+        elif isinstance(req.prompt, str):
+            req.prompt = chain.check_input([req.prompt])[0]
+        return chain
 
-        def usage_of(u: dict[str, Any], source: str) -> UsageRecord:
-            return UsageRecord(time.time(), rid, tenant.name, user, feature, name, model.config.version,
-                               u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
-                               u["completion_tokens"], _cost(model.config, u) if source == "engine" else 0.0,
-                               source)
+    def _route(self, tenant: TenantConfig, req: GenerationRequest) -> tuple[ModelHandle, str, list[int]]:
+        """(model, why, prompt token ids). `auto` tokenizes with the first model to route,
+        and again only if the chosen model's tokenizer differs."""
+        if req.model != AUTO:
+            model = self.models.lookup(tenant, req.model)
+            model.service.require_ready()
+            return model, "explicit" if req.model else "default", model.service.prompt_ids(req)
+        probe = self.models.handles[0]
+        probe.service.require_ready()
+        prompt_ids = probe.service.prompt_ids(req)
+        max_tokens = req.max_tokens if req.max_tokens is not None else \
+            default_max_tokens(len(prompt_ids), probe.engine.max_model_len, self.settings)
+        router = Router(self.config.routing, [m.priced for m in self.models])
+        decision = router.choose(tenant, len(prompt_ids), max_tokens, _text_of(req))
+        model = self.models.get(decision.model)
+        model.service.require_ready()
+        if not model.shares_tokenizer(probe):
+            prompt_ids = model.service.prompt_ids(req)
+        return model, decision.reason, prompt_ids
 
-        async def answer(recorded: RecordedResponse, source: str, mark: dict[str, str]) -> Response:
-            self.metrics.cache_hits.labels(source).inc()
-            await reservation.settle(0)  # no engine tokens spent
-            await self._account(usage_of(recorded.usage, source))
-            if key is not None:
-                await self.idempotency.complete(tenant.name, key, fingerprint(canonical), recorded)
-            return recorded.replay({**headers, **mark, "X-Conveyor-Cost": "0"})
+    async def _cached(self, run: _Run) -> RecordedResponse | None:
+        """A cached or deduplicated answer for a deterministic request, else None (and then
+        this request may lead its dedup group)."""
+        if not is_deterministic(run.req.sampling) or (self.cache is None and self.inflight is None):
+            return None
+        run.cache_fp = fingerprint({**{k: v for k, v in run.canonical.items() if k not in ("user", "priority")},
+                                    "model": run.model.name})
+        hit, source = None, ""
+        if self.cache is not None:
+            hit, source = await self.cache.get(run.tenant.name, run.cache_fp), "response"
+        if hit is None and self.inflight is not None:
+            group = f"{run.tenant.name}:{run.cache_fp}"
+            leader = self.inflight.follow(group)
+            hit, source = (await leader if leader is not None else None), "dedup"
+            if hit is None:
+                self.inflight.lead(group)
+                run.leading = True
+        if hit is None:
+            self.metrics.cache_misses.inc()
+            return None
+        self.metrics.cache_hits.labels(source).inc()
+        run.answer, run.source = hit, source
+        run.headers.update({"X-Conveyor-Cache" if source == "response" else "X-Conveyor-Dedup": "hit",
+                            "X-Conveyor-Cost": "0"})
+        return hit
 
-        cacheable = is_deterministic(req.sampling) and (self.cache or self.inflight) is not None
-        cache_fp = fingerprint({**{k: v for k, v in canonical.items() if k not in ("user", "priority")},
-                                "model": name}) if cacheable else ""
-        leading = False
+    async def _next(self, run: _Run, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+        """The next engine output. Until the stream's headers are out a disconnect ends the
+        wait (ClientGone); the request's timeout (408) and the shutdown deadline (503) end it
+        too. Engine refusals become API errors."""
+        wait = self._wait(run, outputs)
         try:
-            if cacheable and self.cache is not None:
-                hit = await self.cache.get(tenant.name, cache_fp)
-                if hit is not None:
-                    return await answer(hit, "response", {"X-Conveyor-Cache": "hit"})
-            if cacheable and self.inflight is not None:
-                leader = self.inflight.follow(f"{tenant.name}:{cache_fp}")
-                shared = await leader if leader is not None else None
-                if shared is not None:
-                    return await answer(shared, "dedup", {"X-Conveyor-Dedup": "hit"})
-                self.inflight.lead(f"{tenant.name}:{cache_fp}")
-                leading = True
-            if cacheable:
-                self.metrics.cache_misses.inc()
-        except BaseException:
-            await reservation.settle(0)
-            raise
+            return await (wait if run.streaming else until_disconnect(run.request, wait))
+        except TimeoutError:
+            if self.drain.expired():
+                run.log.info("the server is shutting down; request aborted")
+                raise self.drain.stopped_error() from None
+            run.log.info("timed out after %ss; request aborted", run.req.timeout)
+            raise APIError(408, f"The request did not finish within its timeout of {run.req.timeout} seconds.",
+                           param="timeout", code="timeout") from None
+        except ValueError as exc:
+            param = getattr(exc, "param", None) or param_from_message(str(exc), PARAM_NAMES)
+            raise bad_request(str(exc), param) from None
+        except EngineDeadError as exc:
+            run.log.error("engine unavailable: %s", exc)
+            raise APIError(503, "The engine is unavailable.", code="engine_unavailable") from None
 
-        async def on_done(last: RequestOutput | None, recorded: RecordedResponse | None) -> None:
-            u = output_usage(last) if last is not None else None
-            await reservation.settle(u["total_tokens"] if u else 0)
-            if leading:
-                self.inflight.finish(f"{tenant.name}:{cache_fp}", recorded)
-            if u is not None:
-                await self._account(usage_of(u, "engine"))
-            if recorded is not None:
-                if self.cache is not None and cacheable:
-                    await self.cache.put(tenant.name, cache_fp, recorded)
-                if key is not None:
-                    await self.idempotency.complete(tenant.name, key, fingerprint(canonical), recorded)
-            elif key is not None:
-                await self.idempotency.abandon(tenant.name, key)
+    async def _wait(self, run: _Run, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+        deadlines = [d for d in (run.deadline, self.drain.deadline) if d is not None]
+        async with asyncio.timeout_at(min(deadlines) if deadlines else None) as run.waiting:
+            try:
+                return await anext(outputs)
+            except StopAsyncIteration:
+                raise RuntimeError("the engine stream ended without a finished output") from None
+            finally:
+                run.waiting = None
 
-        hooks = RequestHooks(
-            tenant=tenant.name, cache_salt=f"tenant:{tenant.name}",
-            priority=req.priority if "priority" in body else tenant.priority, model_name=name,
-            headers=headers, wrap_stream=chain.wrap if chain is not None else None, on_done=on_done,
-            final_headers=lambda out: {"X-Conveyor-Cost": f"{_cost(model.config, output_usage(out)):.8f}"})
+    def _end_waits_by(self, deadline: float) -> None:
+        """The drain began: every request still waiting for the engine stops at `deadline`."""
+        for run in list(self._running):
+            if run.waiting is not None:
+                when = run.waiting.when()
+                run.waiting.reschedule(deadline if when is None else min(when, deadline))
+
+    async def _settle(self, run: _Run) -> None:
+        task = asyncio.ensure_future(self._settle_now(run))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)  # a cancelled request leaves it running, not half done
+
+    async def _settle_now(self, run: _Run) -> None:
+        from_engine = run.source == "engine"
+        u = (output_usage(run.last) if run.last is not None else None) if from_engine else \
+            (run.answer.usage if run.answer is not None else None)
+        tenant = run.tenant.name
+        if run.reservation is not None:
+            await self._quietly(run, "tokens", run.reservation.settle(u["total_tokens"] if from_engine and u else 0))
+        if run.leading:
+            self.inflight.finish(f"{tenant}:{run.cache_fp}", run.answer)
+        if u is not None and run.model is not None:
+            m = run.model
+            rec = UsageRecord(time.time(), run.request.scope["state"]["request_id"], tenant,
+                              run.req.user or run.request.headers.get("x-user-id"), _feature(run), m.name,
+                              m.priced.version, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
+                              u["completion_tokens"], _cost(m, u) if from_engine else 0.0, run.source)
+            await self._quietly(run, "usage", self._account(rec))
+        if from_engine and run.answer is not None and self.cache is not None and run.cache_fp is not None:
+            await self._quietly(run, "cache", self.cache.put(tenant, run.cache_fp, run.answer))
+        if run.owns_key:
+            fp = fingerprint(run.canonical)
+            await self._quietly(run, "idempotency", self.idempotency.abandon(tenant, run.key) if run.answer is None
+                                else self.idempotency.complete(tenant, run.key, fp, run.answer))
+
+    @staticmethod
+    async def _quietly(run: _Run, what: str, step: Any) -> None:
         try:
-            return await service.execute(request, req, chat, prep, hooks)
-        except BaseException:
-            await reservation.settle(0)  # a no-op if on_done already settled
-            if leading:
-                self.inflight.finish(f"{tenant.name}:{cache_fp}", None)
-            raise
+            await step
+        except Exception:  # noqa: BLE001 - settling must never break the response
+            run.log.exception("settling %s failed", what)
 
     async def _account(self, rec: UsageRecord) -> None:
         m = self.metrics
@@ -225,6 +386,7 @@ class Gateway:
         m.tenant_cost.labels(rec.tenant, rec.model).inc(rec.cost)
         await self.usage.record(rec)
 
+    # ---- usage report --------------------------------------------------------------------
     async def usage_report(self, request: Request) -> Response:
         """`GET /v1/usage?group_by=tenant|user|feature|model&start=&end=` (admin keys only)."""
         self.auth.require_admin(self.tenant(request))
@@ -234,9 +396,14 @@ class Gateway:
         return JSONResponse(report)
 
 
-def _cost(model: ModelConfig, u: dict[str, Any]) -> float:
-    return cost(model.price, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
+def _cost(model: ModelHandle, u: dict[str, Any]) -> float:
+    return cost(model.priced.price, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
                 u["completion_tokens"])
+
+
+def _feature(run: _Run) -> str | None:
+    metadata = run.body.get("metadata") if isinstance(run.body.get("metadata"), dict) else {}
+    return run.request.headers.get("x-feature-id") or metadata.get("feature")
 
 
 def _text_of(req: GenerationRequest) -> str:
@@ -245,10 +412,12 @@ def _text_of(req: GenerationRequest) -> str:
     return req.prompt if isinstance(req.prompt, str) else ""
 
 
-def _rewrite_input(req: GenerationRequest, chain: GuardChain) -> None:
-    """Runs the input guards over the request's texts, writing back any rewrite."""
-    if isinstance(req, ChatCompletionRequest):
-        texts = chain.check_input([m["content"] for m in req.messages])
-        req.messages = [{**m, "content": t} for m, t in zip(req.messages, texts)]
-    elif isinstance(req.prompt, str):
-        req.prompt = chain.check_input([req.prompt])[0]
+def _output_headers(out: RequestOutput, generated: bool = False) -> dict[str, str]:
+    h = {"X-Conveyor-Prompt-Tokens": str(len(out.prompt_token_ids))}
+    if generated:
+        h["X-Conveyor-Generated-Tokens"] = str(sum(len(c.token_ids) for c in out.outputs))
+    if out.metrics.queue_time is not None:
+        h["X-Conveyor-Queue-Time"] = f"{out.metrics.queue_time:.6f}"
+    if out.metrics.time_to_first_token is not None:
+        h["X-Conveyor-Time-To-First-Token"] = f"{out.metrics.time_to_first_token:.6f}"
+    return h

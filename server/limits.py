@@ -1,7 +1,8 @@
 """Token limits and backpressure, checked before a request reaches the engine.
 
 `resolve_max_tokens` turns the context length and the server caps into either a concrete
-`max_tokens` or a 400 whose message matches OpenAI's wording. `Admission` bounds the requests
+`max_tokens` or a 400 whose message matches OpenAI's wording; `default_max_tokens` is the one
+place where a missing `max_tokens` gets its value (the rest of the context, capped). `Admission` bounds the requests
 (and their prompt tokens) that wait for their first token: past the bound, a 503 with
 Retry-After, so overload never turns into an unbounded pile-up.
 """
@@ -35,9 +36,12 @@ def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len:
             f"{completion} in the completion). Please reduce the length of the "
             f"{'messages' if chat else 'prompt'} or completion.",
             "messages" if chat else "prompt", code="context_length_exceeded")
-    if requested is not None:
-        return requested
-    remaining = max_model_len - prompt_tokens
+    return requested if requested is not None else default_max_tokens(prompt_tokens, max_model_len, settings)
+
+
+def default_max_tokens(prompt_tokens: int, max_model_len: int, settings: ServerSettings) -> int:
+    """A missing max_tokens: the rest of the context, capped by --max-tokens-cap (at least 1)."""
+    remaining = max(1, max_model_len - prompt_tokens)
     return remaining if settings.max_tokens_cap is None else min(remaining, settings.max_tokens_cap)
 
 

@@ -1,16 +1,19 @@
 """Prometheus metrics with vLLM-compatible names (so existing dashboards and the Kubernetes
 Gateway API Inference Extension work unchanged) plus Conveyor's own `conveyor_` metrics.
 
-Engine gauges and counters are read from the engine's latest stats snapshot at scrape time;
-request histograms are observed by the server as requests progress; step metrics are observed
-on the engine thread (prometheus_client metrics are thread-safe). Each `ServerMetrics` owns
-its registry, so several servers in one process never share counters.
+Every engine series carries a `model_name` label (vLLM's), one sample per served model: the
+gauges `vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`
+and the counters are read from each model's own engine at scrape time; request histograms are
+observed by the server as requests progress; step histograms are observed on each engine's
+thread (prometheus_client metrics are thread-safe). Each `ServerMetrics` owns its registry, so
+several servers in one process never share counters.
 """
 from __future__ import annotations
 
 import collections
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,60 +21,113 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from engine.outputs import EngineStats, RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ABORT = "abort"  # finished_reason of requests that ended before the engine finished them
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS_PER_SECOND_WINDOW = 5.0  # seconds of steps averaged by conveyor_generation_tokens_per_second
 
 
-class _EngineCollector:
-    """Turns the engine's stats snapshot into metric families at each scrape."""
+@dataclass
+class ModelMetrics:
+    """The metrics of one served model. `name` is a callable because the model's name may be
+    known only once its engine has loaded."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats], model_name: Callable[[], str],
-                 prefix_caching: bool, tokens_per_second: Callable[[], float]) -> None:
-        self._get_stats = get_stats
-        self._model_name = model_name
-        self._prefix_caching = prefix_caching
-        self._tokens_per_second = tokens_per_second
+    server: "ServerMetrics"
+    name: Callable[[], str]
+    get_stats: Callable[[], EngineStats]
+    prefix_caching: bool
+    _window: collections.deque = field(default_factory=collections.deque)
+
+    # ---- engine thread ------------------------------------------------------------------
+    def observe_step(self, duration: float, stats: EngineStats) -> None:
+        model = self.name()
+        self.server.step_time.labels(model).observe(duration)
+        self.server.batch_size.labels(model).observe(stats.last_batch_size)
+        now = time.monotonic()
+        self._window.append((now, stats.generation_tokens))
+        while len(self._window) > 2 and now - self._window[0][0] > _TOKENS_PER_SECOND_WINDOW:
+            self._window.popleft()
+
+    def tokens_per_second(self) -> float:
+        window = list(self._window)  # a copy: the engine thread appends concurrently
+        if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
+            return 0.0
+        if time.monotonic() - window[-1][0] > _TOKENS_PER_SECOND_WINDOW:
+            return 0.0  # idle
+        return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+
+    # ---- event loop ---------------------------------------------------------------------
+    def observe_token_gap(self, seconds: float) -> None:
+        self.server.itl.labels(self.name()).observe(seconds)
+
+    def observe_finished(self, out: RequestOutput | None, finish_reason: str) -> None:
+        """Counts a request that ended, by finish reason; `out` (its last output) None when
+        it ended before any."""
+        model = self.name()
+        s = self.server
+        s.request_success.labels(model, finish_reason).inc()
+        if out is None:
+            return
+        m = out.metrics
+        if m.time_to_first_token is not None:
+            s.ttft.labels(model).observe(m.time_to_first_token)
+        if m.queue_time is not None:
+            s.queue_time.labels(model).observe(m.queue_time)
+        end = m.finished_time if m.finished_time is not None else time.time()
+        s.e2e.labels(model).observe(max(0.0, end - m.arrival_time))
+
+    def rejected(self, reason: str) -> None:
+        self.server.rejected.labels(reason).inc()
+
+
+class _EngineCollector:
+    """Turns every served model's engine stats snapshot into metric families at each scrape:
+    one family per metric, one sample per model."""
+
+    def __init__(self, models: list[ModelMetrics]) -> None:
+        self._models = models  # the server's list: models added later are included
 
     def collect(self):
-        s = self._get_stats()
-        model = self._model_name()
+        snapshots = [(m, m.name(), m.get_stats()) for m in self._models]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric([model], value)
-            return g
+        def family(kind, name: str, doc: str, value: Callable[[ModelMetrics, EngineStats], float]):
+            f = kind(name, doc, labels=["model_name"])
+            for m, model, s in snapshots:
+                f.add_metric([model], value(m, s))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric([model], value)
-            return c
+        def gauge(name, doc, value):
+            return family(GaugeMetricFamily, name, doc, value)
 
-        yield gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
-        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        def counter(name, doc, value):
+            return family(CounterMetricFamily, name, doc, value)
+
+        yield gauge("vllm:num_requests_running", "Requests in the running batch.", lambda m, s: s.num_running)
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", lambda m, s: s.num_waiting)
         yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
-                    s.kv_cache_usage)
-        yield gauge("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older "
-                    "dashboards.", s.kv_cache_usage)
+                    lambda m, s: s.kv_cache_usage)
+        yield gauge("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older dashboards.",
+                    lambda m, s: s.kv_cache_usage)
         yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queries)
+                      lambda m, s: s.prefix_cache_queries)
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                      s.prefix_cache_hits)
+                      lambda m, s: s.prefix_cache_hits)
         yield counter("vllm:num_preemptions", "Requests preempted to free KV blocks.",
-                      s.num_preemptions)
-        yield counter("vllm:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens)
-        yield counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens)
+                      lambda m, s: s.num_preemptions)
+        yield counter("vllm:prompt_tokens", "Prompt tokens processed.", lambda m, s: s.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Tokens generated.", lambda m, s: s.generation_tokens)
         info = GaugeMetricFamily("vllm:cache_config_info", "KV cache configuration.",
-                                 labels=["block_size", "num_gpu_blocks", "enable_prefix_caching"])
-        info.add_metric([str(s.block_size), str(s.num_blocks), str(self._prefix_caching)], 1.0)
+                                 labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"])
+        for m, model, s in snapshots:
+            info.add_metric([model, str(s.block_size), str(s.num_blocks), str(m.prefix_caching)], 1.0)
         yield info
         yield gauge("conveyor_num_waiting_tokens", "Prompt tokens of waiting requests.",
-                    s.num_waiting_tokens)
-        yield counter("conveyor_engine_steps", "Engine steps run.", s.num_steps)
+                    lambda m, s: s.num_waiting_tokens)
+        yield counter("conveyor_engine_steps", "Engine steps run.", lambda m, s: s.num_steps)
         yield gauge("conveyor_generation_tokens_per_second",
                     f"Generated tokens per second over the last {_TOKENS_PER_SECOND_WINDOW:g}s.",
-                    self._tokens_per_second())
+                    lambda m, s: m.tokens_per_second())
         yield from _gpu_metrics()
 
 
@@ -96,17 +152,17 @@ def _gpu_metrics():
 
 
 class ServerMetrics:
-    """All metrics of one server. `model_name` is a callable because the engine (and so the
-    model's name) may still be loading when the server starts."""
+    """All metrics of one server. Per-model series come from `for_model`; tenant-labelled
+    series live in `tenant_registry`, rendered only on the admin metrics route."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats], model_name: Callable[[], str],
-                 prefix_caching: bool = True) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._model_name = model_name
-        self._window: collections.deque[tuple[float, int]] = collections.deque()
+        self.tenant_registry = CollectorRegistry()
+        self._models: list[ModelMetrics] = []
         r = self.registry
         self.request_success = Counter(
-            "vllm:request_success", "Finished requests by finish reason.",
+            "vllm:request_success", "Finished requests by finish reason (abort: the client left, "
+            "the request timed out or the server stopped it).",
             ["model_name", "finished_reason"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
                               ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -117,46 +173,24 @@ class ServerMetrics:
         self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.",
                                     ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
         self.step_time = Histogram("conveyor_step_time_seconds", "Duration of one engine step.",
-                                   buckets=_LATENCY_BUCKETS, registry=r)
+                                   ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("conveyor_batch_size", "Requests in one engine step.",
-                                    buckets=_BATCH_BUCKETS, registry=r)
+                                    ["model_name"], buckets=_BATCH_BUCKETS, registry=r)
         self.rejected = Counter("conveyor_requests_rejected", "Requests refused by backpressure.",
                                 ["reason"], registry=r)
-        self.http_requests = Counter("conveyor_http_requests", "HTTP requests by route and status.",
-                                     ["route", "status"], registry=r)
-        r.register(_EngineCollector(get_stats, model_name, prefix_caching, self.tokens_per_second))
+        self.http_requests = Counter("conveyor_http_requests", "HTTP requests by route and status "
+                                     "(499: the client disconnected first).", ["route", "status"], registry=r)
+        r.register(_EngineCollector(self._models))
 
-    # ---- engine thread ------------------------------------------------------------------
-    def observe_step(self, duration: float, stats: EngineStats) -> None:
-        self.step_time.observe(duration)
-        self.batch_size.observe(stats.last_batch_size)
-        now = time.monotonic()
-        self._window.append((now, stats.generation_tokens))
-        while len(self._window) > 2 and now - self._window[0][0] > _TOKENS_PER_SECOND_WINDOW:
-            self._window.popleft()
-
-    def tokens_per_second(self) -> float:
-        window = list(self._window)  # a copy: the engine thread appends concurrently
-        if len(window) < 2 or window[-1][0] - window[0][0] <= 0:
-            return 0.0
-        if time.monotonic() - window[-1][0] > _TOKENS_PER_SECOND_WINDOW:
-            return 0.0  # idle
-        return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
-
-    # ---- event loop ---------------------------------------------------------------------
-    def observe_token_gap(self, seconds: float) -> None:
-        self.itl.labels(self._model_name()).observe(seconds)
-
-    def observe_finished(self, out: RequestOutput, finish_reason: str) -> None:
-        model = self._model_name()
-        m = out.metrics
-        if m.time_to_first_token is not None:
-            self.ttft.labels(model).observe(m.time_to_first_token)
-        if m.queue_time is not None:
-            self.queue_time.labels(model).observe(m.queue_time)
-        end = m.finished_time if m.finished_time is not None else time.time()
-        self.e2e.labels(model).observe(max(0.0, end - m.arrival_time))
-        self.request_success.labels(model, finish_reason).inc()
+    def for_model(self, name: Callable[[], str], get_stats: Callable[[], EngineStats],
+                  prefix_caching: bool = True) -> ModelMetrics:
+        """The metrics of one more served model; its engine series appear at the next scrape."""
+        model = ModelMetrics(self, name, get_stats, prefix_caching)
+        self._models.append(model)
+        return model
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def render_tenants(self) -> bytes:
+        return generate_latest(self.tenant_registry)

@@ -15,12 +15,15 @@ class ServerSettings:
     max_waiting_tokens: int | None = None  # their prompt tokens together
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
+    shutdown_timeout: float = 30.0  # seconds running requests get after SIGTERM before being ended
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         for name in ("max_waiting_requests", "max_body_bytes", "retry_after_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

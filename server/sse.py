@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -16,20 +17,27 @@ def sse_event(payload: Any) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """A `text/event-stream` response that always closes its body iterator when it ends,
-    however it ends (finished, client disconnect, send error), so the generator's cleanup
-    (aborting the engine request) runs right away rather than at garbage collection."""
+    """A `text/event-stream` response that always closes its body iterator (and `also_close`,
+    what the body would have closed had it started) when it ends, however it ends (finished,
+    client disconnect, send error, even before the body started), so the generator's cleanup
+    (aborting the engine request, settling) runs right away rather than at garbage collection."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: Any, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, content: Any, headers: dict[str, str] | None = None,
+                 also_close: AsyncGenerator | None = None) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
         super().__init__(content, headers=headers, media_type=self.media_type)
+        self.also_close = also_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                if self.also_close is not None:
+                    await self.also_close.aclose()

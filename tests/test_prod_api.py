@@ -91,7 +91,7 @@ def server(tmp_path_factory):
     (path / "conveyor.toml").write_text(CONFIG)
     production = load_config(path / "conveyor.toml")
     small = AsyncEngine(tiny_config(str(path / "small")))
-    srv = ProdServer(small, production, engines={"large": echo_engine("large")}).start()
+    srv = ProdServer(small, production, engines={"large": echo_engine("large")}, admin_key=KEYS["ops"]).start()
     yield srv
     srv.stop()
 

@@ -88,18 +88,25 @@ def echo_engine(name: str = "echo", step_delay: float = 0.01) -> AsyncEngine:
 
 
 class ProdServer(ServerThread):
-    """uvicorn on a free loopback port serving `build_app(..., production=...)`."""
+    """uvicorn on a free loopback port serving `build_app(..., production=...)`. `admin_key`
+    (an admin tenant's key) lets `metric` read the tenant series of /admin/metrics too."""
 
     def __init__(self, engine: AsyncEngine, production: ProductionConfig,
                  engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
-                 settings: ServerSettings | None = None) -> None:
+                 settings: ServerSettings | None = None, admin_key: str | None = None) -> None:
         app = build_app(engine, settings, production=production, engines=engines, store=store)
         super().__init__(engine, app=app, engines=[engine, *(engines or {}).values()])
+        self.admin_key = admin_key
 
     def metric(self, name: str, **labels: str) -> float:
-        """The sum of `name`'s samples whose labels include `labels`."""
+        """The sum of `name`'s samples whose labels include `labels` (from /metrics, and from
+        /admin/metrics when the server has an admin key)."""
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        if self.admin_key is not None:
+            text += httpx.get(self.base_url + "/admin/metrics", timeout=10,
+                              headers={"Authorization": f"Bearer {self.admin_key}"}).text
         total = 0.0
-        for line in httpx.get(self.base_url + "/metrics", timeout=10).text.splitlines():
+        for line in text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 key, _, value = line.rpartition(" ")
                 if all(f'{k}="{v}"' in key for k, v in labels.items()):

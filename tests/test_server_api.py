@@ -138,7 +138,9 @@ def test_tokenize_detokenize_round_trip(http):
 
 def test_health_version_and_request_ids(http, server):
     r = http.get("/health")
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "models": [{"name": r.json()["models"][0]["name"], "state": "ready"}]}
+    assert http.get("/ready").json() == {"status": "ready", "reasons": []}
     assert r.headers["x-request-id"]
     assert http.get("/version").json()["version"]
     r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2},

@@ -153,6 +153,7 @@ def test_error_after_stream_began_is_in_band_and_health_fails(tmp_path):
             assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param", "code"}
             assert "Traceback" not in error["error"]["message"]
             health = c.get("/health")
-            assert health.status_code == 503 and "error" in health.json()
+            assert health.status_code == 503 and health.json()["status"] == "failed"
+            assert c.get("/ready").status_code == 503
     finally:
         srv.stop()

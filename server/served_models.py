@@ -1,0 +1,94 @@
+"""The models a server serves: one `ModelHandle` per model (its config, engine, service and
+metrics), and `ModelSet`, the one place where a request's model name is resolved.
+
+Guarantees: `ModelSet.lookup` answers 404 for an unknown name, 403 for a model the tenant may
+not use and 503 for an optional model that failed to load, and nothing else ever resolves a name; models keep the config's order (small to
+large), the first being the default.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from engine.async_engine import AsyncEngine
+from server.config_file import ModelConfig, TenantConfig
+from server.errors import APIError
+from server.metrics import ModelMetrics
+from server.serving import ModelService
+
+
+@dataclass
+class ModelHandle:
+    """One served model. `config` is None for the model of a server started without a config
+    file (then it is named by `--served-model-name` or its checkpoint, and costs nothing)."""
+
+    config: ModelConfig | None
+    engine: AsyncEngine
+    service: ModelService
+    metrics: ModelMetrics
+    _tokenizer_fp: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name if self.config is not None else self.service.served_name()
+
+    @property
+    def priced(self) -> ModelConfig:
+        """The config with its price table and version (defaults for an unconfigured model)."""
+        return self.config if self.config is not None else ModelConfig(name=self.name)
+
+    def state(self) -> str:
+        """`ready`, `loading`, or `failed` (its engine thread died or was shut down)."""
+        if self.engine.is_ready:
+            return "ready"
+        if self.engine.errored is None and self.engine.engine is None:
+            return "loading"
+        return "failed"
+
+    def shares_tokenizer(self, other: "ModelHandle") -> bool:
+        """True when both models turn every text into the same token ids (same tokenizer
+        class, vocabulary, special tokens and chat template), so a prompt is tokenized once."""
+        return self is other or self._fingerprint() == other._fingerprint()
+
+    def _fingerprint(self) -> str:
+        if self._tokenizer_fp is None:  # computed once per model, after its engine loaded
+            tok = self.engine.tokenizer
+            described = [type(tok).__name__, sorted(tok.get_vocab().items()),
+                         getattr(tok, "chat_template", None), str(getattr(tok, "special_tokens_map", {}))]
+            self._tokenizer_fp = hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+        return self._tokenizer_fp
+
+
+@dataclass
+class ModelSet:
+    handles: list[ModelHandle]  # small to large; the first is the default
+    unavailable: dict[str, str] = field(default_factory=dict)  # optional models that failed to load: why
+
+    def __iter__(self):
+        return iter(self.handles)
+
+    def get(self, name: str) -> ModelHandle:
+        return next(m for m in self.handles if m.name == name)
+
+    def allowed(self, tenant: TenantConfig) -> list[ModelHandle]:
+        return [m for m in self.handles if tenant.models is None or m.name in tenant.models]
+
+    def lookup(self, tenant: TenantConfig, name: str | None) -> ModelHandle:
+        """The model a request names (None: the tenant's first allowed one); a name is a
+        served name or the engine's own model name. 404 / 403 otherwise."""
+        if name is None:
+            allowed = self.allowed(tenant)
+            if not allowed:
+                raise APIError(403, f"Tenant {tenant.name} may not use any model.", code="model_not_allowed")
+            return allowed[0]
+        for m in self.handles:
+            if name == m.name or (m.engine.engine is not None and name == m.engine.model_name):
+                if tenant.models is not None and m.name not in tenant.models:
+                    raise APIError(403, f"Tenant {tenant.name} may not use the model `{name}`.",
+                                   param="model", code="model_not_allowed")
+                return m
+        if name in self.unavailable:
+            raise APIError(503, f"The model `{name}` is unavailable on this server.", param="model",
+                           code="model_unavailable")
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
