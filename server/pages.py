@@ -26,7 +26,11 @@ SWAGGER_UI_PREFIX = "/static/swagger-ui"
 def swagger_ui_dir() -> Path:
     """The folder of Swagger UI's built assets (swagger-ui-bundle.js, swagger-ui.css) inside
     the installed `swagger-ui-py` package."""
-    return Path(str(importlib.resources.files("swagger_ui") / "static"))
+    try:
+        return Path(str(importlib.resources.files("swagger_ui") / "static"))
+    except ModuleNotFoundError:
+        raise RuntimeError("/docs needs the swagger-ui-py package (a dependency of conveyor): "
+                           "pip install 'swagger-ui-py>=25.7'") from None
 
 
 def _page(name: str):

@@ -147,6 +147,21 @@ def test_playground_sends_the_api_key_as_bearer(server, browser):
     assert browser.execute_script("return window.__auth")[0] == "Bearer sk-test-123"
 
 
+
+def test_playground_stop_keeps_the_partial_answer(server, browser):
+    browser.get(server.base_url + "/")
+    wait(browser, lambda b: b.find_element(By.ID, "model").get_attribute("value"))
+    set_field(browser, "max-tokens", "200")
+    send(browser, "Go on for a while.")
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.02).until(
+        lambda b: b.find_element(By.CSS_SELECTOR, ".message.assistant .text").get_attribute("textContent"))
+    browser.find_element(By.ID, "stop").click()
+    stats = wait(browser, EC.visibility_of_element_located((By.CSS_SELECTOR, ".message.assistant .stats")))
+    assert "finish: stopped" in stats.text
+    assert int(stats.find_element(By.CSS_SELECTOR, ".tokens").text.split()[0]) < 200
+    assert not browser.find_elements(By.CSS_SELECTOR, ".message.dropped")  # the partial answer stays
+    assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
+
 def test_docs_renders_swagger_ui_with_every_route(server, browser):
     spec = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
     browser.get(server.base_url + "/docs")

@@ -9,6 +9,8 @@ const $ = (id) => document.getElementById(id);
 const history = [];
 // The AbortController of the answer being streamed, or null when idle.
 let running = null;
+// Counts "New conversation" clicks, so that an answer cut short by one stays out of the next conversation.
+let conversationId = 0;
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -33,7 +35,8 @@ function errorDetails(error) {
     error.status ? String(error.status) : null,
     error.type || null,
     error.param ? "param " + error.param : null,
-    error.code !== undefined && error.code !== null && error.code !== error.status ? "code " + error.code : null,
+    error.code !== undefined && error.code !== null && String(error.code) !== String(error.status)
+      ? "code " + error.code : null,
   ].filter(Boolean).join(" \u00b7 ");
 }
 
@@ -154,6 +157,7 @@ function setBusy(busy) {
 }
 
 async function send(text) {
+  const conversation = conversationId;
   history.push({ role: "user", content: text });
   const question = addMessage("user", text);
   const answer = addMessage("assistant", "");
@@ -205,6 +209,7 @@ async function send(text) {
     running = null;
     setBusy(false);
   }
+  if (conversation !== conversationId) return; // cleared meanwhile
   if (content) {
     history.push({ role: "assistant", content });
     showStats(answer, { started, firstAt, lastAt, tokens: usage ? usage.completion_tokens : pieces, finish });
@@ -220,6 +225,7 @@ async function send(text) {
 
 function clearConversation() {
   if (running) running.abort();
+  conversationId += 1;
   history.length = 0;
   const empty = document.createElement("p");
   empty.className = "empty";
