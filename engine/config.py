@@ -31,6 +31,12 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False
     num_threads: int | None = None
+    # Requests: where unset sampling fields take their defaults (auto | vllm: the model's
+    # generation_config; none: neutral values; or a folder holding generation_config.json),
+    # and the bounds on stop strings (engine/generation_config.py, engine/sampling_params.py)
+    generation_config: str = "auto"
+    max_stop_strings: int = 16
+    max_stop_chars: int = 4096
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

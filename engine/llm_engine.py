@@ -18,6 +18,7 @@ from engine.models.loader import load_hf_config, load_model, load_tokenizer, res
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampler import Sampler
+from engine.generation_config import load_generation_defaults
 from engine.sampling_params import SamplingParams
 from engine.scheduler.policy import make_policy
 from engine.scheduler.request import Request, RequestStatus
@@ -37,6 +38,7 @@ class LLMEngine:
         configure_threads(config.num_threads, self.device)
         source = resolve_model(config.model)
         self.hf_config = load_hf_config(source)
+        self.sampling_defaults = load_generation_defaults(source, config.generation_config)
         self.tokenizer = self._load_tokenizer(source)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.model = load_model(
@@ -89,7 +91,7 @@ class LLMEngine:
         tenant: str | None = None,
     ) -> None:
         """Queues a request. Raises ValueError (naming the problem) if it can never run."""
-        params = params or SamplingParams()
+        params = self.sampling_defaults.prepare(params, self.hf_config.vocab_size, self.config)
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         if request_id in self.outputs:

@@ -1,0 +1,108 @@
+"""The model's recommended sampling defaults (its `generation_config`), applied to the fields
+a request leaves unset, as vLLM does by default.
+
+Where they come from, by `EngineConfig.generation_config`:
+  "auto" / "vllm"  the model's own: `generation_config.json` next to the checkpoint; for a GGUF
+                   file, its `general.sampling.*` metadata; for the default model, whose GGUF
+                   carries neither, the values its model card recommends (default_model.py).
+  "none"           no model defaults: unset fields take neutral values (temperature 1, ...).
+  a folder path    the `generation_config.json` in that folder.
+Only temperature, top_p, top_k, min_p and repetition_penalty are taken. `max_new_tokens` is
+not used as a default max_tokens: the server resolves max_tokens against the context instead.
+`do_sample` is ignored, as in vLLM: a file's temperature applies as written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from engine.models.default_model import DEFAULT_SAMPLING, default_gguf_path
+from engine.models.loader import ModelSource
+from engine.sampling_params import MODEL_DEFAULTABLE, RequestLimits, SamplingParams
+
+logger = logging.getLogger("conveyor.engine")
+
+MODES = ("auto", "vllm", "none")
+_GGUF_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+              "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+              "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults of one model. `values` maps field names of MODEL_DEFAULTABLE to values
+    already checked to be in range; `source` says where they came from (for logs)."""
+
+    values: dict[str, float | int] = field(default_factory=dict)
+    source: str = "none"
+
+    def prepare(self, params: SamplingParams | None, vocab_size: int, config) -> SamplingParams:
+        """The parameters a request runs with: the model's defaults filled into the fields the
+        caller left unset, then checked against the model (token ids below `vocab_size`) and
+        the engine's bounds on stop strings (`config.max_stop_strings`, `max_stop_chars`).
+        Raises InvalidParameterError (a ValueError) naming the field."""
+        params = (params or SamplingParams()).with_defaults(self.values)
+        params.verify(RequestLimits(vocab_size, getattr(config, "max_stop_strings", 16),
+                                    getattr(config, "max_stop_chars", 4096)))
+        return params
+
+
+def load_generation_defaults(source: ModelSource, mode: str = "auto") -> GenerationDefaults:
+    """The defaults for the model at `source` under `mode` (see the module docstring). Raises
+    ValueError for an unknown mode, a missing folder, or out-of-range values in the file."""
+    if mode == "none":
+        return GenerationDefaults()
+    if mode not in MODES:
+        path = os.path.join(mode, "generation_config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"generation_config must be auto, vllm, none or a folder holding "
+                             f"generation_config.json, got {mode!r}")
+        return _checked(_from_json(path), path)
+    if source.is_gguf:
+        gguf_path = os.path.join(source.path, source.gguf_file)
+        values = _from_gguf(gguf_path)
+        if values:
+            return _checked(values, f"{gguf_path} (general.sampling metadata)")
+        if _is_default_model(gguf_path):
+            return _checked(dict(DEFAULT_SAMPLING), "the default model's recommended settings")
+    path = os.path.join(source.path, "generation_config.json")
+    if os.path.isfile(path):
+        return _checked(_from_json(path), path)
+    return GenerationDefaults()
+
+
+def _from_json(path: str) -> dict[str, float | int]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return {k: data[k] for k in MODEL_DEFAULTABLE if data.get(k) is not None}
+
+
+def _from_gguf(path: str) -> dict[str, float | int]:
+    from gguf import GGUFReader  # imported here: only GGUF models need it
+
+    fields = GGUFReader(path).fields
+    cast = {"top_k": int}
+    return {name: cast.get(name, float)(fields[key].contents())
+            for key, name in _GGUF_KEYS.items() if key in fields}
+
+
+def _is_default_model(gguf_path: str) -> bool:
+    try:
+        return os.path.samefile(gguf_path, default_gguf_path())
+    except (RuntimeError, OSError):
+        return False
+
+
+def _checked(values: dict[str, float | int], source: str) -> GenerationDefaults:
+    try:
+        SamplingParams(**values)  # the same ranges as a request's own values
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if values:
+        logger.info("sampling defaults for unset request fields, from %s: %s", source,
+                    ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
+    return GenerationDefaults(dict(values), source)
