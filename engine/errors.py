@@ -16,3 +16,13 @@ class InvalidParameterError(ValueError):
             message = f"{param}: {message}"
         super().__init__(message)
         self.param = param
+
+
+def show(value: object, limit: int = 40) -> str:
+    """A short, ASCII-only repr for error messages: never echoes a whole huge value, and never
+    fails (an int too long for str() or a string with lone surrogates is still shown)."""
+    try:
+        text = ascii(value)
+    except ValueError:  # an int past Python's int-to-str digit limit
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidParameterError
+from engine.errors import InvalidParameterError, show
 
 # Bounds shared with the OpenAI API.
 MAX_LOGPROBS = 20
@@ -29,16 +29,6 @@ SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 # argument means "unset" and becomes this value until `with_defaults` supplies another.
 MODEL_DEFAULTABLE: dict[str, float | int] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-def show(value: object, limit: int = 40) -> str:
-    """A short, ASCII-safe repr for error messages: never echoes a whole huge value, and never
-    fails (an int too long for str() or a string with lone surrogates is still shown)."""
-    try:
-        text = ascii(value)
-    except ValueError:  # an int past Python's int-to-str digit limit
-        return f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _fail(name: str, message: str) -> InvalidParameterError:

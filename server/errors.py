@@ -24,6 +24,22 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 
+# `code` when an error names none: always a string (clients switch on it), never the status.
+_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    409: "conflict",
+    413: "request_too_large",
+    422: "unprocessable_request",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
 
 @dataclass
 class APIError(Exception):
@@ -45,7 +61,7 @@ class APIError(Exception):
             "message": self.message,
             "type": self.type or _TYPES.get(self.status, "server_error"),
             "param": self.param,
-            "code": self.code if self.code is not None else self.status,
+            "code": self.code if self.code is not None else _CODES.get(self.status, "error"),
         }}
 
     def to_response(self, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.errors import show
+from engine.sampling_params import SEED_RANGE
 from server.errors import bad_request
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+INT64 = (-(2 ** 63), 2 ** 63 - 1)  # bounds of integer fields that have no tighter ones
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -37,7 +40,7 @@ class _Fields:
             return default
         value = self.body[name]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad_request(f"{self._name(name)} must be an integer, got {value!r}", self._name(name))
+            raise bad_request(f"{self._name(name)} must be an integer, got {show(value)}", self._name(name))
         self._range(name, value, lo, hi)
         return value
 
@@ -47,7 +50,9 @@ class _Fields:
             return default
         value = self.body[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise bad_request(f"{self._name(name)} must be a number, got {value!r}", self._name(name))
+            raise bad_request(f"{self._name(name)} must be a number, got {show(value)}", self._name(name))
+        if value in (float("inf"), float("-inf")) or (isinstance(value, int) and abs(value) > 1e308):
+            raise bad_request(f"{self._name(name)} must be a finite number", self._name(name))
         self._range(name, value, lo, hi)
         return float(value)
 
@@ -56,7 +61,7 @@ class _Fields:
             return default
         value = self.body[name]
         if not isinstance(value, bool):
-            raise bad_request(f"{self._name(name)} must be a boolean, got {value!r}", self._name(name))
+            raise bad_request(f"{self._name(name)} must be a boolean, got {show(value)}", self._name(name))
         return value
 
     def string(self, name: str, default: str | None = None) -> str | None:
@@ -64,7 +69,7 @@ class _Fields:
             return default
         value = self.body[name]
         if not isinstance(value, str):
-            raise bad_request(f"{self._name(name)} must be a string, got {value!r}", self._name(name))
+            raise bad_request(f"{self._name(name)} must be a string, got {show(value)}", self._name(name))
         return value
 
     def int_list(self, name: str) -> list[int] | None:
@@ -90,7 +95,7 @@ class _Fields:
     def _range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise bad_request(f"{self._name(name)} must be in {bounds}, got {value!r}", self._name(name))
+            raise bad_request(f"{self._name(name)} must be in {bounds}, got {show(value)}", self._name(name))
 
     def reject_unsupported(self, name: str) -> None:
         value = self.body.get(name)
@@ -127,7 +132,7 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
         raise bad_request("best_of different from n is not supported", "best_of", code="unsupported")
     max_tokens = None
     for name in max_tokens_names:
-        max_tokens = f.integer(name, None, 1) if max_tokens is None else max_tokens
+        max_tokens = f.integer(name, None, 1, INT64[1]) if max_tokens is None else max_tokens
     stream_options = f.body.get("stream_options")
     include_usage = False
     if stream_options is not None:
@@ -135,18 +140,19 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     user = f.string("user")
     sampling = {
         "n": n,
-        "temperature": f.number("temperature", 1.0, 0.0, 2.0),
-        "top_p": f.number("top_p", 1.0, 0.0, 1.0),
-        "top_k": f.integer("top_k", 0, -1),
-        "min_p": f.number("min_p", 0.0, 0.0, 1.0),
-        "seed": f.integer("seed"),
+        # None (unset): the model's default from its generation_config applies
+        "temperature": f.number("temperature", None, 0.0, 2.0),
+        "top_p": f.number("top_p", None, 0.0, 1.0),
+        "top_k": f.integer("top_k", None, -1, INT64[1]),
+        "min_p": f.number("min_p", None, 0.0, 1.0),
+        "seed": f.integer("seed", None, *SEED_RANGE),
         "presence_penalty": f.number("presence_penalty", 0.0, -2.0, 2.0),
         "frequency_penalty": f.number("frequency_penalty", 0.0, -2.0, 2.0),
-        "repetition_penalty": f.number("repetition_penalty", 1.0, 0.0),
+        "repetition_penalty": f.number("repetition_penalty", None, 0.0),
         "stop": f.stop(),
         "stop_token_ids": f.int_list("stop_token_ids"),
         "ignore_eos": f.boolean("ignore_eos"),
-        "min_tokens": f.integer("min_tokens", 0, 0),
+        "min_tokens": f.integer("min_tokens", 0, 0, INT64[1]),
         "include_stop_str_in_output": f.boolean("include_stop_str_in_output"),
         "skip_special_tokens": f.boolean("skip_special_tokens", True),
     }
@@ -157,7 +163,7 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
         "max_tokens": max_tokens,
         "stream": f.boolean("stream"),
         "include_usage": include_usage,
-        "priority": f.integer("priority", 0),
+        "priority": f.integer("priority", 0, *INT64),
         "user": user,
         "timeout": f.number("timeout", None, 0.001),
         "sampling": sampling,
@@ -219,7 +225,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         f = _Fields(msg, name)
         role = f.string("role")
         if role not in CHAT_ROLES:
-            raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+            raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {show(role)}",
                               f"{name}.role")
         out.append({"role": role, "content": _content(msg.get("content"), f"{name}.content")})
     return out
