@@ -28,6 +28,10 @@ def resolve_max_tokens(prompt_tokens: int, requested: int | None, max_model_len:
         raise bad_request(
             f"max_tokens is {requested}, more than this server's limit of "
             f"{settings.max_tokens_cap} tokens per completion.", "max_tokens", code="max_tokens_too_large")
+    if requested is not None and requested >= max_model_len:  # too large whatever the prompt
+        raise bad_request(
+            f"max_tokens is {requested}, but this model's maximum context length is {max_model_len} "
+            f"tokens, prompt included. Please reduce max_tokens.", "max_tokens", code="max_tokens_too_large")
     completion = requested if requested is not None else 1
     if prompt_tokens + completion > max_model_len:
         raise bad_request(

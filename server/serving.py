@@ -26,6 +26,7 @@ from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, param_from_message
+from server.json_body import parse_json_body
 from server.formatting import Formatter
 from server.limits import Admission, resolve_max_tokens
 from server.metrics import ABORT, ModelMetrics
@@ -70,7 +71,7 @@ async def read_json(request: Request, limit: int) -> Any:
                            code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        return parse_json_body(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
         raise bad_request(f"The request body is not valid JSON ({reason}).", code="invalid_json") from None

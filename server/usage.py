@@ -90,9 +90,13 @@ def parse_time(value: str | None, name: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if number != number or number in (float("inf"), float("-inf")):  # "1e400", "nan"
+            raise bad_request(f"{name} must be a finite unix timestamp or an ISO-8601 time", name)
+        return number
     from datetime import datetime, timezone
 
     try:
