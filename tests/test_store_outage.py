@@ -7,8 +7,9 @@ restarts it on the same port with its AOF data):
   restart that brings the leases back from its AOF;
 - settlements made during the outage are written once Redis is back;
 - over HTTP: streams in flight when Redis dies end with `[DONE]` and no error event, new
-  requests of a limited tenant get 503 + Retry-After (fail_open = false) or 200 (true), and
-  everything works again after the restart.
+  requests of a limited tenant get 503 + Retry-After (fail_open = false) or 200 (true),
+  `/ready` says 503 while the store is down, and after the restart it is ready again, limits
+  apply again and the usage of the requests that ended during the outage is in the store.
 
 Needs `redis-server` on PATH (an external $CONVEYOR_TEST_REDIS_URL cannot be killed): a skip
 without it, a failure on CI.
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 
@@ -220,10 +222,11 @@ def servers(redis_proc):
         server.stop()
 
 
-def _stream(base_url: str, key: str) -> tuple[int, list[str]]:
+def _stream(base_url: str, key: str, started: threading.Semaphore) -> tuple[int, list[str]]:
     body = {"prompt": "the quick brown fox", "max_tokens": 60, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {key}"}) as r:
+        started.release()  # headers are sent once the first token is out: it runs
         return r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")]
 
 
@@ -237,22 +240,33 @@ def test_redis_killed_mid_stream_streams_finish_new_requests_degrade(redis_proc,
     (closed, closed_key, ops_key), (opened, open_key, _) = servers
     assert _post(closed.base_url, closed_key).status_code == 200
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        streams = [pool.submit(_stream, s.base_url, k) for s, k in
+        started = threading.Semaphore(0)
+        streams = [pool.submit(_stream, s.base_url, k, started) for s, k in
                    [(closed, closed_key)] * 4 + [(opened, open_key)] * 4]
-        time.sleep(0.4)  # the streams are running (60 steps of 20 ms)
-        redis_proc.kill()
+        for _ in streams:
+            assert started.acquire(timeout=30)
+        assert httpx.get(closed.base_url + "/ready", timeout=10).status_code == 200
+        redis_proc.kill()  # while all 8 streams run (60 steps of 20 ms each)
         refused = _post(closed.base_url, closed_key)
         admitted = _post(opened.base_url, open_key)
         results = [f.result() for f in streams]
     for status, events in results:
         assert status == 200 and events[-1] == "data: [DONE]"
         assert not any('"error"' in e for e in events)
-        assert len(events) == 62  # 60 tokens, the final chunk, [DONE]
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"  # all 60 tokens
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["code"] == "store_unavailable"
     assert admitted.status_code == 200 and "x-ratelimit-limit-requests" not in admitted.headers
 
+    not_ready = httpx.get(closed.base_url + "/ready", timeout=10)
+    assert not_ready.status_code == 503 and "store" in " ".join(not_ready.json()["reasons"])
+    assert closed.metric("conveyor_store_errors_total") >= 1
+
     redis_proc.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(closed.base_url + "/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "not ready again after the store came back"
+        time.sleep(0.1)
     deadline = time.monotonic() + 10
     while (r := _post(closed.base_url, closed_key)).status_code == 503 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -267,3 +281,4 @@ def test_redis_killed_mid_stream_streams_finish_new_requests_degrade(redis_proc,
         time.sleep(0.2)
     by_tenant = {row["tenant"]: row["requests"] for row in rows}
     assert by_tenant == {closed_key[3:-4]: 6, open_key[3:-4]: 5}, json.dumps(rows)
+    assert closed.metric("conveyor_usage_lost_total") == 0 and opened.metric("conveyor_usage_lost_total") == 0
