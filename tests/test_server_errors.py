@@ -167,3 +167,100 @@ def test_unsupported_known_fields_are_rejected(http):
     assert err["param"] == "echo"
     err = error_of(http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400)
     assert err["param"] == "prompt" and "one prompt per request" in err["message"]
+
+
+def still_serves(http) -> None:
+    """The engine survived: a normal request still completes."""
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert http.get("/health").status_code == 200
+
+
+def post_raw(http, path: str, raw: bytes) -> httpx.Response:
+    return http.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body,param", [
+    # an id equal to the vocabulary size used to raise IndexError on the engine thread
+    ({"prompt": "hi", "max_tokens": 4, "min_tokens": 1, "stop_token_ids": [49152]}, "stop_token_ids"),
+    ({"prompt": "hi", "max_tokens": 4, "stop_token_ids": [10 ** 12]}, "stop_token_ids"),
+    ({"prompt": [49152], "max_tokens": 4}, "prompt"),
+    ({"prompt": [10 ** 30], "max_tokens": 4}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 4, "seed": 2 ** 70}, "seed"),
+    ({"prompt": "hi", "max_tokens": 4, "seed": -(2 ** 63) - 1}, "seed"),
+    ({"prompt": "hi", "max_tokens": 4, "priority": 10 ** 30}, "priority"),
+    ({"prompt": "hi", "max_tokens": 4, "top_k": 10 ** 30}, "top_k"),
+    ({"prompt": "hi", "max_tokens": 4, "stop": ["x" * 10] * 17}, "stop"),
+    ({"prompt": "hi", "max_tokens": 4, "stop": ["y" * 1000] * 5}, "stop"),
+])
+def test_values_checked_against_the_model_before_queueing(http, body, param):
+    err = error_of(http.post("/v1/completions", json=body), 400)
+    assert err["param"] == param and isinstance(err["code"], str)
+    still_serves(http)
+
+
+def test_in_range_seeds_are_accepted(http):
+    for seed in (2 ** 63 - 1, -(2 ** 63)):
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("raw,param,words", [
+    (b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", None, "4300 digits"),
+    (b"[" * 60_000, None, "nested"),  # under this module's 64 KiB body limit
+    (b'{"prompt": "x", "metadata": ' + b"[" * 70 + b"]" * 70 + b"}", None, "nested"),
+    (b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt", "surrogate"),
+    (b'{"prompt": "x", "model": "a\\ud800b"}', "model", "surrogate"),
+    (b'{"prompt": "x", "temperature": 1e400}', "temperature", "finite"),
+    (b'{"prompt": "x", "timeout": 1e400}', "timeout", "finite"),
+    (b'{"prompt": "x", "repetition_penalty": 1e400}', "repetition_penalty", "finite"),
+])
+def test_hostile_bodies_get_a_clear_400(http, raw, param, words):
+    err = error_of(post_raw(http, "/v1/completions", raw), 400)
+    assert err["param"] == param and words in err["message"]
+    assert "\\ud800" not in err["message"].lower() or "escape" in err["message"]  # never echoed
+    still_serves(http)
+
+
+def test_lone_surrogates_in_chat_and_tokenize_name_the_field(http):
+    err = error_of(post_raw(http, "/v1/chat/completions",
+                            b'{"messages": [{"role": "user", "content": "a\\udc00"}], "max_tokens": 2}'), 400)
+    assert err["param"] == "messages[0].content"
+    err = error_of(post_raw(http, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": '
+                            b'[{"type": "text", "text": "\\ud800"}]}]}'), 400)
+    assert err["param"] == "messages[0].content[0].text"
+    err = error_of(post_raw(http, "/tokenize", b'{"prompt": "a\\udc00"}'), 400)
+    assert err["param"] == "prompt"
+    # a proper surrogate pair is an ordinary character
+    r = post_raw(http, "/tokenize", b'{"prompt": "\\ud83d\\ude00"}')
+    assert r.status_code == 200 and r.json()["count"] >= 1
+
+
+def test_oversized_max_tokens_is_blamed_on_max_tokens():
+    from server.errors import APIError
+    from server.limits import resolve_max_tokens
+
+    with pytest.raises(APIError) as info:
+        resolve_max_tokens(3, 10 ** 6, TINY_MAX_MODEL_LEN, ServerSettings(max_tokens_cap=None), chat=False)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(APIError) as info:  # the prompt is what does not fit
+        resolve_max_tokens(TINY_MAX_MODEL_LEN, 10, TINY_MAX_MODEL_LEN, ServerSettings(max_tokens_cap=None), chat=True)
+    assert info.value.param == "messages"
+
+
+def test_error_code_is_always_a_string(http):
+    for r in (http.get("/v1/nothing-here"), http.get("/v1/completions"),
+              http.post("/v1/completions", json={"prompt": "x", "n": 0}),
+              http.post("/detokenize", json={"tokens": [10 ** 30]})):
+        assert r.status_code >= 400 and isinstance(r.json()["error"]["code"], str), r.text
+    from server.errors import APIError
+    for status in (400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 503, 418):
+        assert isinstance(APIError(status, "x").body()["error"]["code"], str)
+
+
+def test_usage_query_times_must_be_finite(http):
+    for value in ("1e400", "nan", "-inf"):
+        err = error_of(http.get(f"/v1/usage?start={value}"), 400)
+        assert err["param"] == "start"
+    err = error_of(http.get("/v1/usage?end=inf"), 400)
+    assert err["param"] == "end"
