@@ -205,3 +205,41 @@ def test_smollm2_gguf_matches_transformers():
     want = hf_logits(ref.eval(), ids)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_gguf_config_and_tokenizer_are_converted_once_then_cached(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from engine.models import loader
+
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not read: the conversions below are stand-ins")
+    calls = []
+
+    def convert_config():
+        calls.append("config")
+        return _llama32_like()
+
+    def convert_tokenizer():
+        calls.append("tokenizer")
+        return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+
+    first = loader._via_cache("config", str(gguf), AutoConfig.from_pretrained, convert_config)
+    again = loader._via_cache("config", str(gguf), AutoConfig.from_pretrained, convert_config)
+    same = lambda a, b: {**a.to_dict(), "_name_or_path": ""} == {**b.to_dict(), "_name_or_path": ""}  # noqa: E731
+    assert calls == ["config"] and same(again, first)
+    tok = loader._via_cache("tokenizer", str(gguf), AutoTokenizer.from_pretrained, convert_tokenizer)
+    cached = loader._via_cache("tokenizer", str(gguf), AutoTokenizer.from_pretrained, convert_tokenizer)
+    assert calls == ["config", "tokenizer"]
+    text = "Hello, wörld! 1234 <|im_start|>"
+    assert cached.encode(text) == tok.encode(text)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert cached.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    # a changed file is a new cache entry
+    before = loader.gguf_cache_dir(str(gguf))
+    os.utime(gguf, ns=(1, 1))
+    assert loader.gguf_cache_dir(str(gguf)) != before
+    # an unwritable cache is skipped, not an error
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", "/proc/conveyor-cannot-write-here")
+    assert same(loader._via_cache("config", str(gguf), AutoConfig.from_pretrained, convert_config), first)

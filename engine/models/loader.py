@@ -3,8 +3,11 @@ architecture and fill its weights (safetensors, sharded safetensors, GGUF, or ra
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -64,26 +67,74 @@ def resolve_model(model: str | None) -> ModelSource:
     raise ValueError(f"model directory {model!r} has neither a config.json nor a .gguf file")
 
 
+def gguf_cache_dir(gguf_path: str) -> str:
+    """Where the HF-format config and tokenizer converted from `gguf_path` are kept: under
+    $CONVEYOR_CACHE_DIR, else $XDG_CACHE_HOME/conveyor, else ~/.cache/conveyor; keyed by the
+    file's path, size and mtime and the transformers version, so a changed file or a
+    transformers upgrade converts afresh."""
+    import transformers
+
+    base = os.environ.get("CONVEYOR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "conveyor")
+    st = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    return os.path.join(base, "gguf", f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+def _via_cache(kind: str, gguf_path: str, load_cached, convert):
+    """`load_cached(dir)` from the cache when present; else `convert()` (reading the GGUF
+    metadata takes tens of seconds on a small CPU), saved into the cache for next time. A cache
+    that cannot be written is skipped, never an error."""
+    folder = os.path.join(gguf_cache_dir(gguf_path), kind)
+    if os.path.isdir(folder):
+        try:
+            return load_cached(folder)
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the unreadable cached %s in %s: %s", kind, folder, exc)
+    obj = convert()
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{kind}-", dir=os.path.dirname(folder))
+        obj.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)  # atomic: a concurrent reader sees all of it or nothing
+            logger.info("cached the %s converted from %s in %s", kind, os.path.basename(gguf_path), folder)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.info("not caching the %s converted from the GGUF file: %s", kind, exc)
+    return obj
+
+
 def load_hf_config(src: ModelSource):
-    """The transformers config (read from the GGUF metadata for GGUF sources)."""
+    """The transformers config (for GGUF sources converted from the file's metadata once, then
+    read from `gguf_cache_dir`)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(src.path, **src.hf_kwargs())
+    if not src.is_gguf:
+        return AutoConfig.from_pretrained(src.path)
+    return _via_cache("config", os.path.join(src.path, src.gguf_file), AutoConfig.from_pretrained,
+                      lambda: AutoConfig.from_pretrained(src.path, **src.hf_kwargs()))
 
 
 def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
     """The fast tokenizer (with chat template) of `src`, or of `tokenizer` (a directory or .gguf
-    file) when given."""
+    file) when given. Tokenizers of GGUF files are converted once and cached like the config."""
     from transformers import AutoTokenizer
 
     if tokenizer is not None:
         if not os.path.exists(tokenizer):
             raise ValueError(f"tokenizer {tokenizer!r} does not exist")
         if tokenizer.endswith(".gguf"):
-            return AutoTokenizer.from_pretrained(os.path.dirname(tokenizer) or ".",
-                                                 gguf_file=os.path.basename(tokenizer))
+            return _via_cache("tokenizer", tokenizer, AutoTokenizer.from_pretrained,
+                              lambda: AutoTokenizer.from_pretrained(os.path.dirname(tokenizer) or ".",
+                                                                    gguf_file=os.path.basename(tokenizer)))
         return AutoTokenizer.from_pretrained(tokenizer)
-    return AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+    if not src.is_gguf:
+        return AutoTokenizer.from_pretrained(src.path)
+    return _via_cache("tokenizer", os.path.join(src.path, src.gguf_file), AutoTokenizer.from_pretrained,
+                      lambda: AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs()))
 
 
 def resolve_dtype(dtype: str, hf_config, device: torch.device | str) -> torch.dtype:
