@@ -147,6 +147,17 @@ def test_tenant_sets_salt_priority_and_allowed_models(server, http):
     assert complete(http, "beta", "hello", model="nope").status_code == 404
 
 
+def test_tenant_series_only_with_an_admin_key(http):
+    complete(http, "beta", "hello metrics", max_tokens=2)
+    public = http.get("/metrics").text
+    assert "tenant=" not in public and "beta" not in public and "vllm:num_requests_running" in public
+    assert http.get("/admin/metrics").status_code == 401
+    assert http.get("/admin/metrics", headers=auth("beta")).status_code == 403
+    admin = http.get("/admin/metrics", headers=auth("ops"))
+    assert admin.status_code == 200 and 'conveyor_tenant_requests_total{model="large",tenant="beta"}' in admin.text
+    assert all(m["root"] == m["id"] for m in http.get("/v1/models", headers=auth("beta")).json()["data"])
+
+
 # ---- rate limits ------------------------------------------------------------------------
 def test_token_limit_reserves_then_settles_to_real_usage(http):
     prompt = "count the apples"
@@ -211,6 +222,7 @@ def test_idempotent_retry_replays_json_and_stream(server, http):
     again = complete(http, "beta", "pay the bill", max_tokens=5, temperature=0.9, headers=key)
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
+    assert float(first.headers["x-conveyor-cost"]) > 0 and again.headers["x-conveyor-cost"] == "0"
     assert again.json() == first.json()
     skey = {"Idempotency-Key": "order-18"}
     s1 = complete(http, "beta", "pay the bill", max_tokens=5, temperature=0.9, stream=True, headers=skey)

@@ -19,7 +19,7 @@ from engine.outputs import CompletionOutput, EngineStats, RequestMetrics, Reques
 from server.app import build_app
 from server.config_file import ProductionConfig
 from server.settings import ServerSettings
-from server.store import Store
+from server.store import MemoryStore, Store, StoreUnavailable
 from tests.test_server_harness import ServerThread, free_port
 
 
@@ -93,8 +93,10 @@ class ProdServer(ServerThread):
 
     def __init__(self, engine: AsyncEngine, production: ProductionConfig,
                  engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
-                 settings: ServerSettings | None = None, admin_key: str | None = None) -> None:
-        app = build_app(engine, settings, production=production, engines=engines, store=store)
+                 settings: ServerSettings | None = None, admin_key: str | None = None,
+                 unavailable_models: dict[str, str] | None = None) -> None:
+        app = build_app(engine, settings, production=production, engines=engines, store=store,
+                        unavailable_models=unavailable_models)
         super().__init__(engine, app=app, engines=[engine, *(engines or {}).values()])
         self.admin_key = admin_key
 
@@ -112,6 +114,29 @@ class ProdServer(ServerThread):
                 if all(f'{k}="{v}"' in key for k, v in labels.items()):
                     total += float(value)
         return total
+
+
+class FlakyStore:
+    """A MemoryStore whose every call raises StoreUnavailable while `down` (and whose
+    `healthy` says so), for outage tests without Redis."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.observer = self.inner.observer
+        self.down = False
+
+    @property
+    def healthy(self) -> bool:
+        return not self.down
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable(name)
+            return await method(*args, **kwargs)
+        return call
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -72,13 +73,26 @@ def _wait_idle(server, timeout=15.0) -> dict[str, float]:
         time.sleep(0.05)
 
 
-def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+def _aborted(server) -> float:
+    return sum(v for k, v in server.metrics().items()
+               if k.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in k)
+
+
+def _http_499(server) -> float:
+    return sum(v for k, v in server.metrics().items()
+               if k.startswith("conveyor_http_requests_total{") and 'status="499"' in k)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, caplog):
+    caplog.set_level(logging.INFO, logger="conveyor")
     assert _wait_idle(server) == {"running": 0, "waiting": 0, "usage": 0}
     generated_before = server.metric("vllm:generation_tokens_total")
+    aborted_before, gone_before = _aborted(server), _http_499(server)
     body = json.dumps({"prompt": "tell me a very long story", "max_tokens": 240, "stream": True,
                        "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-Request-Id: gone-1\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
     while received.count(b"data: ") < 3:  # a few tokens in: the request is running
@@ -89,6 +103,13 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert server.engine.num_in_flight == 0
     assert not server.engine.engine.has_unfinished_requests()
     assert server.metric("vllm:generation_tokens_total") - generated_before < 240
+    # the disconnect is visible: counted as an abort, as HTTP 499, and logged with the request id
+    deadline = time.monotonic() + 10
+    while _http_499(server) == gone_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _aborted(server) == aborted_before + 1 and _http_499(server) == gone_before + 1
+    assert any("gone-1" in r.getMessage() and "client disconnected, aborted" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_fifty_concurrent_streaming_clients(server):
