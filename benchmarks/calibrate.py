@@ -36,7 +36,7 @@ class RecordingScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         out = super().schedule()
         self.last = out
-        self.last_sum_context = sum(r.num_computed_tokens + n for r, n in out.scheduled)
+        self.last_sum_context = sum(s.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
         return out
 
 

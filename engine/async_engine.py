@@ -8,7 +8,14 @@ Guarantees:
   between steps; outputs come back with `loop.call_soon_threadsafe` into per-request queues.
 - Leaving `generate` early (break, cancellation, client disconnect) aborts the request, which
   frees its KV blocks before the engine's next step.
-- If the engine thread dies, every pending and future request fails with `EngineDeadError`.
+- A request the engine fails (its step raised; see engine/step_failure.py) raises
+  `RequestFailedError` in that request's stream only; the engine keeps serving. An unexpected
+  exception while adding or aborting a request, or in an `on_step` observer, is logged and
+  never stops the engine thread.
+- If the engine cannot continue (`step()` raised: `EngineFatalError`, or any error outside the
+  per-step recovery), the engine is dead: `errored` is set, `is_ready` turns False (the
+  server's /health reports it), and every pending and future request fails with
+  `EngineDeadError`.
 """
 from __future__ import annotations
 
@@ -25,10 +32,15 @@ from engine.config import EngineConfig
 from engine.outputs import EngineStats, RequestOutput
 
 logger = logging.getLogger("conveyor.async_engine")
+_Item = RequestOutput | BaseException  # what a stream's queue carries
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped because of an error; no request can be served any more."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request (other requests are unaffected)."""
 
 
 @dataclass
@@ -37,7 +49,7 @@ class _Add:
     prompt: str | list[int]
     params: Any
     kwargs: dict
-    accepted: asyncio.Future  # resolved on the caller's loop: None, or the ValueError
+    accepted: asyncio.Future  # resolved on the caller's loop: None, or the error to raise
 
 
 @dataclass
@@ -155,7 +167,8 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative outputs as steps produce them, ending with the one
         whose `finished` is True. Raises ValueError (before the first yield) when the engine
-        rejects the request, EngineDeadError when the engine thread has died."""
+        rejects the request, RequestFailedError when the engine failed while running it,
+        EngineDeadError when the engine thread has died."""
         if self.errored is not None:
             raise EngineDeadError("the engine stopped after an error")
         if not self._ready.is_set():
@@ -236,7 +249,10 @@ class AsyncEngine:
                 break
             changed = True
             if isinstance(command, _Abort):
-                self.engine.abort_request(command.request_id)
+                try:
+                    self.engine.abort_request(command.request_id)
+                except Exception:  # noqa: BLE001 - one bad abort must not stop the engine
+                    logger.exception("aborting request %s failed", command.request_id)
                 continue
             error: BaseException | None = None
             try:
@@ -244,6 +260,9 @@ class AsyncEngine:
                                         **command.kwargs)
             except ValueError as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - a request the engine chokes on fails alone
+                logger.exception("adding request %s failed", command.request_id)
+                error = RequestFailedError(f"the engine could not accept the request ({type(exc).__name__})")
             with self._state.lock:
                 stream = self._state.streams.get(command.request_id)
             if stream is None:  # the caller left before we got here
@@ -258,12 +277,13 @@ class AsyncEngine:
         start = time.perf_counter()
         outputs = self.engine.step()
         duration = time.perf_counter() - start
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, _Item]]] = {}
         with self._state.lock:
             for out in outputs:
                 stream = self._state.streams.get(out.request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                    item = out if out.error is None else RequestFailedError(out.error)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
         # One wake-up per event loop per step, not one per request.
         for loop, items in by_loop.items():
             try:
@@ -272,7 +292,10 @@ class AsyncEngine:
                 pass
         stats = self._publish_stats()
         if self.on_step is not None:
-            self.on_step(StepInfo(duration=duration, num_outputs=len(outputs), stats=stats))
+            try:
+                self.on_step(StepInfo(duration=duration, num_outputs=len(outputs), stats=stats))
+            except Exception:  # noqa: BLE001 - an observer's bug must not stop the engine
+                logger.exception("on_step observer failed")
 
     def _publish_stats(self) -> EngineStats:
         # A copy, so readers on other threads never see a half-updated object.
@@ -306,6 +329,6 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_result(error)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue, _Item]]) -> None:
     for q, out in items:
         q.put_nowait(out)

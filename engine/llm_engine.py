@@ -3,9 +3,17 @@
 ``add_request`` queues work, ``step`` runs one scheduled forward pass and returns the outputs of
 requests that progressed, ``abort_request`` stops requests. The engine is single-threaded; the
 asyncio front (`AsyncEngine`) drives it from its own thread.
+
+A step is ``Scheduler.schedule`` -> ``ModelRunner.execute`` -> ``Scheduler.update_from_output``
+-> ``OutputProcessor.process`` (docs/architecture.md). If the runner or the update raises, only
+that step's requests fail (engine/step_failure.py). With ``CONVEYOR_DEBUG=1`` in the environment
+the full ``check_integrity`` runs after every step; otherwise an O(1) check runs each time the
+engine becomes idle.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterable
 
@@ -17,13 +25,17 @@ from engine.model_runner import ModelRunner
 from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model
 from engine.output_processor import OutputProcessor
 from engine.outputs import EngineStats, RequestOutput
+from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.generation_config import load_generation_defaults
 from engine.sampling_params import SamplingParams
-from engine.scheduler.policy import make_policy
-from engine.scheduler.request import Request, RequestStatus
+from engine.scheduler.output import SampledTokens, SchedulerOutput
+from engine.scheduler.policies import make_policy
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 from engine.startup import choose_num_blocks, configure_threads, eos_token_ids, resolve_device
+from engine.step_failure import MAX_CONSECUTIVE_FAILED_STEPS, EngineFatalError, is_fatal
+
+logger = logging.getLogger("conveyor.engine")
 
 # Decode graphs are captured up to this batch; larger decode steps run eagerly. On an H200
 # (benchmarks/RESULTS.md) graphs gave 5.7x at batch 1 and 3.1x at batch 64, but a captured
@@ -52,23 +64,26 @@ class LLMEngine:
         self.num_blocks = choose_num_blocks(config, bytes_per_block, self.device)
         self.kv = KVCacheManager(self.num_blocks, block_size, config.enable_prefix_caching)
         self.policy = make_policy(config.scheduling_policy)
+        self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer)
         sched_config = SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             static_batching=config.static_batching,
+            eos_token_ids=frozenset(self.eos_token_ids),
         )
         self.scheduler = Scheduler(sched_config, self.kv, self.policy)
-        self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer)
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager
                       and config.attention_backend in ("auto", "triton"))
-        self.runner = ModelRunner(self.model, self.kv, self.num_blocks, block_size, self.device, self.dtype,
+        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, self.dtype,
                                   Sampler(self.eos_token_ids),
                                   cuda_graph_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH) if use_graphs else 0,
                                   max_model_len=self.max_model_len)
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)
+        self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
+        self._failed_steps = 0  # consecutive
 
     def _load_tokenizer(self, source):
         try:
@@ -107,6 +122,8 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            if child_id in self.scheduler.requests:
+                raise ValueError(f"request_id {request_id!r} clashes with the running request {child_id!r}")
             children.append(Request(child_id, prompt_ids, params, max_tokens, arrival, priority,
                                     cache_salt, tenant, generator))
         self.outputs.add(request_id, prompt_text, children, arrival)
@@ -171,44 +188,65 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step; returns an output for every request that progressed or ended. Raises
+        `EngineFatalError` only when the engine cannot continue."""
         results, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return results
         t0 = time.time()
-        for request, _ in sched.scheduled:
-            self.outputs.mark_scheduled(request, t0)
-        step = self.runner.execute(sched)
-        self.scheduler.advance(sched)
-        now = time.time()
-        groups = {}
-        sampled = step.sampled
-        for i, request in enumerate(step.requests):
-            token = sampled.token_ids[i]
-            request.append_output_token(token)
-            if request.sampling_params.logprobs is not None:
-                request.logprobs.append(sampled.logprobs[i])
-                request.cumulative_logprob += sampled.chosen_logprobs[i]
-            if request.num_output_tokens == 1:
-                self.stats.prompt_tokens += request.num_prompt_tokens
-            status = self.outputs.on_token(request, token, now)
-            if status is None and request.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                self.scheduler.finish_request(request, status)
-            group = self.outputs.group_of(request)
-            groups[group.request_id] = group
-        results.extend(self.outputs.make_output(g, now) for g in groups.values())
-        self._update_stats(sched, step, now - t0)
+        self.outputs.mark_scheduled((s.request_id for s in sched.scheduled), t0)
+        try:
+            sampled = self.runner.execute(sched)
+            requests = [self.scheduler.requests[rid] for rid in sampled.request_ids]
+            self.scheduler.update_from_output(sched, sampled)
+            now = time.time()
+            self.outputs.process(requests, now, self.scheduler.finish_request, results)
+        except Exception as exc:  # noqa: BLE001 - any failure of the step fails its requests only
+            results.extend(self._fail_step(sched, exc))
+            return results
+        self._failed_steps = 0
+        self._update_stats(sched, sampled, requests, now - t0)
+        self._check_after_step()
         return results
 
-    def _update_stats(self, sched, step, elapsed: float) -> None:
+    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """Ends every request of the failed step with an error output; raises
+        `EngineFatalError` when the engine must not go on."""
+        if is_fatal(exc):
+            raise EngineFatalError(f"engine step failed with an unrecoverable error: {exc!r}") from exc
+        self._failed_steps += 1
+        ids = [s.request_id for s in sched.scheduled]
+        logger.error("engine step failed; failing its %d requests %s", len(ids), ids[:8], exc_info=exc)
+        self.scheduler.fail_step(sched)
+        now = time.time()
+        message = f"the engine failed while running this request ({type(exc).__name__})"
+        failed = []
+        for group in self.outputs.groups_of(ids):
+            for seq in group.seqs:  # siblings of an n > 1 request fail with it
+                self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ERROR)
+            failed.append(self.outputs.fail(group, message, now))
+        self.check_integrity()
+        if self._failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineFatalError(f"{self._failed_steps} engine steps in a row failed; last: {exc!r}") from exc
+        return failed
+
+    def _check_after_step(self) -> None:
+        if self.debug:
+            self.check_integrity()
+        elif not self.scheduler.has_unfinished():  # just became idle: the O(1) check
+            self.scheduler.check_idle()
+            assert not len(self.outputs), "output groups left at idle"
+
+    def _update_stats(self, sched: SchedulerOutput, sampled: SampledTokens, requests: list[Request],
+                      elapsed: float) -> None:
         s = self.stats
         s.num_steps += 1
         s.last_step_time = elapsed
         s.last_batch_size = len(sched.scheduled)
-        s.last_batch_tokens = step.num_tokens
-        s.generation_tokens += len(step.requests)
+        s.last_batch_tokens = sched.num_batched_tokens
+        s.generation_tokens += len(sampled.request_ids)
+        s.prompt_tokens += sum(r.num_prompt_tokens for r in requests if r.num_output_tokens == 1)
 
     def get_stats(self) -> EngineStats:
         s = self.stats
@@ -222,7 +260,7 @@ class LLMEngine:
         return s
 
     def check_integrity(self) -> None:
-        """Raises AssertionError if KV block accounting is inconsistent (used by tests)."""
-        self.kv.check_integrity()
-        for request in self.scheduler.running:
-            assert len(self.kv.block_ids(request.request_id)) * self.config.block_size >= request.num_computed_tokens
+        """Raises AssertionError if the scheduler, the KV cache and the output processor
+        disagree (see `Scheduler.check_integrity`). O(blocks + requests)."""
+        self.scheduler.check_integrity()
+        self.outputs.check_integrity(set(self.scheduler.requests))

@@ -1,4 +1,8 @@
-"""Turns sampled tokens into text and `RequestOutput`s, and decides when a sequence stops.
+"""Turns sampled tokens into text and `RequestOutput`s, and applies stop strings.
+
+The scheduler has already appended each step's tokens and stopped requests on EOS, stop token
+ids and length limits; this class only detokenizes, ends a sequence whose text reached a stop
+string (through the scheduler's ``finish_request``), and builds the outputs.
 
 One user request with ``n`` > 1 becomes ``n`` scheduler requests (its sequences); this class
 groups them back. Text handed out while a sequence runs never contains a partial stop string
@@ -6,11 +10,14 @@ groups them back. Text handed out while a sequence runs never contains a partial
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.scheduler.request import Request, RequestStatus
+from engine.request import Request, RequestStatus
+
+FinishFn = Callable[[Request, RequestStatus], None]
 
 
 @dataclass
@@ -28,6 +35,7 @@ class _Group:
     prompt_token_ids: list[int]
     metrics: RequestMetrics
     seqs: list[_Sequence] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -35,14 +43,16 @@ class _Group:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: set[int]):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids
         self._groups: dict[str, _Group] = {}
         self._seq_of: dict[str, tuple[_Group, _Sequence]] = {}  # scheduler request id -> seq
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._groups
+
+    def __len__(self) -> int:
+        return len(self._groups)
 
     def add(self, request_id: str, prompt: str | None, children: list[Request], arrival_time: float) -> None:
         group = _Group(request_id, prompt, children[0].prompt_token_ids, RequestMetrics(arrival_time))
@@ -62,31 +72,47 @@ class OutputProcessor:
     def group_of(self, request: Request) -> _Group:
         return self._seq_of[request.request_id][0]
 
-    def mark_scheduled(self, request: Request, now: float) -> None:
-        metrics = self.group_of(request).metrics
-        if metrics.first_scheduled_time is None:
-            metrics.first_scheduled_time = now
+    def groups_of(self, request_ids: Iterable[str]) -> list[_Group]:
+        """The live groups of these sequence ids, each once, in first-seen order."""
+        groups: dict[str, _Group] = {}
+        for rid in request_ids:
+            entry = self._seq_of.get(rid)
+            if entry is not None:
+                groups.setdefault(entry[0].request_id, entry[0])
+        return list(groups.values())
 
-    def on_token(self, request: Request, token_id: int, now: float) -> RequestStatus | None:
-        """Records a token just appended to ``request``; returns the finish status if the
-        sequence must stop now, else None."""
-        group, seq = self._seq_of[request.request_id]
-        if group.metrics.first_token_time is None:
-            group.metrics.first_token_time = now
-        params = request.sampling_params
-        stop_str = seq.detok.add_token(token_id) if seq.detok is not None else None
-        past_min = request.num_output_tokens >= params.min_tokens
-        if past_min and not params.ignore_eos and token_id in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if past_min and token_id in (params.stop_token_ids or ()):
-            request.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
-        if stop_str is not None:
-            request.stop_reason = stop_str
-            return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+    def mark_scheduled(self, request_ids: Iterable[str], now: float) -> None:
+        for rid in request_ids:
+            metrics = self._seq_of[rid][0].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+
+    def process(self, requests: list[Request], now: float, finish: FinishFn, into: list[RequestOutput]) -> None:
+        """Handles the token each of ``requests`` just got: detokenizes it, applies stop
+        strings (``finish`` ends the sequence), and appends one output per group to ``into``
+        (as it goes, so outputs already made survive an exception in a later group)."""
+        groups: dict[str, _Group] = {}
+        for request in requests:
+            group, seq = self._seq_of[request.request_id]
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            if seq.detok is not None:
+                stop_str = seq.detok.add_token(request.output_token_ids[-1])
+                # EOS and stop token ids take precedence; a stop string beats a length limit
+                if stop_str is not None and request.status != RequestStatus.FINISHED_STOPPED:
+                    request.stop_reason = stop_str
+                    if request.status.finished:  # hit max_tokens on this same token
+                        request.status = RequestStatus.FINISHED_STOPPED
+                    else:
+                        finish(request, RequestStatus.FINISHED_STOPPED)
+            groups[group.request_id] = group
+        for group in groups.values():
+            into.append(self.make_output(group, now))
+
+    def fail(self, group: _Group, error: str, now: float) -> RequestOutput:
+        """The final output of a group whose sequences all ended in an engine error."""
+        group.error = error
+        return self.make_output(group, now)
 
     def make_output(self, group: _Group, now: float) -> RequestOutput:
         """The cumulative output of a request; releases its state once every sequence ended."""
@@ -121,4 +147,15 @@ class OutputProcessor:
             finished=finished,
             metrics=group.metrics,
             num_cached_tokens=max(0, group.seqs[0].request.num_cached_tokens),
+            error=group.error,
         )
+
+    def check_integrity(self, unfinished: set[str]) -> None:
+        """Raises AssertionError unless the tracked groups match ``unfinished`` (the ids of the
+        sequences the scheduler still holds): each of those belongs to a group, each tracked
+        group still has one of them, and no finished group is left unreleased."""
+        assert unfinished <= set(self._seq_of), "the scheduler holds a sequence with no output group"
+        for group in self._groups.values():
+            running = [s.request.request_id for s in group.seqs if not s.request.status.finished]
+            assert running, f"finished request {group.request_id} was never released"
+            assert set(running) <= unfinished, f"request {group.request_id} runs outside the scheduler"

@@ -32,7 +32,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
@@ -44,6 +44,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """``error`` is set (and ``finished`` is True) when the engine failed while running the
+    request; `AsyncEngine` raises it to that request's caller as `RequestFailedError`."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -51,6 +54,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    error: str | None = None
 
 
 @dataclass

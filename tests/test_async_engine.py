@@ -154,3 +154,55 @@ def test_engine_thread_death_fails_pending_requests(config):
         assert isinstance(eng.errored, RuntimeError)
     finally:
         eng.shutdown()
+
+
+def test_failed_step_fails_its_request_only_and_engine_keeps_serving(config):
+    from engine.async_engine import RequestFailedError
+
+    def factory():
+        llm = LLMEngine(config)
+        real = llm.runner.execute
+
+        def execute(out):
+            if any(s.request_id == "victim" for s in out.scheduled):
+                raise IndexError("simulated failure inside the step")
+            return real(out)
+
+        llm.runner.execute = execute
+        real_add = llm.add_request
+
+        def add_request(request_id, *args, **kwargs):
+            if request_id == "unaddable":
+                raise KeyError("simulated bug while adding")
+            return real_add(request_id, *args, **kwargs)
+
+        llm.add_request = add_request
+        return llm
+
+    def bad_observer(info):
+        raise RuntimeError("observer bug")
+
+    eng = AsyncEngine(config, engine_factory=factory, on_step=bad_observer)
+    assert eng.wait_ready(120)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(RequestFailedError):
+            await _collect(eng, "doomed", params, "victim")
+        with pytest.raises(RequestFailedError):
+            await _collect(eng, "cannot add", params, "unaddable")
+        return await asyncio.gather(*[_collect(eng, p, params, f"ok{i}") for i, p in enumerate(["a", "b c"])])
+
+    try:
+        results = asyncio.run(main())
+        for outs in results:
+            assert outs[-1].finished and outs[-1].error is None and len(outs[-1].outputs[0].token_ids) == 4
+        assert eng.is_ready and eng.errored is None
+        deadline = time.monotonic() + 10  # stats are published just after the outputs
+        while eng.get_stats().num_running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = eng.get_stats()
+        assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
+        eng.engine.check_integrity()  # read-only; the engine thread is idle here
+    finally:
+        eng.shutdown()

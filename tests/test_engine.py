@@ -173,3 +173,67 @@ def test_bad_requests_are_clear_errors(checkpoints):
         llm.generate([[10**9]], SamplingParams(max_tokens=5), use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def _fail_runner_once(engine, when):
+    """Makes the runner raise on the first step for which ``when(scheduler_output)`` holds."""
+    real = engine.runner.execute
+    state = {"failed": 0}
+
+    def execute(out):
+        if not state["failed"] and when(out):
+            state["failed"] += 1
+            raise IndexError("simulated failure inside the step")
+        return real(out)
+
+    engine.runner.execute = execute
+    return state
+
+
+def test_failed_step_fails_only_its_requests_and_engine_keeps_serving(checkpoints):
+    from engine.step_failure import EngineFatalError
+
+    path = checkpoints["llama"]
+    prompts = random_prompts()
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
+    ref = LLM(path, dtype="float32", num_blocks=64).generate(prompts, params, use_tqdm=False)
+    llm = LLM(path, dtype="float32", num_blocks=64, max_num_seqs=2)
+    engine = llm.engine
+    # two seats: requests 0 and 1 run first; the step after their prefill fails
+    state = _fail_runner_once(engine, lambda out: all(not s.sample or s.output_token_ids for s in out.scheduled)
+                              and any(s.output_token_ids for s in out.scheduled))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        engine.check_integrity()
+    assert state["failed"] == 1
+    victims = sorted(k for k, o in final.items() if o.error is not None)
+    assert victims == ["0", "1"]
+    for k in victims:
+        assert final[k].outputs[0].finish_reason == "error" and "IndexError" in final[k].error
+    for i in range(2, len(prompts)):  # queued behind the failure: untouched
+        assert final[str(i)].error is None
+        assert final[str(i)].outputs[0].token_ids == ref[i].outputs[0].token_ids
+    assert engine.kv.num_free_blocks == 64
+    # the victims' prompts are served correctly afterwards (no half-written block was cached)
+    again = llm.generate(prompts[:2], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in ref[:2]]
+
+    # a device error is fatal at once; repeated failures are fatal too
+    engine.runner.execute = lambda out: (_ for _ in ()).throw(RuntimeError("CUDA error: device-side assert"))
+    engine.add_request("fatal", prompts[0], params)
+    with pytest.raises(EngineFatalError):
+        engine.step()
+    engine.abort_request("fatal")
+    engine.step()
+    engine.runner.execute = lambda out: (_ for _ in ()).throw(ValueError("boom"))
+    outcomes = []
+    with pytest.raises(EngineFatalError, match="in a row"):
+        for i in range(5):
+            engine.add_request(f"r{i}", prompts[1], params)
+            outcomes += [o.outputs[0].finish_reason for o in engine.step()]
+    assert outcomes == ["error", "error"]

@@ -6,11 +6,12 @@ import re
 from pathlib import Path
 
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import examples
 from engine.scheduler.examples import EarliestDeadlinePolicy
-from engine.scheduler.policy import make_policy
-from engine.scheduler.request import Request
+from engine.scheduler.output import SampledTokens
+from engine.scheduler.policies import make_policy
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "scheduling.md"
@@ -47,7 +48,7 @@ def test_tight_deadline_admitted_before_earlier_arrival():
         sched = build(name, max_seqs=1)
         sched.add_request(make_request("batch", 9, 3, priority=1, arrival=0.0))
         sched.add_request(make_request("chat", 9, 3, priority=0, arrival=5.0))
-        order[name] = [r.request_id for r, _ in sched.schedule().scheduled]
+        order[name] = [s.request_id for s in sched.schedule().scheduled]
     assert order["fcfs"] == ["batch"]
     assert order[EarliestDeadlinePolicy] == ["chat"]
 
@@ -72,14 +73,12 @@ def test_latest_deadline_preempted_when_blocks_run_out():
         preempted = []
         for _ in range(4):
             out = sched.schedule()
-            preempted += [r.request_id for r in out.preempted]
-            sched.advance(out)
-            for req, _ in out.scheduled:
-                if req.num_computed_tokens == req.num_tokens:
-                    req.append_output_token(1)
+            preempted += out.preempted_ids
+            sampling = [s.request_id for s in out.scheduled if s.sample]
+            sched.update_from_output(out, SampledTokens(sampling, [1] * len(sampling)))
             if preempted:
                 break
         victims[name] = preempted[:1]
-        sched.kv.check_integrity()
+        sched.check_integrity()
     assert victims["fcfs"] == ["chat"]
     assert victims[EarliestDeadlinePolicy] == ["batch"]

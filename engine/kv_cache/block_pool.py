@@ -89,6 +89,14 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached.setdefault(block_hash, block)
 
+    def uncache(self, block: Block) -> None:
+        """Forgets a block's contents (its K/V was never written, e.g. its step failed), so no
+        prefix lookup can find it. The block's references are unchanged."""
+        if block.block_hash is not None:
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+            block.block_hash = None
+
     def check_integrity(self) -> None:
         """Raises AssertionError if the pool's bookkeeping is inconsistent."""
         free_ids = set(self._free)

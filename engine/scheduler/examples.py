@@ -1,5 +1,5 @@
 """Worked example from docs/scheduling.md: a new scheduling policy in under 30 lines."""
-from engine.scheduler.policy import SchedulingPolicy
+from engine.scheduler.policies import SchedulingPolicy
 
 
 class EarliestDeadlinePolicy(SchedulingPolicy):

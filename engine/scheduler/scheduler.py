@@ -1,16 +1,24 @@
-"""Continuous-batching scheduler.
+"""Continuous-batching scheduler: owns every unfinished request and each step's bookkeeping.
 
-There are no prefill and decode phases. Every step, each scheduled request gets tokens so that
-its ``num_computed_tokens`` catches up with its ``num_tokens``, under a budget of
-``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences. Running requests are served
-first (in admission order, so decode latency stays steady), then waiting requests are admitted in
-the policy's order, each taking as much of the remaining budget as it needs (chunked prefill).
+A step is ``schedule()`` -> runner -> ``update_from_output()``:
 
-When KV blocks run out for a running request, the policy picks a victim among the running
-requests not yet scheduled this step; the victim's blocks are freed and it goes back to the
-waiting queue with ``num_computed_tokens = 0`` (it will recompute, with prefix-cache help).
+* ``schedule`` picks the work. There are no prefill and decode phases: each scheduled request
+  gets tokens so that its ``num_computed_tokens`` catches up with its ``num_tokens``, under a
+  budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences. Running requests
+  are served first (in admission order, so decode latency stays steady), then waiting requests
+  are admitted in the policy's order, each taking as much of the remaining budget as it needs
+  (chunked prefill). When KV blocks run out for a running request, the policy picks a victim
+  among the running requests not yet scheduled this step; the victim's blocks are freed and it
+  goes back to the waiting queue with ``num_computed_tokens = 0`` (it will recompute, with
+  prefix-cache help).
+* ``update_from_output`` applies the runner's result: marks the fed tokens computed, appends
+  each sampled token (and its logprobs), stops requests on EOS, stop token ids, ``max_tokens``
+  or ``max_model_len``, and frees the blocks of those that finished.
+
+Stop strings need text, so the output processor applies them and calls ``finish_request``.
 No request is lost: every request is always in exactly one of ``waiting``, ``running``, or
-finished (removed).
+finished (removed, its blocks freed). The KV cache manager is handed in (any object with
+`KVCacheManager`'s methods); this module does not import the ``kv_cache`` package.
 """
 from __future__ import annotations
 
@@ -18,10 +26,14 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from engine.kv_cache.kv_cache_manager import KVCacheManager
-from engine.scheduler.policy import SchedulingPolicy
-from engine.scheduler.request import Request, RequestStatus
+from engine.request import Request, RequestStatus
+from engine.scheduler.output import SampledTokens, ScheduledRequest, SchedulerOutput
+from engine.scheduler.policies import SchedulingPolicy
+
+if TYPE_CHECKING:
+    from engine.kv_cache.kv_cache_manager import KVCacheManager
 
 
 @dataclass
@@ -30,31 +42,17 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_model_len: int = 2048
     static_batching: bool = False  # admit a new batch only when the running one has finished
-
-
-@dataclass
-class SchedulerOutput:
-    """One step's work: requests and how many new tokens each feeds, in admission order."""
-
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy,
+    def __init__(self, config: SchedulerConfig, kv: "KVCacheManager", policy: SchedulingPolicy,
                  clock: Callable[[], float] = time.time):
         self.config = config
         self.clock = clock  # the simulator passes simulated time
         self.kv = kv
         self.policy = policy
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.running: list[Request] = []
         self._waiting: list[tuple[tuple, int, Request]] = []  # heap (static keys) or list
         self._seq = 0
@@ -70,8 +68,11 @@ class Scheduler:
         return [r for _, _, r in self._waiting]
 
     def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._seq += 1
         request.seq_no = self._seq
+        self.requests[request.request_id] = request
         self.policy.on_added(request)
         self._push_waiting(request)
 
@@ -81,7 +82,8 @@ class Scheduler:
         heapq.heappush(self._waiting, (key, request.seq_no, request))
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
-        """Removes a request from whichever queue holds it and frees its blocks."""
+        """Removes a request from whichever queue holds it and frees its blocks (a no-op for a
+        request that already finished)."""
         if request.status.finished:
             return
         if request.status == RequestStatus.RUNNING:
@@ -90,8 +92,9 @@ class Scheduler:
             self._waiting = [e for e in self._waiting if e[2] is not request]
             heapq.heapify(self._waiting)
         request.status = status
+        del self.requests[request.request_id]
         self._batch.discard(request.request_id)
-        self.kv.free(request)
+        self.kv.free(request.request_id)
         self.policy.on_finished(request)
 
     def has_unfinished(self) -> bool:
@@ -102,6 +105,7 @@ class Scheduler:
         now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
         scheduled_ids: set[str] = set()
 
         for request in list(self.running):
@@ -112,59 +116,155 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            while not self.kv.allocate_slots(request, num_new):
+            while not self.kv.allocate_slots(request.request_id, request.all_token_ids,
+                                             request.num_computed_tokens, num_new, salt=request.cache_salt):
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids]
                 victim = max(candidates, key=lambda r: self.policy.preemption_key(r, now))
                 self._preempt(victim)
-                out.preempted.append(victim)
+                out.preempted_ids.append(victim.request_id)
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue
-            out.scheduled.append((request, num_new))
+            chosen.append((request, num_new))
             scheduled_ids.add(request.request_id)
             budget -= num_new
 
-        admit = not out.preempted
+        admit = not out.preempted_ids
         if admit and self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            if not self.policy.static_keys:  # keys move with time or accounts: re-rank
-                self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
-                heapq.heapify(self._waiting)
-            if self.config.static_batching and not self._batch:
-                # the next batch: the first max_num_seqs waiting requests, fixed until all finish
-                self._batch = {r.request_id for _, _, r in heapq.nsmallest(self.config.max_num_seqs, self._waiting)}
-            while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self._waiting[0][2]
-                if self.config.static_batching and request.request_id not in self._batch:
-                    break
-                cached = self.kv.find_cached_prefix(request)
-                num_computed = len(cached) * self.kv.block_size
-                num_new = min(request.num_tokens - num_computed, budget)
-                if not self.kv.allocate_slots(request, num_new, cached):
-                    break  # keep admission order: don't let later requests jump the queue
-                heapq.heappop(self._waiting)
-                self.kv.record_lookup(request.num_tokens, num_computed)
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = num_computed
-                request.num_computed_tokens = num_computed
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                out.scheduled.append((request, num_new))
-                budget -= num_new
+            budget = self._admit(now, budget, chosen)
 
-        for request, n in out.scheduled:
+        for request, n in chosen:
             self.policy.on_scheduled(request, n)
+        out.scheduled = [self._scheduled(request, n) for request, n in chosen]
         return out
+
+    def _admit(self, now: float, budget: int, chosen: list[tuple[Request, int]]) -> int:
+        """Admits waiting requests in policy order while budget, seats and blocks last."""
+        if not self.policy.static_keys:  # keys move with time or accounts: re-rank
+            self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
+            heapq.heapify(self._waiting)
+        if self.config.static_batching and not self._batch:
+            # the next batch: the first max_num_seqs waiting requests, fixed until all finish
+            self._batch = {r.request_id for _, _, r in heapq.nsmallest(self.config.max_num_seqs, self._waiting)}
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            entry = self._waiting[0]
+            if self.config.static_batching and entry[2].request_id not in self._batch:
+                # a newcomer outranks the batch (or keys moved): admit the batch's best member
+                entry = min((e for e in self._waiting if e[2].request_id in self._batch), default=None)
+                if entry is None:
+                    break
+            request = entry[2]
+            rid, tokens, salt = request.request_id, request.all_token_ids, request.cache_salt
+            cached = self.kv.find_cached_prefix(rid, tokens, salt)
+            num_computed = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.kv.allocate_slots(rid, tokens, 0, num_new, cached, salt):
+                break  # keep admission order: don't let later requests jump the queue
+            if entry is self._waiting[0]:
+                heapq.heappop(self._waiting)
+            else:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            self.kv.record_lookup(request.num_tokens, num_computed)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chosen.append((request, num_new))
+            budget -= num_new
+        return budget
+
+    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request.request_id, request.all_token_ids[start:start + n], start,
+            self.kv.block_ids(request.request_id), start + n == request.num_tokens,
+            request.sampling_params, request.prompt_token_ids, request.output_token_ids, request.generator,
+        )
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        self.kv.free(request.request_id, keep_hashes=True)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._push_waiting(request)
 
-    def advance(self, out: SchedulerOutput) -> None:
-        """Marks the scheduled tokens as computed (call after the forward pass)."""
-        for request, n in out.scheduled:
-            request.num_computed_tokens += n
+    def update_from_output(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
+        """Applies a step's result: the fed tokens become computed, each sampled token is
+        appended (with its logprobs when the request asked), and requests that hit EOS, a stop
+        token id, ``max_tokens`` or ``max_model_len`` finish (blocks freed). Returns them."""
+        for s in output.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is not None:  # else: finished (aborted) since it was scheduled
+                request.num_computed_tokens += len(s.token_ids)
+        finished = []
+        for i, rid in enumerate(sampled.request_ids):
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            token = sampled.token_ids[i]
+            request.append_output_token(token)
+            if request.sampling_params.logprobs is not None and sampled.logprobs is not None:
+                request.logprobs.append(sampled.logprobs[i])
+                request.cumulative_logprob += sampled.chosen_logprobs[i]
+            status = self._stop_status(request, token)
+            if status is not None:
+                self.finish_request(request, status)
+                finished.append(request)
+        return finished
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.config.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def fail_step(self, output: SchedulerOutput) -> list[Request]:
+        """Finishes every still-unfinished request of a step that failed with
+        ``FINISHED_ERROR``. Blocks whose K/V that step was to write leave the prefix cache
+        before they are freed, so no later request can hit unwritten contents."""
+        failed = []
+        for s in output.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is None:
+                continue
+            self.kv.free(request.request_id, keep_hashes=True, num_valid_tokens=s.num_computed_tokens)
+            self.finish_request(request, RequestStatus.FINISHED_ERROR)
+            failed.append(request)
+        return failed
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raises AssertionError unless the queues, the request table and the KV cache agree:
+        every unfinished request is in exactly one queue with its matching status, only running
+        requests hold blocks, and those cover their computed tokens."""
+        self.kv.check_integrity()
+        waiting = [r for _, _, r in self._waiting]
+        ids = [r.request_id for r in self.running] + [r.request_id for r in waiting]
+        assert len(ids) == len(set(ids)), "a request is queued twice"
+        assert set(ids) == set(self.requests), "the request table and the queues disagree"
+        assert all(r.status == RequestStatus.RUNNING for r in self.running), "a running request has another status"
+        assert all(r.status == RequestStatus.WAITING for r in waiting), "a waiting request has another status"
+        assert len(self.running) <= self.config.max_num_seqs
+        for r in self.running:
+            assert len(self.kv.block_ids(r.request_id)) * self.kv.block_size >= r.num_computed_tokens, (
+                f"request {r.request_id}: blocks do not cover its {r.num_computed_tokens} computed tokens")
+        for r in waiting:
+            assert not self.kv.block_ids(r.request_id), f"waiting request {r.request_id} holds blocks"
+        stray = self.kv.tracked_requests() - set(self.requests)
+        assert not stray, f"the KV cache holds state of finished requests {sorted(stray)[:3]}"
+
+    def check_idle(self) -> None:
+        """The O(1) subset of ``check_integrity`` that must hold when nothing is unfinished."""
+        assert not self.requests and not self.running and not self._waiting, "requests left in the scheduler"
+        assert self.kv.is_idle(), (f"KV cache not empty at idle: {self.kv.num_free_blocks} of "
+                                   f"{self.kv.num_blocks} blocks free")

@@ -1,11 +1,15 @@
 """A discrete-event simulator of the engine: the real `Scheduler`, `KVCacheManager`, `Request`
 and policies, with the model replaced by a `CostModel` and wall time by simulated time.
 
-Each loop iteration is one engine step: requests whose arrival time has come are added, the
-scheduler builds the batch (reading simulated time through its ``clock``), the clock advances
-by the cost model's step time, and every request whose prompt is fully computed gets one token,
-exactly as `LLMEngine.step` does. A request generates exactly its trace's ``output_len`` tokens.
-When nothing is running the clock jumps to the next arrival.
+Each loop iteration is one engine step, through the same two calls as `LLMEngine.step`:
+requests whose arrival time has come are added, ``Scheduler.schedule`` builds the batch (reading
+simulated time through its ``clock``), the clock advances by the cost model's step time, and
+``Scheduler.update_from_output`` gets one token for every sequence the runner would sample. A
+request generates exactly its trace's ``output_len`` tokens (EOS is ignored). When nothing is
+running the clock jumps to the next arrival.
+
+This module composes the scheduler with a real `KVCacheManager` (as `LLMEngine` does), so it
+imports ``engine.kv_cache``; the scheduler itself does not.
 
 Guarantees: every request of the trace finishes (or ``simulate`` raises); the KV cache ends
 empty; the same trace, config, policy and cost model give the same result.
@@ -19,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import CostModel
-from engine.scheduler.policy import SchedulingPolicy, make_policy
-from engine.scheduler.request import Request, RequestStatus
+from engine.scheduler.output import SampledTokens
+from engine.scheduler.policies import SchedulingPolicy, make_policy
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 from engine.scheduler.traces import TraceRequest
 
@@ -217,28 +222,29 @@ class Simulator:
             idle_steps = 0
             step_start = self.now
             sum_context = 0
-            for request, n in out.scheduled:
-                sum_context += request.num_computed_tokens + n
-                record = live[request.request_id][1]
+            for s in out.scheduled:
+                sum_context += s.num_computed_tokens + s.num_new_tokens
+                record = live[s.request_id][1]
                 if record.first_scheduled_time != record.first_scheduled_time:  # nan: first time
                     record.first_scheduled_time = step_start
             self.now += cost.step_time(out.num_batched_tokens, sum_context, len(out.scheduled))
-            sched.advance(out)
             num_steps += 1
-            for request, _ in out.scheduled:
-                if request.num_computed_tokens < request.num_tokens:
-                    continue  # a prefill chunk that did not reach the end of the prompt
-                request.append_output_token(request.num_tokens % self.config.vocab_size)
-                record = live[request.request_id][1]
+            # The "model": the next token of a sequence of length L is L mod vocab_size.
+            sampling = [s for s in out.scheduled if s.sample]
+            sampled = SampledTokens([s.request_id for s in sampling],
+                                    [(s.num_computed_tokens + s.num_new_tokens) % self.config.vocab_size
+                                     for s in sampling])
+            finished = sched.update_from_output(out, sampled)
+            for rid in sampled.request_ids:
+                request, record = live[rid]
                 if request.num_output_tokens == 1:
                     record.first_token_time = self.now
-                if request.num_output_tokens >= request.max_tokens:
-                    sched.finish_request(request, RequestStatus.FINISHED_LENGTH)
-                    record.finished_time = self.now
-                    record.num_preemptions = request.num_preemptions
-                    record.num_cached_tokens = max(request.num_cached_tokens, 0)
-                    done.append(record)
-                    del live[request.request_id]
+            for request in finished:
+                record = live.pop(request.request_id)[1]
+                record.finished_time = self.now
+                record.num_preemptions = request.num_preemptions
+                record.num_cached_tokens = max(request.num_cached_tokens, 0)
+                done.append(record)
             timeline.time.append(self.now)
             timeline.kv_usage.append(self.kv.usage)
             timeline.num_running.append(len(sched.running))

@@ -1,21 +1,25 @@
-"""The scheduler's view of one sequence being generated.
+"""One sequence being generated: its tokens, how many of them have K/V in the cache, and its
+status.
 
 A request has ``num_tokens`` tokens (prompt + generated so far) of which the first
 ``num_computed_tokens`` have their K/V in the cache. Scheduling is nothing but letting
 ``num_computed_tokens`` catch up with ``num_tokens``: a fresh prompt catches up over one or more
 steps (chunked prefill), a running request catches up one token per step (decode), and a
 preempted request restarts from zero (recompute), keeping the tokens it already generated.
+
+This module sits below both the scheduler and the KV cache: it imports neither, and the KV cache
+never sees a `Request` (it is handed request ids and token ids).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from engine.kv_cache.block_hash import extend_block_hashes
-from engine.kv_cache.block_pool import BlockHash
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestStatus(enum.Enum):
@@ -24,10 +28,15 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine step that ran it failed
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
 
 
 @dataclass(eq=False)
@@ -40,14 +49,13 @@ class Request:
     priority: int = 0
     cache_salt: str | None = None
     tenant: str | None = None
-    generator: torch.Generator | None = None
+    generator: "torch.Generator | None" = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
     num_preemptions: int = 0
-    block_hashes: list[BlockHash] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -77,8 +85,3 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-
-    def update_block_hashes(self, block_size: int) -> list[BlockHash]:
-        """Hashes of all full blocks of the current tokens (computed incrementally)."""
-        extend_block_hashes(self.block_hashes, self.all_token_ids, block_size, self.cache_salt)
-        return self.block_hashes
