@@ -42,6 +42,7 @@ from server.serving import ModelService, read_json, request_logger
 from server.settings import ServerSettings
 from server.shutdown import Drain
 from server.store import Store, open_store
+from server.usage import parse_time
 
 logger = logging.getLogger("conveyor.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -189,7 +190,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         return JSONResponse({"prompt": tok.decode(req.tokens)})
 
     async def usage_route(request: Request) -> Response:
-        return await gateway.usage_report(request)
+        """`GET /v1/usage?group_by=tenant|user|feature|model&start=&end=` (admin keys only)."""
+        gateway.auth.require_admin(gateway.tenant(request))
+        q = request.query_params
+        return JSONResponse(await gateway.usage.rollup(
+            q.get("group_by", "tenant"), parse_time(q.get("start"), "start"), parse_time(q.get("end"), "end")))
 
     def model_states() -> list[dict[str, str]]:
         return [*({"name": m.name, "state": m.state()} for m in models),

@@ -49,12 +49,13 @@ from server.recorded import RecordedResponse
 from server.response_cache import InFlight, ResponseCache, is_deterministic
 from server.routing import AUTO, Router
 from server.served_models import ModelHandle, ModelSet
-from server.serving import PARAM_NAMES, ClientGone, parse_request, read_json, request_logger, until_disconnect
+from server.serving import (PARAM_NAMES, ClientGone, output_headers, parse_request, read_json, request_logger,
+                            until_disconnect)
 from server.settings import ServerSettings
 from server.shutdown import Drain
 from server.sse import DONE, SSEResponse, sse_event
 from server.store import Store
-from server.usage import UsageLog, UsageRecord, cost, parse_time
+from server.usage import UsageLog, UsageRecord, cost
 
 
 @dataclass(eq=False)
@@ -129,7 +130,7 @@ class Gateway:
                 return first.replay(run.headers)
             if req.stream:
                 run.streaming = True
-                headers = {**_output_headers(first), **run.headers}
+                headers = {**output_headers(first), **run.headers}
                 body_events, owned = self._sse(run, first, parts, headers), parts
                 parts = None  # the stream's body owns the pipeline now, and the response closes it
                 return SSEResponse(body_events, headers=headers, also_close=owned)
@@ -137,7 +138,7 @@ class Gateway:
             while not final.finished:
                 final = await anext(parts)
             run.log.info("finished: %s", [c.finish_reason for c in final.outputs])
-            headers = {**_output_headers(final, generated=True), **run.headers,
+            headers = {**output_headers(final, generated=True), **run.headers,
                        "X-Conveyor-Cost": f"{_cost(run.model, output_usage(final)):.8f}"}
             content = run.formatter.response(final)
             run.answer = RecordedResponse(200, headers, body=content, usage=output_usage(final))
@@ -246,15 +247,7 @@ class Gateway:
         if not run.tenant.guards:
             return None
         chain = GuardChain([self.guards[g] for g in run.tenant.guards], self.metrics.guard_action)
-        if run.req.logprobs is not None:  # token strings would bypass the output guards
-            raise APIError(400, "logprobs are not available to tenants with output guardrails.",
-                           param="logprobs", code="unsupported")
-        req = run.req
-        if isinstance(req, ChatCompletionRequest):
-            texts = chain.check_input([m["content"] for m in req.messages])
-            req.messages = [{**m, "content": t} for m, t in zip(req.messages, texts)]
-        elif isinstance(req.prompt, str):
-            req.prompt = chain.check_input([req.prompt])[0]
+        chain.check_request(run.req)
         return chain
 
     def _route(self, tenant: TenantConfig, req: GenerationRequest) -> tuple[ModelHandle, str, list[int]]:
@@ -386,15 +379,6 @@ class Gateway:
         m.tenant_cost.labels(rec.tenant, rec.model).inc(rec.cost)
         await self.usage.record(rec)
 
-    # ---- usage report --------------------------------------------------------------------
-    async def usage_report(self, request: Request) -> Response:
-        """`GET /v1/usage?group_by=tenant|user|feature|model&start=&end=` (admin keys only)."""
-        self.auth.require_admin(self.tenant(request))
-        q = request.query_params
-        report = await self.usage.rollup(q.get("group_by", "tenant"), parse_time(q.get("start"), "start"),
-                                         parse_time(q.get("end"), "end"))
-        return JSONResponse(report)
-
 
 def _cost(model: ModelHandle, u: dict[str, Any]) -> float:
     return cost(model.priced.price, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
@@ -410,14 +394,3 @@ def _text_of(req: GenerationRequest) -> str:
     if isinstance(req, ChatCompletionRequest):
         return "\n".join(m["content"] for m in req.messages)
     return req.prompt if isinstance(req.prompt, str) else ""
-
-
-def _output_headers(out: RequestOutput, generated: bool = False) -> dict[str, str]:
-    h = {"X-Conveyor-Prompt-Tokens": str(len(out.prompt_token_ids))}
-    if generated:
-        h["X-Conveyor-Generated-Tokens"] = str(sum(len(c.token_ids) for c in out.outputs))
-    if out.metrics.queue_time is not None:
-        h["X-Conveyor-Queue-Time"] = f"{out.metrics.queue_time:.6f}"
-    if out.metrics.time_to_first_token is not None:
-        h["X-Conveyor-Time-To-First-Token"] = f"{out.metrics.time_to_first_token:.6f}"
-    return h

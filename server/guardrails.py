@@ -23,6 +23,7 @@ from engine.outputs import RequestOutput
 from server.config_file import GuardConfig
 from server.errors import APIError
 from server.pii import StreamRedactor, redact
+from server.protocol import ChatCompletionRequest, GenerationRequest
 
 
 @dataclass
@@ -136,6 +137,18 @@ class GuardChain:
             if actions:
                 self.on_action(g.name, "redact_input", actions)
         return texts
+
+    def check_request(self, req: GenerationRequest) -> None:
+        """Refuses what output guards could not cover (logprobs carry raw token strings), then
+        runs the input guards over the prompt or message texts, writing back any rewrite."""
+        if req.logprobs is not None:
+            raise APIError(400, "logprobs are not available to tenants with output guardrails.",
+                           param="logprobs", code="unsupported")
+        if isinstance(req, ChatCompletionRequest):
+            texts = self.check_input([m["content"] for m in req.messages])
+            req.messages = [{**m, "content": t} for m, t in zip(req.messages, texts)]
+        elif isinstance(req.prompt, str):
+            req.prompt = self.check_input([req.prompt])[0]
 
     def _feed(self, filters: list[OutputFilter], chunk: str, final: bool) -> Filtered:
         blocked = False

@@ -5,7 +5,7 @@ A request is deterministic when its output is a function of the request alone: g
 (`temperature == 0`) or seeded. Both pieces are opt-in and keyed by tenant + the request's
 fingerprint, so tenants never see each other's outputs. Guarantees:
 - `ResponseCache.get` returns only a response stored for the same tenant and fingerprint
-  within `ttl_seconds`;
+  within `ttl_seconds`; a store outage is a miss, never an error;
 - `InFlight`: of identical concurrent requests one leads (runs the engine); the others await
   its recorded response, or `None` if it failed, in which case they run on their own.
 """
@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from server.recorded import RecordedResponse
-from server.store import Store
+from server.store import Store, StoreUnavailable
 
 
 def is_deterministic(sampling: dict) -> bool:
@@ -28,11 +28,19 @@ class ResponseCache:
     ttl_seconds: float = 300.0
 
     async def get(self, tenant: str, fp: str) -> RecordedResponse | None:
-        raw = await self.store.get(f"cache:{tenant}:{fp}")
+        """The stored response, or None (also while the store is unreachable: a miss)."""
+        try:
+            raw = await self.store.get(f"cache:{tenant}:{fp}")
+        except StoreUnavailable:
+            return None
         return None if raw is None else RecordedResponse.loads(raw)
 
     async def put(self, tenant: str, fp: str, response: RecordedResponse) -> None:
-        await self.store.set(f"cache:{tenant}:{fp}", response.dumps(), ttl=self.ttl_seconds)
+        """Stores the response; while the store is unreachable it is simply not cached."""
+        try:
+            await self.store.set(f"cache:{tenant}:{fp}", response.dumps(), ttl=self.ttl_seconds)
+        except StoreUnavailable:
+            pass
 
 
 @dataclass

@@ -208,3 +208,15 @@ class ModelService:
             await outputs.aclose()  # aborts the engine request if it is still running
             if not refused and (last is None or not last.finished):
                 self.metrics.observe_finished(last, ABORT)
+
+
+def output_headers(out: RequestOutput, generated: bool = False) -> dict[str, str]:
+    """`X-Conveyor-*` token counts and timings of a generation response."""
+    h = {"X-Conveyor-Prompt-Tokens": str(len(out.prompt_token_ids))}
+    if generated:
+        h["X-Conveyor-Generated-Tokens"] = str(sum(len(c.token_ids) for c in out.outputs))
+    if out.metrics.queue_time is not None:
+        h["X-Conveyor-Queue-Time"] = f"{out.metrics.queue_time:.6f}"
+    if out.metrics.time_to_first_token is not None:
+        h["X-Conveyor-Time-To-First-Token"] = f"{out.metrics.time_to_first_token:.6f}"
+    return h
