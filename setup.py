@@ -7,7 +7,7 @@ setup(
     description="LLM inference engine with continuous batching, paged KV cache and an OpenAI-compatible server",
     packages=find_packages(include=["conveyor", "conveyor.*", "engine", "engine.*", "server", "server.*",
                                     "benchmarks", "benchmarks.*"]),
-    package_data={"server": ["static/*"]},
+    package_data={"server": ["static/*"], "engine": ["kernels/csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned so that pip takes the CPU wheel on machines without a GPU;
@@ -26,6 +26,7 @@ setup(
         "pyyaml",
         "redis",
         "regex",
+        "ninja",  # builds the C++ CPU attention kernel on first use (engine/kernels/cpu_extension.py)
         "swagger-ui-py>=25.7",  # Swagger UI's assets for /docs, served locally
     ],
     extras_require={

@@ -44,8 +44,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--scheduling-policy", default="fcfs",
                    help="fcfs, priority, sjf, fair, or module:Class for your own (docs/scheduling.md)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="attention kernels; auto: triton on GPU, torch on CPU")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
+                   help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: one per physical core)")

@@ -28,7 +28,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     static_batching: bool = False
     # Execution
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | triton | cpu
     enforce_eager: bool = False
     num_threads: int | None = None
     # Requests: where unset sampling fields take their defaults (auto | vllm: the model's
@@ -50,7 +50,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
+            raise ValueError(f"attention_backend must be auto, torch, triton or cpu, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")

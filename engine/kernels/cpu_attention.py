@@ -1,0 +1,34 @@
+"""Paged attention on CPU through the C++ kernel (`csrc/paged_attention.cpp`).
+
+Prefill chunks and decodes go through one kernel call per layer that reads K/V blocks in place
+through the block table: no padded copy of any context, no repeated K/V for GQA, float32
+accumulation for float32, bfloat16 and float16 caches. `get_attention_backend` picks it for
+`auto` on CPU when the extension compiled (`cpu_extension.cpu_ops_available`).
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.kernels.cpu_extension import cpu_ops_available
+from engine.kernels.torch_attention import write_kv
+
+
+class CpuPagedAttentionBackend:
+    """Guarantees the torch backend's results (to float rounding) for every batch the runner
+    builds; raises RuntimeError at construction if the extension is unavailable."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        if not cpu_ops_available():
+            raise RuntimeError("the CPU attention extension could not be built (see the log); use attention_backend='torch'")
+        self._op = torch.ops.conveyor_cpu.paged_attention
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self._op(out, q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+        return out

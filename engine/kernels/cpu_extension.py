@@ -1,0 +1,107 @@
+"""Builds and loads the C++ CPU kernels (`csrc/*.cpp`) on first use.
+
+The extension is compiled with `torch.utils.cpp_extension.load` for the host's ISA
+(`-O3 -march=native`, OpenMP) into a cache folder keyed by the torch version, the source and the
+CPU's model and flags, so a later process (or a machine with another CPU sharing the folder)
+never loads code built for a different host. Compiling needs a C++ compiler and ninja (the
+`ninja` PyPI package is enough); it takes ~30 s once, then loading takes milliseconds.
+
+Guarantees: `cpu_ops_available()` is True only when the ops are registered under
+`torch.ops.conveyor_cpu`; on any failure it logs the reason once and returns False, and callers
+use the plain-torch path instead.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's model name and feature flags (what -march=native compiles for)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in lines:
+            lines[key] = value.strip()
+    return repr(sorted(lines.items()))
+
+
+def build_directory() -> Path:
+    """Where the compiled extension lives: $CONVEYOR_KERNEL_CACHE, else ~/.cache/conveyor/kernels."""
+    root = os.environ.get("CONVEYOR_KERNEL_CACHE") or Path.home() / ".cache" / "conveyor" / "kernels"
+    return Path(root)
+
+
+def _build_name(sources, cflags) -> str:
+    digest = hashlib.sha256()
+    for part in (torch.__version__, platform.machine(), _cpu_fingerprint(), " ".join(cflags)):
+        digest.update(part.encode())
+    for src in sources:
+        digest.update(Path(src).read_bytes())
+    return f"conveyor_cpu_{digest.hexdigest()[:16]}"
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the PyPI wheel puts it next to the interpreter,
+    which is not on PATH when the venv's python is run without activating the venv."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def build_and_load(sources=SOURCES, cflags=CFLAGS, root: Path | None = None) -> bool:
+    """Compiles `sources` (or reuses the build cached under `root`) and loads the library into
+    the process. Returns False, with the reason logged as a warning, if anything fails."""
+    try:
+        from torch.utils import cpp_extension
+
+        _ensure_ninja_on_path()
+        name = _build_name(sources, cflags)
+        out_dir = (root or build_directory()) / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
+                           extra_ldflags=["-fopenmp"], build_directory=str(out_dir), is_python_module=False,
+                           verbose=False)
+    except Exception as exc:  # no compiler, ninja or headers; a build error
+        lines = str(exc).strip().splitlines()
+        log.warning("CPU attention kernel unavailable, using the plain-torch attention path: %s",
+                    lines[-1] if lines else type(exc).__name__)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_ops_available() -> bool:
+    """True when `torch.ops.conveyor_cpu.paged_attention` is usable, building it on first use on
+    this host; False (logged once per process) when it cannot be built."""
+    if not _registered() and not build_and_load():
+        return False
+    if not _registered():
+        log.warning("CPU attention kernel built but its ops did not register; using the plain-torch path")
+        return False
+    return True
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops.conveyor_cpu, "paged_attention")
