@@ -36,7 +36,8 @@ setup(
         "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib",
                  "openapi-spec-validator", "psutil",
                  "schemathesis==4.32.5",  # tests/test_fuzz_openapi.py (pinned: its API changes)
-                 "selenium==4.51.0"],  # drives Debian's chromium in tests/test_pages_browser.py
+                 "selenium==4.51.0",  # drives Debian's chromium in tests/test_pages_browser.py
+                 "jsonschema"],  # tests/test_openapi_doc.py checks requests against the document
         "bench": ["matplotlib", "httpx", "psutil"],
     },
     entry_points={"console_scripts": ["conveyor=conveyor.cli:main"]},

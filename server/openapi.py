@@ -1,8 +1,16 @@
 """The OpenAPI 3.1 description of every route, served at `/openapi.json` (and rendered by
-`/docs` with locally served assets)."""
+`/docs` with locally served assets).
+
+It describes what the server accepts, as tightly as a schema can: a request it marks valid
+is accepted unless it breaks a rule that depends on the model or the server's settings (token
+ids below the vocabulary size, prompt + max_tokens within the context, total size of stop
+strings, configured caps), and those rules are stated in the field descriptions.
+"""
 from __future__ import annotations
 
 from typing import Any
+
+from engine.sampling_params import SEED_RANGE
 
 
 def _ref(name: str) -> dict:
@@ -15,39 +23,53 @@ def _json(schema: dict, description: str) -> dict:
 
 _ERRORS = {code: _json(_ref("ErrorResponse"), text) for code, text in {
     "400": "Invalid request (the field is named in error.param)",
+    "401": "Missing or unknown API key (servers configured with keys)",
+    "403": "The API key may not use this model or route",
     "404": "Unknown model or route",
     "408": "The request's timeout passed",
+    "409": "Idempotency key in use by a request still running",
     "413": "Request body too large",
+    "422": "Idempotency key reused with a different request",
+    "429": "Rate limit exceeded (see Retry-After and x-ratelimit-* headers)",
+    "500": "Internal error (details only in the server log)",
     "503": "Engine not ready or server overloaded (see Retry-After)",
 }.items()}
 
 _NUM = {"type": "number"}
 _INT = {"type": "integer"}
+_INT64 = {"type": "integer", "minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
 _BOOL = {"type": "boolean"}
 _STR = {"type": "string"}
 _NULLABLE_STR = {"type": ["string", "null"]}
+_TOKEN_ID = {**_INT, "minimum": 0, "description": "Below the model's vocabulary size."}
+_NONEMPTY_STR = {**_STR, "minLength": 1}
+_MODEL_DEFAULT = "Unset: the model's default (its generation_config; see --generation-config), else "
 
 _SAMPLING = {
     "model": {**_STR, "description": "Defaults to the served model."},
-    "max_tokens": {**_INT, "minimum": 1, "description": "Defaults to the rest of the context."},
-    "temperature": {**_NUM, "minimum": 0, "maximum": 2, "default": 1},
-    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-    "top_k": {**_INT, "minimum": -1, "default": 0, "description": "0 or -1: off."},
-    "min_p": {**_NUM, "minimum": 0, "maximum": 1, "default": 0},
+    "max_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1,
+                   "description": "Defaults to the rest of the context; prompt + max_tokens must fit "
+                                  "in the context (and under the server's cap, if any)."},
+    "temperature": {**_NUM, "minimum": 0, "maximum": 2, "description": _MODEL_DEFAULT + "1. 0: greedy."},
+    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1, "description": _MODEL_DEFAULT + "1."},
+    "top_k": {**_INT, "minimum": -1, "maximum": 2 ** 63 - 1, "description": _MODEL_DEFAULT + "off (0 or -1)."},
+    "min_p": {**_NUM, "minimum": 0, "maximum": 1, "description": _MODEL_DEFAULT + "0."},
     "n": {**_INT, "minimum": 1, "maximum": 128, "default": 1},
-    "seed": _INT,
+    "seed": {**_INT, "minimum": SEED_RANGE[0], "maximum": SEED_RANGE[1]},
     "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2},
     "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
-    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "default": 1},
-    "stop": {"oneOf": [_STR, {"type": "array", "items": _STR}]},
-    "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0}},
+    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "description": _MODEL_DEFAULT + "1."},
+    "stop": {"oneOf": [_NONEMPTY_STR, {"type": "array", "items": _NONEMPTY_STR, "maxItems": 16}],
+             "description": "Up to 16 strings of at most 4096 characters in total (the engine's "
+                            "max_stop_strings / max_stop_chars)."},
+    "stop_token_ids": {"type": "array", "items": _TOKEN_ID},
     "ignore_eos": _BOOL,
-    "min_tokens": {**_INT, "minimum": 0},
+    "min_tokens": {**_INT, "minimum": 0, "maximum": 2 ** 63 - 1, "description": "At most max_tokens."},
     "include_stop_str_in_output": _BOOL,
     "skip_special_tokens": {**_BOOL, "default": True},
-    "priority": {**_INT, "description": "Lower runs first under the priority policy."},
+    "priority": {**_INT64, "description": "Lower runs first under the priority policy."},
     "user": _STR,
-    "timeout": {**_NUM, "exclusiveMinimum": 0, "description": "Seconds before the request is aborted."},
+    "timeout": {**_NUM, "minimum": 0.001, "description": "Seconds before the request is aborted."},
     "stream": _BOOL,
     "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
 }
@@ -57,25 +79,38 @@ _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "
                          "prompt_tokens_details": {"type": "object",
                                                    "properties": {"cached_tokens": _INT}}}}
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _TOKEN_ID}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": _STR}}
+_USAGE_GROUPS = ["tenant", "user", "feature", "model"]  # server/usage.py GROUPS
+_TIME = {"anyOf": [_NUM, {**_STR, "format": "date-time"}],
+         "description": "A unix timestamp (finite) or an ISO-8601 time."}
+
 _SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type"],
-        "properties": {"message": _STR, "type": _STR, "param": _NULLABLE_STR,
-                       "code": {"type": ["string", "integer", "null"]}}}}},
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": _STR, "type": _STR, "param": _NULLABLE_STR, "code": _STR}}}},
     "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": {
         **_SAMPLING,
-        "prompt": {"oneOf": [_STR, {"type": "array", "items": _INT}]},
+        "prompt": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS,
+                             {"type": "array", "minItems": 1, "maxItems": 1,
+                              "items": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS]},
+                              "description": "A batch of one prompt."}]},
         "logprobs": {**_INT, "minimum": 0, "maximum": 20}}},
     "ChatMessage": {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": {
-            "type": "object", "properties": {"type": {"const": "text"}, "text": _STR}}}]}}},
+        "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": _TEXT_PART}]}}},
     "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
         **_SAMPLING,
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
-        "max_completion_tokens": {**_INT, "minimum": 1},
-        "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20},
-        "add_generation_prompt": {**_BOOL, "default": True}}},
+        "max_completion_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1},
+        "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20,
+                                            "description": "Needs logprobs: true."},
+        "add_generation_prompt": {**_BOOL, "default": True}},
+        # top_logprobs above 0 needs logprobs: true
+        "dependentSchemas": {"top_logprobs": {"anyOf": [
+            {"properties": {"top_logprobs": {"const": 0}}},
+            {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}]}}},
     "Usage": _USAGE,
     "Completion": {"type": "object", "properties": {
         "id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR,
@@ -93,34 +128,56 @@ _SCHEMAS: dict[str, Any] = {
         "type": "array", "items": {"type": "object", "properties": {
             "id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR,
             "max_model_len": _INT}}}}},
-    "TokenizeRequest": {"type": "object", "properties": {
-        "model": _STR, "prompt": _STR, "messages": {"type": "array", "items": _ref("ChatMessage")},
-        "add_special_tokens": {**_BOOL, "default": True}}},
+    "TokenizeRequest": {
+        "type": "object",
+        "description": "Exactly one of prompt or messages.",
+        "properties": {"model": _STR, "prompt": _STR,
+                       "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+                       "add_special_tokens": {**_BOOL, "default": True}},
+        "oneOf": [{"required": ["prompt"], "not": {"required": ["messages"]}},
+                  {"required": ["messages"], "not": {"required": ["prompt"]}}]},
     "TokenizeResponse": {"type": "object", "properties": {
         "tokens": {"type": "array", "items": _INT}, "count": _INT, "max_model_len": _INT}},
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
-        "model": _STR, "tokens": {"type": "array", "items": _INT}}},
+        "model": _STR, "tokens": {"type": "array", "items": _TOKEN_ID}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
+    "UsageReport": {"type": "object", "required": ["object", "group_by", "data"], "properties": {
+        "object": {"const": "list"}, "group_by": {"enum": _USAGE_GROUPS},
+        "start": {"type": ["number", "null"]}, "end": {"type": ["number", "null"]},
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            **{g: _STR for g in _USAGE_GROUPS}, "requests": _INT, "prompt_tokens": _INT,
+            "cached_tokens": _INT, "completion_tokens": _INT, "cost": _NUM}}}}},
 }
+
+
+# One server-sent event of a stream: `data` is a JSON chunk (Completion / ChatCompletion
+# shaped, with deltas), an in-band error envelope, or the final `[DONE]`.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": _STR, "data": _STR, "id": _STR, "retry": _INT}}
 
 
 def _generation(summary: str, request: str, response: str) -> dict:
     return {"post": {
         "summary": summary,
+        "description": "An `Idempotency-Key` header (1 to 255 visible ASCII characters) makes "
+                       "retries safe where the server's config enables idempotency.",
         "parameters": [{"name": "X-Request-Id", "in": "header", "required": False, "schema": _STR}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
         "responses": {
             "200": {"description": "The completion; with stream=true, server-sent events of "
                                    "chunks ending with `data: [DONE]`",
                     "content": {"application/json": {"schema": _ref(response)},
-                                "text/event-stream": {"schema": _STR}}},
+                                "text/event-stream": {"schema": _SSE_EVENT}}},
             **_ERRORS}}}
 
 
-def _simple(method: str, summary: str, response: dict, request: str | None = None) -> dict:
+def _simple(method: str, summary: str, response: dict, request: str | None = None,
+            parameters: list[dict] | None = None) -> dict:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": response, **_ERRORS}}
     if request is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
+    if parameters:
+        op["parameters"] = parameters
     return {method: op}
 
 
@@ -128,6 +185,14 @@ def build_openapi(version: str) -> dict:
     """The whole document; it validates as OpenAPI 3.1."""
     text = {"description": "Plain text", "content": {"text/plain": {"schema": _STR}}}
     html = {"description": "HTML page", "content": {"text/html": {"schema": _STR}}}
+    usage_params = [
+        {"name": "group_by", "in": "query", "required": False,
+         "schema": {"enum": _USAGE_GROUPS, "default": "tenant"}},
+        {"name": "start", "in": "query", "required": False, "schema": _TIME,
+         "description": "Only records at or after this time."},
+        {"name": "end", "in": "query", "required": False, "schema": _TIME,
+         "description": "Only records before this time."},
+    ]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Conveyor", "version": version,
@@ -137,15 +202,20 @@ def build_openapi(version: str) -> dict:
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest",
                                                 "ChatCompletion"),
             "/v1/models": _simple("get", "Served models", _json(_ref("ModelList"), "Models")),
+            "/v1/usage": _simple("get", "Token and cost totals per group (admin keys only)",
+                                 _json(_ref("UsageReport"), "Usage report"), parameters=usage_params),
             "/tokenize": _simple("post", "Tokenize a prompt or chat messages",
                                  _json(_ref("TokenizeResponse"), "Token ids"), "TokenizeRequest"),
             "/detokenize": _simple("post", "Token ids to text",
                                    _json(_ref("DetokenizeResponse"), "Text"), "DetokenizeRequest"),
-            "/health": _simple("get", "200 when the engine is ready, 503 otherwise",
+            "/health": _simple("get", "Liveness: 503 only when an engine stopped (restart the process)",
                                _json({"type": "object"}, "Healthy")),
+            "/ready": _simple("get", "Readiness: 200 when every model can serve, 503 otherwise",
+                              _json({"type": "object"}, "Ready")),
             "/version": _simple("get", "Server version",
                                 _json({"type": "object", "properties": {"version": _STR}}, "Version")),
             "/metrics": _simple("get", "Prometheus metrics", text),
+            "/admin/metrics": _simple("get", "Per-tenant Prometheus metrics (admin keys only)", text),
             "/openapi.json": _simple("get", "This document", _json({"type": "object"}, "OpenAPI")),
             "/docs": _simple("get", "Interactive API console (Swagger UI)", html),
             "/": _simple("get", "Chat playground", html),

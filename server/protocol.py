@@ -19,6 +19,26 @@ INT64 = (-(2 ** 63), 2 ** 63 - 1)  # bounds of integer fields that have no tight
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def _as_int(value: Any) -> int | None:
+    """`value` as an int when it is a JSON integer: an int (not a bool), or a float with no
+    fractional part (JSON Schema counts 2.0 as an integer, as do OpenAI's SDKs); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    """`value` as a list of non-negative ints, or None if it is not one."""
+    if not isinstance(value, list):
+        return None
+    ids = [_as_int(v) for v in value]
+    return None if any(i is None or i < 0 for i in ids) else ids
+
+
 class _Fields:
     """Typed access to a JSON object's fields; each getter raises a 400 naming the field."""
 
@@ -38,9 +58,10 @@ class _Fields:
                 hi: int | None = None) -> int | None:
         if not self._present(name):
             return default
-        value = self.body[name]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad_request(f"{self._name(name)} must be an integer, got {show(value)}", self._name(name))
+        value = _as_int(self.body[name])
+        if value is None:
+            raise bad_request(f"{self._name(name)} must be an integer, got {show(self.body[name])}",
+                              self._name(name))
         self._range(name, value, lo, hi)
         return value
 
@@ -75,9 +96,8 @@ class _Fields:
     def int_list(self, name: str) -> list[int] | None:
         if not self._present(name):
             return None
-        value = self.body[name]
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        value = _token_ids(self.body[name])
+        if value is None:
             raise bad_request(f"{self._name(name)} must be a list of non-negative integers",
                               self._name(name))
         return value
@@ -131,8 +151,9 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     if best_of is not None and best_of != n:
         raise bad_request("best_of different from n is not supported", "best_of", code="unsupported")
     max_tokens = None
-    for name in max_tokens_names:
-        max_tokens = f.integer(name, None, 1, INT64[1]) if max_tokens is None else max_tokens
+    for name in max_tokens_names:  # each is validated; the first one given wins
+        value = f.integer(name, None, 1, INT64[1])
+        max_tokens = value if max_tokens is None else max_tokens
     stream_options = f.body.get("stream_options")
     include_usage = False
     if stream_options is not None:
@@ -189,9 +210,9 @@ def _prompt(value: Any) -> str | list[int]:
         if not value:
             raise bad_request("prompt must not be empty", "prompt")
         return value
-    if isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-        return value
+    ids = _token_ids(value)
+    if ids:
+        return ids
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
         raise bad_request("batched prompts are not supported: send one prompt per request",
                           "prompt", code="unsupported")
