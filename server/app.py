@@ -166,11 +166,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
             "id": m.name, "object": "model", "created": int(time.time()), "owned_by": "conveyor",
             "root": m.name, "max_model_len": m.engine.max_model_len} for m in ready]})
 
-    async def tokenize(request: Request) -> Response:
+    async def model_request(request: Request, parse: Any) -> tuple[Any, ModelHandle]:
+        """The parsed body of a /tokenize or /detokenize request and its (ready) model."""
         tenant = gateway.tenant(request)
-        req = TokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
+        req = parse(await read_json(request, settings.max_body_bytes))
         model = models.lookup(tenant, req.model)
         model.service.require_ready()
+        return req, model
+
+    async def tokenize(request: Request) -> Response:
+        req, model = await model_request(request, TokenizeRequest.from_json)
         tok = model.engine.tokenizer
         if req.messages is not None:
             text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
@@ -180,10 +185,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": model.engine.max_model_len})
 
     async def detokenize(request: Request) -> Response:
-        tenant = gateway.tenant(request)
-        req = DetokenizeRequest.from_json(await read_json(request, settings.max_body_bytes))
-        model = models.lookup(tenant, req.model)
-        model.service.require_ready()
+        req, model = await model_request(request, DetokenizeRequest.from_json)
         tok = model.engine.tokenizer
         if any(t >= len(tok) for t in req.tokens):
             raise APIError(400, f"tokens must be below the vocabulary size {len(tok)}", param="tokens")

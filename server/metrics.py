@@ -164,18 +164,16 @@ class ServerMetrics:
             "vllm:request_success", "Finished requests by finish reason (abort: the client left, "
             "the request timed out or the server stopped it).",
             ["model_name", "finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
-                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.",
-                             ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency end to end.",
-                             ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting.",
-                                    ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.step_time = Histogram("conveyor_step_time_seconds", "Duration of one engine step.",
-                                   ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("conveyor_batch_size", "Requests in one engine step.",
-                                    ["model_name"], buckets=_BATCH_BUCKETS, registry=r)
+
+        def per_model(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=r)
+
+        self.ttft = per_model("vllm:time_to_first_token_seconds", "Time to first token.")
+        self.itl = per_model("vllm:inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e = per_model("vllm:e2e_request_latency_seconds", "Request latency end to end.")
+        self.queue_time = per_model("vllm:request_queue_time_seconds", "Time spent waiting.")
+        self.step_time = per_model("conveyor_step_time_seconds", "Duration of one engine step.")
+        self.batch_size = per_model("conveyor_batch_size", "Requests in one engine step.", _BATCH_BUCKETS)
         self.rejected = Counter("conveyor_requests_rejected", "Requests refused by backpressure.",
                                 ["reason"], registry=r)
         self.http_requests = Counter("conveyor_http_requests", "HTTP requests by route and status "
