@@ -48,7 +48,7 @@ class Drain:
         if self.deadline is not None:
             return
         self.deadline = self._loop.time() + self.timeout_seconds
-        logger.warning("shutting down: new requests are refused; running requests have %.0f s to finish",
+        logger.warning("shutting down: new requests are refused; running requests have %g s to finish",
                        self.timeout_seconds)
         for callback in self.on_begin:
             callback(self.deadline)
