@@ -14,7 +14,6 @@ emitted the window slides forward, so each step decodes a few tokens: O(1) per t
 from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
-from engine.stop_checker import StopMatcher
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded as context before the first output token. Tokenizers whose decoding of a
@@ -56,7 +55,7 @@ class IncrementalDetokenizer:
         self._text = ""
         self._sent = 0  # how much of _text stream_delta has handed out
         # sees every character of _text once, in order, so its positions index into _text
-        self._stops = StopMatcher(params.stop) if params.stop else None
+        self._stops = params.stop_matcher()
 
     @property
     def output_text(self) -> str:

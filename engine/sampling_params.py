@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidParameterError, show
+from engine.stop_checker import StopAutomaton, StopMatcher
 
 # Bounds shared with the OpenAI API.
 MAX_LOGPROBS = 20
@@ -97,6 +98,9 @@ class SamplingParams:
     # Names of MODEL_DEFAULTABLE fields the caller left unset (None); computed at construction.
     # It is an init field so that `SamplingParams(**vars(p))` and `dataclasses.replace` keep it.
     unset: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    # The automaton of `stop`, built on the first `stop_matcher()` call and shared by the n
+    # sequences of the request (and by clones); rebuilt if `stop` changes.
+    stop_automaton: StopAutomaton | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.unset, (set, frozenset)) or not set(self.unset) <= MODEL_DEFAULTABLE.keys():
@@ -228,6 +232,16 @@ class SamplingParams:
         """Length of the longest stop string (0 when there is none)."""
         return max((len(s) for s in self.stop), default=0)
 
+    def stop_matcher(self) -> StopMatcher | None:
+        """A fresh matcher over the stop strings (None when there are none)."""
+        if not self.stop:
+            return None
+        if self.stop_automaton is None or self.stop_automaton.stops != tuple(self.stop):
+            self.stop_automaton = StopAutomaton(self.stop)
+        return StopMatcher(self.stop_automaton)
+
     def clone(self) -> "SamplingParams":
-        """An independent copy: changing its lists leaves this one untouched."""
-        return copy.deepcopy(self)
+        """An independent copy: changing its lists leaves this one untouched. The stop
+        automaton, never modified once built, is shared rather than copied."""
+        memo = {} if self.stop_automaton is None else {id(self.stop_automaton): self.stop_automaton}
+        return copy.deepcopy(self, memo)

@@ -14,23 +14,12 @@ from __future__ import annotations
 from collections import deque
 
 
-class StopMatcher:
-    """Finds stop strings in a stream of text.
-
-    Guarantees: `feed(piece)` reports the match with the earliest start among the matches that
-    end inside `piece` (ties at one start go to the string earlier in `stops`), as
-    (start, index into stops), with `start` counted in characters since the first `feed`.
-    `held_back()` is the length of the longest suffix of everything fed so far that is a
-    proper prefix of some stop string: text that may still turn into a stop string once more
-    text arrives. Both cost O(len(piece)) amortized, resp. O(1). `steps` counts automaton
-    transitions taken (for tests that check the work done).
-    """
+class StopAutomaton:
+    """The Aho-Corasick automaton of a list of stop strings: immutable once built, so one
+    request's sequences (n > 1) share it. Building costs O(total length of the strings)."""
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops = list(stops)
-        self.steps = 0
-        self._pos = 0  # characters fed so far
-        self._state = 0
+        self.stops = tuple(stops)
         goto: list[dict[str, int]] = [{}]
         word = [-1]  # index of the (first) stop string ending exactly at this node
         depth = [0]
@@ -49,7 +38,8 @@ class StopMatcher:
                 word[node] = index
         fail = [0] * len(goto)
         # Per node, over its failure chain (itself included), the first node that ends a stop
-        # string (the longest one ending here) and the first that is a proper prefix of one.
+        # string (the longest one ending here) and the depth of the first that is a proper
+        # prefix of one (has children).
         longest_word = [-1] * len(goto)
         partial = [0] * len(goto)
         queue = deque([0])
@@ -64,13 +54,35 @@ class StopMatcher:
                     f = fail[f]
                 fail[child] = goto[f][ch] if node and ch in goto[f] else 0
                 queue.append(child)
-        self._goto, self._fail, self._word, self._depth = goto, fail, word, depth
-        self._longest_word, self._partial = longest_word, partial
+        self.goto, self.fail, self.word, self.depth = goto, fail, word, depth
+        self.longest_word, self.partial = longest_word, partial
+
+
+class StopMatcher:
+    """Finds stop strings in a stream of text, with the automaton of `stops` (a list of
+    strings, or a prebuilt StopAutomaton to share one between sequences).
+
+    Guarantees: `feed(piece)` reports the match with the earliest start among the matches that
+    end inside `piece` (ties at one start go to the string earlier in `stops`), as
+    (start, index into stops), with `start` counted in characters since the first `feed`.
+    `held_back()` is the length of the longest suffix of everything fed so far that is a
+    proper prefix of some stop string: text that may still turn into a stop string once more
+    text arrives. Both cost O(len(piece)) amortized, resp. O(1). `steps` counts automaton
+    transitions taken (for tests that check the work done).
+    """
+
+    def __init__(self, stops: "list[str] | StopAutomaton") -> None:
+        self.automaton = stops if isinstance(stops, StopAutomaton) else StopAutomaton(stops)
+        self.stops = self.automaton.stops
+        self.steps = 0
+        self._pos = 0  # characters fed so far
+        self._state = 0
 
     def feed(self, piece: str) -> tuple[int, int] | None:
         """Consumes `piece`; returns (start, stop index) of the earliest-starting match that
         ends inside it, or None."""
-        goto, fail, longest_word = self._goto, self._fail, self._longest_word
+        a = self.automaton
+        goto, fail, longest_word = a.goto, a.fail, a.longest_word
         state, pos, steps = self._state, self._pos, 0
         best: tuple[int, int] | None = None
         for ch in piece:
@@ -81,7 +93,7 @@ class StopMatcher:
             steps += 1
             hit = longest_word[state]
             if hit != -1:
-                found = (pos - self._depth[hit] + 1, self._word[hit])
+                found = (pos - a.depth[hit] + 1, a.word[hit])
                 if best is None or found < best:
                     best = found
             pos += 1
@@ -92,4 +104,4 @@ class StopMatcher:
     def held_back(self) -> int:
         """Length of the longest suffix of the text fed so far that is a proper prefix of some
         stop string (0 when none)."""
-        return self._partial[self._state]
+        return self.automaton.partial[self._state]

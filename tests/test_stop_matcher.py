@@ -98,3 +98,15 @@ def test_stop_string_caps_are_enforced_by_verify():
     defaults = RequestLimits(vocab_size=100)
     with pytest.raises(InvalidParameterError, match="stop"):
         SamplingParams(stop=["s" * 1000] * 3000).verify(defaults)
+
+
+def test_sequences_of_one_request_share_one_automaton():
+    params = SamplingParams(stop=["ab", "cd"], n=3)
+    first, second = params.stop_matcher(), params.stop_matcher()
+    assert first.automaton is second.automaton and first is not second
+    assert first.feed("xab") == (1, 0) and second.held_back() == 0  # states are separate
+    assert params.clone().stop_matcher().automaton is first.automaton
+    params.stop = ["zz"]  # a changed list gets a new automaton
+    assert params.stop_matcher().stops == ("zz",)
+    assert SamplingParams().stop_matcher() is None
+    assert SamplingParams(**vars(params)).stop == ["zz"]
