@@ -53,9 +53,10 @@ class ModelHandle:
 
     def _fingerprint(self) -> str:
         if self._tokenizer_fp is None:  # computed once per model, after its engine loaded
-            tok = self.engine.tokenizer
-            described = [type(tok).__name__, sorted(tok.get_vocab().items()),
-                         getattr(tok, "chat_template", None), str(getattr(tok, "special_tokens_map", {}))]
+            tok = self.engine.tokenizer  # None for an engine started on token ids only
+            described = None if tok is None else [
+                type(tok).__name__, sorted(tok.get_vocab().items()), getattr(tok, "chat_template", None),
+                str(getattr(tok, "special_tokens_map", {}))]
             self._tokenizer_fp = hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
         return self._tokenizer_fp
 

@@ -98,3 +98,19 @@ def test_engine_gauges_render_one_sample_per_model():
                          ("vllm:kv_cache_usage_perc", "kv_cache_usage")):
         for name, s in stats.items():
             assert f'{gauge}{{model_name="{name}"}} {float(getattr(s, field))}' in text
+
+
+def test_models_share_a_tokenizer_only_when_it_tokenizes_alike():
+    from unittest import mock
+
+    from server.served_models import ModelHandle
+    from tests.test_prod_harness import smollm2_tokenizer
+
+    def handle(tokenizer):
+        return ModelHandle(None, mock.Mock(tokenizer=tokenizer), mock.Mock(), mock.Mock())
+
+    small, large = handle(smollm2_tokenizer()), handle(smollm2_tokenizer())  # two loads, one tokenizer
+    assert small.shares_tokenizer(large)  # `auto` routing tokenizes the prompt once
+    other = smollm2_tokenizer()
+    other.chat_template = "{{ messages[0]['content'] }}"
+    assert not small.shares_tokenizer(handle(other)) and not small.shares_tokenizer(handle(None))
