@@ -124,3 +124,30 @@ def test_store_outage_degrades_cleanly(fail_open):
             assert again.status_code == 200 and again.headers["x-ratelimit-limit-tokens"] == "100000"
     finally:
         srv.stop()
+
+
+def test_json_request_disconnect_is_aborted_and_counted_as_499(caplog):
+    import socket
+
+    caplog.set_level(logging.INFO, logger="conveyor")
+    engine = echo_engine(step_delay=0.02)
+    srv = ProdServer(engine, ProductionConfig()).start()
+    try:
+        body = json.dumps({"prompt": "wait for me", "max_tokens": 400, "ignore_eos": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-Request-Id: json-gone-1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not engine.engine.requests:  # running in the engine
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sock.close()
+        while srv.metric("conveyor_http_requests_total", status="499") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not engine.engine.requests  # aborted in the engine
+        assert srv.metric("vllm:request_success_total", finished_reason="abort") == 1
+        assert any("json-gone-1" in r.getMessage() and "client disconnected, aborted" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        srv.stop()
