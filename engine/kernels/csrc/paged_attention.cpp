@@ -31,7 +31,6 @@ namespace {
 constexpr int kTileKeys = 32;  // key positions per online-softmax step
 constexpr int kMaxRows = 64;   // query rows (tokens x heads of a group) per work item
 constexpr int kLanes = 8;      // partial sums per dot product: one 256-bit register of floats
-constexpr int kTiledRows = 8;  // from this many rows, scores via a transposed key tile
 
 // Eight floats in one register (AVX/AVX2; two on NEON). Written explicitly in the hot loops
 // because gcc keeps plain float arrays used as accumulators on the stack.
@@ -154,8 +153,12 @@ inline const float* key_row(const KT* src, float* buf, int D) {
   }
 }
 
-// s[r, p] = q_r . k_p for a few rows (decodes): one dot product per (row, key), each key row
-// read once for all rows.
+// s[r, p] = q_r . k_p: one dot product per (row, key), each key row read once for all rows.
+// Decodes and prefill rows take this same path with the same summation order, and tiles start
+// at absolute positions (multiples of kTileKeys), so a token's attention output is bit-identical
+// whether it is computed as a decode, in a prefill or in a chunk (recompute after preemption
+// relies on it). A transposed key tile scoring many rows at once measured ~10% faster on
+// prefill, but sums in another order.
 template <typename KT>
 void scores_by_dot(const float* qf, int rows, int G, const KT* k_head, const int64_t* slot_off, int n, int ts,
                    int first_pos, int D, float* kbuf, float* s) {
@@ -163,51 +166,6 @@ void scores_by_dot(const float* qf, int rows, int G, const KT* k_head, const int
     const float* k = key_row(k_head + slot_off[p], kbuf, D);
     const int t_min = std::max(0, ts + p - first_pos);  // rows of token t see keys <= first_pos + t
     for (int r = t_min * G; r < rows; ++r) s[r * kTileKeys + p] = dot(qf + r * D, k, D);
-  }
-}
-
-// The same for many rows (prefill tiles): the key tile is transposed once to [D, kTileKeys], then
-// each pair of rows accumulates its kTileKeys scores in registers (no horizontal sums).
-template <typename KT>
-void scores_by_tile(const float* qf, int rows, int G, const KT* k_head, const int64_t* slot_off, int n, int ts,
-                    int first_pos, int D, float* kt, float* s) {
-  for (int p = 0; p < n; ++p) {
-    const KT* src = k_head + slot_off[p];
-    for (int d = 0; d < D; ++d) kt[d * kTileKeys + p] = to_float(src[d]);
-  }
-  for (int p = n; p < kTileKeys; ++p)
-    for (int d = 0; d < D; ++d) kt[d * kTileKeys + p] = 0.f;
-  static_assert(kTileKeys == 32, "the register blocking below holds 32 scores per row");
-  int r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    v8 a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    const float* q0 = qf + r * D;
-    const float* q1 = q0 + D;
-    for (int d = 0; d < D; ++d) {
-      const v8 x = splat8(q0[d]), y = splat8(q1[d]);
-      const float* k = kt + d * kTileKeys;
-      const v8 k0 = load8(k), k1 = load8(k + 8), k2 = load8(k + 16), k3 = load8(k + 24);
-      a0 += x * k0; a1 += x * k1; a2 += x * k2; a3 += x * k3;
-      b0 += y * k0; b1 += y * k1; b2 += y * k2; b3 += y * k3;
-    }
-    float* s0 = s + r * kTileKeys;
-    store8(s0, a0); store8(s0 + 8, a1); store8(s0 + 16, a2); store8(s0 + 24, a3);
-    store8(s0 + 32, b0); store8(s0 + 40, b1); store8(s0 + 48, b2); store8(s0 + 56, b3);
-  }
-  for (; r < rows; ++r) {
-    v8 a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0;
-    for (int d = 0; d < D; ++d) {
-      const v8 x = splat8(qf[r * D + d]);
-      const float* k = kt + d * kTileKeys;
-      a0 += x * load8(k); a1 += x * load8(k + 8); a2 += x * load8(k + 16); a3 += x * load8(k + 24);
-    }
-    float* s0 = s + r * kTileKeys;
-    store8(s0, a0); store8(s0 + 8, a1); store8(s0 + 16, a2); store8(s0 + 24, a3);
-  }
-  // mask keys past the tile and, on the diagonal, keys after each row's own position
-  for (r = 0; r < rows; ++r) {
-    const int visible = std::min(n, first_pos + r / G + 1 - ts);
-    for (int p = std::max(visible, 0); p < kTileKeys; ++p) s[r * kTileKeys + p] = -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -293,16 +251,15 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
   const int first_pos = ctx - qlen + it.tok_begin;  // position of the item's first token
   const int kv_end = first_pos + ntok;               // keys [0, kv_end) are visible to some row
   const int32_t* table = pb.block_tables + static_cast<int64_t>(it.seq) * pb.max_blocks;
-  const bool tiled = rows >= kTiledRows;
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * D + kTileKeys + 2) + 2 * kTileKeys * D);
+  scratch.resize(static_cast<size_t>(rows) * (2 * D + kTileKeys + 2) + D + kTileKeys * D);
   float* qf = scratch.data();                 // [rows, D] scaled queries
   float* acc = qf + rows * D;                 // [rows, D] running weighted sum of values
   float* s = acc + rows * D;                  // [rows, kTileKeys] scores, then probabilities
   float* m = s + rows * kTileKeys;            // [rows] running max
   float* l = m + rows;                        // [rows] running sum of exp
-  float* kbuf = l + rows;                     // [D, kTileKeys] key tile (or one key row)
-  float* vt = kbuf + kTileKeys * D;           // [kTileKeys, D] value tile
+  float* kbuf = l + rows;                     // [D] one key row (as floats)
+  float* vt = kbuf + D;                       // [kTileKeys, D] value tile (as floats)
 
   for (int t = 0; t < ntok; ++t)
     for (int g = 0; g < G; ++g) {
@@ -330,12 +287,8 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
         prefetch_row(v_head + offsets[tile ^ 1][p], D);
       }
     }
-    if (tiled) {
-      scores_by_tile(qf, rows, G, k_head, slot_off, n, ts, first_pos, D, kbuf, s);
-    } else {
-      std::fill(s, s + rows * kTileKeys, -std::numeric_limits<float>::infinity());
-      scores_by_dot(qf, rows, G, k_head, slot_off, n, ts, first_pos, D, kbuf, s);
-    }
+    std::fill(s, s + rows * kTileKeys, -std::numeric_limits<float>::infinity());
+    scores_by_dot(qf, rows, G, k_head, slot_off, n, ts, first_pos, D, kbuf, s);
     // online softmax: rescale what was accumulated under the old max
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kTileKeys;
