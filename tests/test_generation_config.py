@@ -99,3 +99,42 @@ def test_default_model_ships_its_defaults():
     defaults = load_generation_defaults(resolve_model(None), "auto")
     assert defaults.values == DEFAULT_SAMPLING
     assert load_generation_defaults(resolve_model(None), "none").values == {}
+
+
+def test_server_leaves_unset_fields_to_the_model(checkpoint):
+    import httpx
+
+    from engine.async_engine import AsyncEngine
+    from tests.test_server_harness import ServerThread
+
+    config = EngineConfig(model=checkpoint, dtype="float32", device="cpu", num_blocks=64, block_size=16,
+                          max_model_len=128, attention_backend="torch")
+    srv = ServerThread(AsyncEngine(config)).start()
+    try:
+        body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "ignore_eos": True}
+        with httpx.Client(base_url=srv.base_url, timeout=60) as http:
+            unset = [http.post("/v1/completions", json=body).json() for _ in range(2)]
+            greedy = http.post("/v1/completions", json={**body, "temperature": 0}).json()
+        texts = {r["choices"][0]["text"] for r in unset}
+        assert texts == {greedy["choices"][0]["text"]}  # the file's temperature 0: greedy
+    finally:
+        srv.stop()
+
+
+def test_gguf_sampling_metadata_is_read(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "d\u00e9f"])  # skipped on the way
+    writer.add_array("tokenizer.ggml.scores", [0.5, 1.5, 2.5])
+    writer.add_float32("general.sampling.temp", 0.25)
+    writer.add_float32("general.sampling.top_p", 0.75)
+    writer.add_int32("general.sampling.top_k", 40)
+    writer.add_float32("general.sampling.penalty_repeat", 1.1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    defaults = load_generation_defaults(ModelSource(str(tmp_path), "m.gguf"), "auto")
+    assert defaults.values == pytest.approx({"temperature": 0.25, "top_p": 0.75, "top_k": 40,
+                                             "repetition_penalty": 1.1})
+    assert isinstance(defaults.values["top_k"], int)
