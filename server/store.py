@@ -219,8 +219,8 @@ class RedisStore:
     """The store in Redis (redis-py's asyncio client). The client binds to the event loop
     that first uses it, so build one per server (per loop).
 
-    Every call has short socket timeouts and at most one immediate retry (for a pooled
-    connection that died with a restarted Redis). Once a call fails the store is unhealthy
+    Every call has short socket timeouts (a hung Redis costs the first call one timeout) and
+    at most one immediate retry (for a pooled connection that died with a restarted Redis). Once a call fails the store is unhealthy
     and later calls raise `StoreUnavailable` at once instead of each waiting out a timeout;
     a background ping every `ping_interval` seconds (started by the first use on a loop)
     keeps `healthy` current and notices the recovery."""
@@ -236,7 +236,10 @@ class RedisStore:
         self.observer = StoreObserver()
         self._redis = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1))
+            socket_connect_timeout=connect_timeout,
+            # one immediate retry for a pooled connection that died with a restarted Redis;
+            # none after a timeout, which would only double the wait on a hung one
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
         self._healthy = True  # optimistic until the first call or ping says otherwise
         self._monitor: asyncio.Task | None = None
