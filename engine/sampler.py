@@ -79,12 +79,15 @@ class Sampler:
         """Steps 1-3 (min_tokens, repetition, presence/frequency). Returns `logits` itself when
         no row uses any of them, else a new tensor; `logits` is never modified."""
         blocked_rows, blocked_ids = [], []
+        vocab = logits.shape[1]
         for i, r in enumerate(rows):
             p = r.params
             if len(r.output_token_ids) < p.min_tokens:
                 ids = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | self.eos_token_ids
                 blocked_rows.append(i)
-                blocked_ids.append(sorted(ids))
+                # ids past the logits can never be sampled, so there is nothing to block (the
+                # engine refuses such stop_token_ids; an eos id past them would be a model quirk)
+                blocked_ids.append(sorted(t for t in ids if t < vocab))
         if blocked_rows:
             logits = logits.clone()
             mask_tokens_(logits, blocked_rows, blocked_ids)

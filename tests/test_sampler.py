@@ -200,3 +200,14 @@ def test_half_precision_logits_are_sampled_in_float32(device):
     ref = torch.log_softmax(logits.float(), dim=1)
     for i, t in enumerate(out.token_ids):
         assert math.isclose(out.chosen_logprobs[i], ref[i, t].item(), abs_tol=1e-5)
+
+
+def test_min_tokens_ignores_ids_past_the_vocabulary():
+    """Defense in depth: an out-of-range stop id (the engine refuses them) must not raise
+    IndexError on the engine thread."""
+    logits = torch.randn(1, 40)
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[5, 40, 10 ** 12])
+    out = Sampler({EOS}).penalize(logits, [SamplingRow(params, [1], [])])
+    assert out[0, 5] == float("-inf") and out[0, EOS] == float("-inf")
+    kept = [t for t in range(40) if t not in (5, EOS)]
+    assert torch.equal(out[0, kept], logits[0, kept])
