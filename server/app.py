@@ -250,6 +250,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         for name, why in unavailable.items():
             logger.warning("model %s is unavailable (optional, failed to load): %s", name, why)
         yield
+        await gateway.close()
         if shutdown_engine:
             for m in models:
                 m.engine.shutdown()

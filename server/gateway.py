@@ -111,6 +111,13 @@ class Gateway:
         self.guards = {name: build_guard(name, g) for name, g in c.guards.items()}
         self.drain.on_begin.append(self._end_waits_by)
 
+    async def close(self, timeout: float = 5.0) -> None:
+        """At shutdown, after the last request: waits up to `timeout` seconds for settlements
+        still waiting on the store (then they are counted lost), stops refreshing leases."""
+        for settler in (self.limiter.settler, self.idempotency.settler, self.usage.settler):
+            await settler.drain(timeout)
+        await self.limiter.leases.close()
+
     def tenant(self, request: Request) -> TenantConfig:
         return self.auth.authenticate(request.headers.get("authorization"))
 

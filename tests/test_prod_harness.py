@@ -134,6 +134,7 @@ class FlakyStore:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             if self.down:
+                self.observer.on_error(name)  # as RedisStore does
                 raise StoreUnavailable(name)
             return await method(*args, **kwargs)
         return call
