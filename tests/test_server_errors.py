@@ -264,3 +264,13 @@ def test_usage_query_times_must_be_finite(http):
         assert err["param"] == "start"
     err = error_of(http.get("/v1/usage?end=inf"), 400)
     assert err["param"] == "end"
+
+
+def test_integral_floats_count_as_integers_as_in_json_schema(http):
+    r = http.post("/v1/completions", json={"prompt": [1.0, 504.0], "max_tokens": 2.0, "seed": 7.0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
+    err = error_of(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2.5}), 400)
+    assert err["param"] == "max_tokens"
+    err = error_of(http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "max_tokens": 0}), 400)
+    assert err["param"] == "max_tokens"  # validated even when max_completion_tokens wins
