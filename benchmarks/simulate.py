@@ -3,8 +3,9 @@
     python -m benchmarks.simulate --policies fcfs,sjf,fair --num-requests 10000 --rate 3 \
         --tenants a:0.8,b:0.2 [--cost-model benchmarks/out/cost_model.json] [--trace FILE]
 
-Prints one row per policy (and per tenant), writes ``simulate_summary.json`` and
-``simulate.png`` to ``--out-dir``. ``--validate`` also replays the trace on the real engine
+Prints one row per policy (and per tenant, and per priority class with the share of requests
+that met ``--ttft-targets``), writes ``simulate_summary.json`` and ``simulate.png`` to
+``--out-dir``. ``--validate`` also replays the trace on the real engine
 under the first policy and prints the simulator's error on throughput and mean TTFT.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ def build_trace(args: argparse.Namespace):
 
 
 def print_table(summaries: list[dict]) -> None:
+    """The overall table, then per tenant and per priority class where the trace has them."""
     head = (f"{'policy':<28}{'req/s':>8}{'out tok/s':>11}{'TTFT mean':>11}{'p50':>9}{'p99':>9}"
             f"{'TPOT mean':>11}{'p99':>9}{'E2E p99':>10}{'preempt':>9}{'KV mean':>9}{'sim s':>8}")
     print(head)
@@ -61,6 +63,16 @@ def print_table(summaries: list[dict]) -> None:
             for tenant, ts in s["per_tenant"].items():
                 print(f"{s['policy'][-27:]:<28}{tenant:<12}{ts['num_requests']:>9d}"
                       f"{ts['share_of_out_tokens']:>10.2f}{ts['ttft_s']['mean']:>11.3f}{ts['ttft_s']['p99']:>9.3f}")
+    if any(s["per_priority"] for s in summaries):
+        print(f"\n{'policy':<28}{'priority':>9}{'requests':>9}{'TTFT mean':>11}{'p50':>9}{'p99':>9}"
+              f"{'target':>8}{'met':>7}")
+        for s in summaries:
+            for prio, ps in s["per_priority"].items():
+                t = ps["ttft_s"]
+                met = (f"{ps['ttft_target_s']:>8g}{ps['ttft_target_met']:>7.0%}" if "ttft_target_met" in ps
+                       else f"{'-':>8}{'-':>7}")
+                print(f"{s['policy'][-27:]:<28}{prio:>9}{ps['num_requests']:>9d}{t['mean']:>11.3f}"
+                      f"{t['p50']:>9.3f}{t['p99']:>9.3f}{met}")
 
 
 def plot(results: list[SimResult], path: Path) -> None:
@@ -79,16 +91,22 @@ def plot(results: list[SimResult], path: Path) -> None:
     axes[0, 0].set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="symlog")
     axes[0, 1].set(xlabel="simulated time (s)", ylabel="fraction of KV blocks in use", title="KV usage")
     axes[1, 0].set(xlabel="simulated time (s)", ylabel="requests", title="waiting queue")
+    # per tenant when the trace has tenants, else per priority class (else: one bar per policy)
     tenants = sorted({rec.tenant for r in results for rec in r.records if rec.tenant is not None})
+    classes = sorted({rec.priority for r in results for rec in r.records})
     if tenants:
-        width = 0.8 / len(results)
-        for i, r in enumerate(results):
-            means = [percentiles([x.ttft for x in r.records if x.tenant == t])["mean"] for t in tenants]
-            axes[1, 1].bar(np.arange(len(tenants)) + i * width, means, width, label=r.policy)
-        axes[1, 1].set_xticks(np.arange(len(tenants)) + width * (len(results) - 1) / 2, tenants)
-    axes[1, 1].set(ylabel="mean TTFT (s)", title="per-tenant TTFT")
+        groups, key, title = tenants, (lambda rec: rec.tenant), "per-tenant TTFT"
+    else:
+        groups, key, title = classes, (lambda rec: rec.priority), "TTFT per priority class"
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        means = [percentiles([x.ttft for x in r.records if key(x) == g])["mean"] for g in groups]
+        axes[1, 1].bar(np.arange(len(groups)) + i * width, means, width, label=r.policy)
+    axes[1, 1].set_xticks(np.arange(len(groups)) + width * (len(results) - 1) / 2, [str(g) for g in groups])
+    axes[1, 1].set(ylabel="mean TTFT (s)", title=title)
     for ax in axes.flat:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", default="lognormal:64:0.8:512")
     parser.add_argument("--tenants", help="e.g. heavy:0.8,light:0.2")
     parser.add_argument("--priorities", help="e.g. 0:0.3,1:0.7")
+    parser.add_argument("--ttft-targets", help="TTFT target per priority class in seconds, e.g. 0:1,1:30: "
+                        "prints the share of each class's requests that met it")
     parser.add_argument("--system-prompt-len", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-trace", help="write the trace used as JSON lines")
@@ -155,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     cost_model = load_cost_model(args.cost_model)
     print(f"{len(trace)} requests; cost model: {cost_model.source}")
     results = [simulate(trace, p, config, cost_model) for p in args.policies.split(",") if p]
-    summaries = [r.summary() for r in results]
+    targets = parse_shares(args.ttft_targets, "ttft-targets", int)
+    summaries = [r.summary(targets) for r in results]
     print_table(summaries)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

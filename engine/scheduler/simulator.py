@@ -104,8 +104,10 @@ class SimResult:
         """Seconds from the first arrival to the last finish."""
         return max(r.finished_time for r in self.records) - min(r.arrival_time for r in self.records)
 
-    def summary(self) -> dict:
-        """Throughput, latency percentiles, preemptions, KV usage and per-tenant service."""
+    def summary(self, ttft_targets: dict[int, float] | None = None) -> dict:
+        """Throughput, latency percentiles, preemptions, KV usage, per-tenant service and, when
+        the trace has several priority classes or ``ttft_targets`` are given, per-priority TTFT
+        (with the fraction of requests whose TTFT met their class's target)."""
         recs = self.records
         out_tokens = sum(r.output_len for r in recs)
         span = max(self.makespan, 1e-12)
@@ -135,6 +137,16 @@ class SimResult:
             }
             for t in tenants
         }
+        classes = sorted({r.priority for r in recs})
+        summary["per_priority"] = {}
+        if len(classes) > 1 or ttft_targets:
+            for p in classes:
+                ttfts = [r.ttft for r in recs if r.priority == p]
+                entry = {"num_requests": len(ttfts), "ttft_s": percentiles(ttfts)}
+                if ttft_targets and p in ttft_targets:
+                    entry["ttft_target_s"] = ttft_targets[p]
+                    entry["ttft_target_met"] = float(np.mean([t <= ttft_targets[p] for t in ttfts]))
+                summary["per_priority"][p] = entry
         return summary
 
 
