@@ -257,6 +257,10 @@ def _count(values) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def _statuses(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {status}" for status, n in counts.items()) or "none"
+
+
 def markdown(r: dict, args, command: str) -> str:
     a, b, c, m = r["streams"], r["redis"], r["sigterm"], r["machine"]
     return f"""## Reliability soak (`benchmarks/soak.py`)
@@ -276,7 +280,7 @@ max_tokens {args.max_tokens}, {args.disconnect:.0%} drop the connection after a 
 **Redis killed with -9 under load and restarted with its AOF** ({args.concurrency} clients streaming
 in a loop; Redis down {b['outage_s']} s): {b['in_flight_at_kill']} streams in flight at the kill,
 {b['in_flight_ended_with_done']} ended with `[DONE]`, {b['in_flight_error_events']} with an error event;
-{b['new_during_outage']} new requests during the outage got {b['new_during_outage_statuses']}
+{b['new_during_outage']} new requests during the outage got {_statuses(b['new_during_outage_statuses'])}
 ({b['new_during_outage_with_retry_after']} with `Retry-After`); 5xx other than 503: {b['5xx_other_than_503']};
 `/ready` answered 503 for {b['not_ready_window_s']} s and 200 again {b['ready_again_after_restart_s']} s
 after the restart; the first request admitted again was sent {b['first_200_after_restart_s']} s after it;
