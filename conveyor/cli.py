@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import re
 import sys
+import time
 
 from engine.config import EngineConfig
 
@@ -48,7 +49,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,
-                   help="torch CPU threads (default: one per physical core)")
+                   help="torch CPU threads (default: one per physical core, less one left to Python and the server)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
     p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,none,FOLDER}",
                    help="sampling defaults for fields a request leaves unset: auto/vllm take the model's "
@@ -133,12 +134,17 @@ def generate(args: argparse.Namespace) -> int:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
                                                     tokenize=False, add_generation_prompt=True)
         prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    start = time.perf_counter()
     engine.add_request("cli-0", prompt, SamplingParams(max_tokens=args.max_tokens,
                                                        temperature=args.temperature))
     final = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             final = out
+    elapsed = time.perf_counter() - start
+    n = len(final.outputs[0].token_ids) if final is not None else 0
+    logging.getLogger("conveyor").info("generated %d tokens in %.2f s (%.1f tokens/s, prompt and decode)",
+                                       n, elapsed, n / elapsed if elapsed else 0.0)
     print(final.outputs[0].text if final is not None else "")
     return 0
 

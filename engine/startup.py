@@ -82,15 +82,26 @@ def physical_cores() -> int:
     return max(1, count)
 
 
+def default_num_threads() -> int:
+    """One thread per physical core, less one core left to Python (scheduling, detokenizing, the
+    HTTP server), as vLLM's CPU backend reserves one; at least one. SMT siblings are not counted:
+    they slow matmuls down. On a 2-core machine that is 1 thread, which measured ~10x faster than
+    2 whenever other processes compete for the cores (every parallel region waits for its slowest
+    thread; benchmarks/RESULTS.md)."""
+    return max(1, physical_cores() - 1)
+
+
 def configure_threads(requested: int | None, device: torch.device) -> int:
-    """Sets torch's CPU thread count: `requested` when given, else one per physical core on CPU
-    (SMT siblings slow matmuls down). On a GPU the count is left to torch. Returns the count."""
+    """Sets torch's CPU thread count: `requested` when given, else `default_num_threads()` on
+    CPU. On a GPU the count is left to torch. Returns the count in force."""
     if requested:
         torch.set_num_threads(requested)
         logger.info("CPU threads: %d (asked for)", requested)
     elif device.type == "cpu":
-        torch.set_num_threads(physical_cores())
-        logger.info("CPU threads: %d (one per physical core; --num-threads to change)", torch.get_num_threads())
+        cores = physical_cores()
+        torch.set_num_threads(default_num_threads())
+        logger.info("CPU threads: %d (%d physical cores, one left to Python and the server; "
+                    "--num-threads to change)", torch.get_num_threads(), cores)
     return torch.get_num_threads()
 
 

@@ -162,14 +162,15 @@ def test_cpu_bf16_detection_follows_the_flags(monkeypatch):
     assert fast and "avx512_bf16" in why
 
 
-def test_default_threads_one_per_physical_core():
+def test_default_threads_one_per_physical_core_less_one():
     import engine.startup as startup
 
     cores = startup.physical_cores()
     assert 1 <= cores <= (os.cpu_count() or 1)
+    assert startup.default_num_threads() == max(1, cores - 1)
     before = torch.get_num_threads()
     try:
-        assert startup.configure_threads(None, torch.device("cpu")) == cores
+        assert startup.configure_threads(None, torch.device("cpu")) == max(1, cores - 1)
         assert startup.configure_threads(1, torch.device("cpu")) == 1
     finally:
         torch.set_num_threads(before)
