@@ -10,7 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the reference models here are small, and on a shared 2-core machine a second
+# OpenMP thread made them up to 10x slower (benchmarks/RESULTS.md).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
