@@ -39,7 +39,7 @@ from server.auth import Authenticator
 from server.config_file import ProductionConfig, TenantConfig
 from server.errors import APIError, bad_request, internal_error, param_from_message
 from server.formatting import Formatter, usage as output_usage
-from server.guardrails import GuardChain, build_guard
+from server.guardrails import Guard, GuardChain, build_guard
 from server.idempotency import HEADER as IDEMPOTENCY_HEADER, Idempotency, check_key, fingerprint
 from server.limits import default_max_tokens
 from server.prod_metrics import ProductionMetrics
@@ -96,8 +96,15 @@ class Gateway:
     metrics: ProductionMetrics
     settings: ServerSettings
     drain: Drain
+    auth: Authenticator = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    idempotency: Idempotency = field(init=False)
+    cache: ResponseCache | None = field(init=False)
+    inflight: InFlight | None = field(init=False)
+    usage: UsageLog = field(init=False)
+    guards: dict[str, Guard] = field(init=False)
     _running: set[_Run] = field(default_factory=set)  # runs on an engine, for the drain
-    _settling: set[asyncio.Task] = field(default_factory=set)
+    _settling: set[asyncio.Task] = field(default_factory=set)  # settlements under way
 
     def __post_init__(self) -> None:
         c = self.config
