@@ -152,3 +152,34 @@ def test_json_request_disconnect_is_aborted_and_counted_as_499(caplog):
                    for r in caplog.records)
     finally:
         srv.stop()
+
+
+def test_ready_only_once_every_model_has_loaded():
+    import threading
+
+    from engine.async_engine import AsyncEngine
+    from tests.test_prod_harness import EchoEngine, smollm2_tokenizer
+
+    tok, loaded = smollm2_tokenizer(), threading.Event()
+    engine = AsyncEngine(engine_factory=lambda: loaded.wait(30) and EchoEngine(tok, "slow"))
+    srv = ProdServer(engine, ProductionConfig())
+    srv.thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with httpx.Client(base_url=srv.base_url, timeout=30) as c:
+            health = c.get("/health")  # alive while loading: no restart
+            assert health.status_code == 200 and health.json()["models"][0]["state"] == "loading"
+            ready = c.get("/ready")
+            assert ready.status_code == 503 and ready.json()["reasons"] == ["model unknown is loading"]
+            r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+            loaded.set()
+            assert engine.wait_ready(30)
+            assert c.get("/ready").status_code == 200
+            assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    finally:
+        loaded.set()
+        srv.stop()
