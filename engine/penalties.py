@@ -56,3 +56,31 @@ def apply_presence_frequency_penalties(logits: torch.Tensor, output_tokens: list
     freq = torch.tensor(frequency, dtype=dt, device=dev).unsqueeze(1)
     pres = torch.tensor(presence, dtype=dt, device=dev).unsqueeze(1)
     return logits - freq * counts - pres * (counts > 0).to(dt)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[int, float]]) -> torch.Tensor:
+    """OpenAI's logit_bias: adds `biases[i][t]` to `logits[rows[i], t]`. Returns a new tensor;
+    other rows and tokens come out exactly unchanged."""
+    row_idx = [r for r, b in zip(rows, biases) for _ in b]
+    col_idx = [t for b in biases for t in b]
+    values = [v for b in biases for v in b.values()]
+    out = logits.clone()
+    dev = logits.device
+    out.index_put_((torch.tensor(row_idx, device=dev), torch.tensor(col_idx, device=dev)),
+                   torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+    return out
+
+
+def keep_only_tokens(logits: torch.Tensor, rows: list[int], token_ids: list[list[int]]) -> torch.Tensor:
+    """allowed_token_ids: in each of `rows`, every logit except those of `token_ids[i]` (each
+    list non-empty) becomes -inf. Returns a new tensor; other rows come out unchanged."""
+    width = max(len(ids) for ids in token_ids)
+    dev = logits.device
+    # each row is padded with its own first id: a repeated index keeps the same logit
+    keep = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in token_ids], dtype=torch.long, device=dev)
+    idx = torch.tensor(rows, device=dev)
+    sub = logits.index_select(0, idx)
+    masked = torch.full_like(sub, float("-inf")).scatter_(1, keep, sub.gather(1, keep))
+    out = logits.clone()
+    out[idx] = masked
+    return out

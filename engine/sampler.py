@@ -3,7 +3,8 @@
 Order of processing (vLLM-like), each step skipped when no row of the batch needs it:
   1. min_tokens      -- eos and stop_token_ids get -inf while the output is too short
   2. repetition      -- HF semantics over prompt + output tokens
-  3. presence/frequency penalties -- OpenAI semantics over output tokens
+  3. presence/frequency penalties -- OpenAI semantics over output tokens, then logit_bias
+     (added) and allowed_token_ids (every other token gets -inf)
   4. greedy rows take the argmax here; the others go on:
   5. temperature, then top-k, top-p (one sort for both), then min-p
   6. exponential race: argmax(probs / q) with q ~ Exp(1) drawn for the full vocabulary, which
@@ -20,7 +21,8 @@ import math
 import torch
 
 from engine.logprobs import chosen_logprobs, top_logprobs
-from engine.penalties import apply_presence_frequency_penalties, apply_repetition_penalty, mask_tokens_
+from engine.penalties import (apply_logit_bias, apply_presence_frequency_penalties, apply_repetition_penalty,
+                              keep_only_tokens, mask_tokens_)
 from engine.sampling_params import SamplingParams
 
 # Below this a temperature is treated as greedy: dividing logits by it would overflow.
@@ -76,7 +78,8 @@ class Sampler:
         )
 
     def penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Steps 1-3 (min_tokens, repetition, presence/frequency). Returns `logits` itself when
+        """Steps 1-3 (min_tokens, repetition, presence/frequency, logit_bias, allowed_token_ids).
+        Returns `logits` itself when
         no row uses any of them, else a new tensor; `logits` is never modified."""
         blocked_rows, blocked_ids = [], []
         vocab = logits.shape[1]
@@ -103,6 +106,13 @@ class Sampler:
         if any(pres) or any(freq):
             outputs = [r.output_token_ids if (p or f) else [] for r, p, f in zip(rows, pres, freq)]
             logits = apply_presence_frequency_penalties(logits, outputs, pres, freq)
+
+        biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        if biased:
+            logits = apply_logit_bias(logits, biased, [rows[i].params.logit_bias for i in biased])
+        limited = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
+        if limited:
+            logits = keep_only_tokens(logits, limited, [rows[i].params.allowed_token_ids for i in limited])
         return logits
 
     def _pick(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from engine.stop_checker import StopAutomaton, StopMatcher
 # Bounds shared with the OpenAI API.
 MAX_LOGPROBS = 20
 PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # Seeds are 64-bit integers (OpenAI's `seed` is int64); torch accepts [-2**63, 2**64 - 1], so
 # seed + i for each of n choices stays in range.
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
@@ -95,6 +96,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-n per generated token; 0 = only the chosen token
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # when set, only these tokens can be sampled
     # Names of MODEL_DEFAULTABLE fields the caller left unset (None); computed at construction.
     # It is an init field so that `SamplingParams(**vars(p))` and `dataclasses.replace` keep it.
     unset: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -141,6 +144,11 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens",
                         f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = self._normalize_ids("allowed_token_ids", self.allowed_token_ids)
+            if not self.allowed_token_ids:
+                raise _fail("allowed_token_ids", "allowed_token_ids must not be empty")
         _check_int("logprobs", self.logprobs, allow_none=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise _fail("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {show(self.logprobs)}")
@@ -183,25 +191,44 @@ class SamplingParams:
 
     @staticmethod
     def _normalize_stop_token_ids(ids: object) -> list[int]:
-        if ids is None:
-            return []
+        return [] if ids is None else SamplingParams._normalize_ids("stop_token_ids", ids)
+
+    @staticmethod
+    def _normalize_ids(name: str, ids: object) -> list[int]:
         if not isinstance(ids, (list, tuple)):
-            raise _fail("stop_token_ids",
-                        f"stop_token_ids must be a list of integers, got {type(ids).__name__}")
+            raise _fail(name, f"{name} must be a list of integers, got {type(ids).__name__}")
         for i in ids:
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise _fail("stop_token_ids", f"stop_token_ids must hold non-negative integers, got {show(i)}")
+                raise _fail(name, f"{name} must hold non-negative integers, got {show(i)}")
         return list(ids)
+
+    @staticmethod
+    def _normalize_logit_bias(bias: object) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise _fail("logit_bias", f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+        lo, hi = LOGIT_BIAS_RANGE
+        out = {}
+        for token, value in bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise _fail("logit_bias", f"logit_bias keys must be non-negative token ids, got {show(token)}")
+            value = _check_float("logit_bias", value)
+            if not lo <= value <= hi:
+                raise _fail("logit_bias", f"logit_bias values must be in [{lo}, {hi}], got {value}")
+            out[token] = value
+        return out or None
 
     def verify(self, limits: RequestLimits) -> None:
         """Checks what depends on the model and the engine: every token id is below the
         vocabulary size, and the stop strings are within the engine's bounds. Raises
         InvalidParameterError naming the field."""
         vocab = limits.vocab_size
-        bad = next((i for i in self.stop_token_ids if i >= vocab), None)
-        if bad is not None:
-            raise _fail("stop_token_ids",
-                        f"stop_token_ids must be token ids in [0, {vocab}) for this model, got {show(bad)}")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or ()),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            bad = next((i for i in ids if i >= vocab), None)
+            if bad is not None:
+                raise _fail(name, f"{name} must hold token ids in [0, {vocab}) for this model, got {show(bad)}")
         if len(self.stop) > limits.max_stop_strings:
             raise _fail("stop", f"stop may hold at most {limits.max_stop_strings} strings, got {len(self.stop)}")
         total = sum(len(s) for s in self.stop)

@@ -63,6 +63,11 @@ _SAMPLING = {
              "description": "Up to 16 strings of at most 4096 characters in total (the engine's "
                             "max_stop_strings / max_stop_chars)."},
     "stop_token_ids": {"type": "array", "items": _TOKEN_ID},
+    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,18}$"},
+                   "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100},
+                   "description": "Token id (below the vocabulary size) -> added to its logit."},
+    "allowed_token_ids": {"type": "array", "minItems": 1, "items": _TOKEN_ID,
+                          "description": "Only these tokens can be generated."},
     "ignore_eos": _BOOL,
     "min_tokens": {**_INT, "minimum": 0, "maximum": 2 ** 63 - 1, "description": "At most max_tokens."},
     "include_stop_str_in_output": _BOOL,

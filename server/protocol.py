@@ -102,6 +102,25 @@ class _Fields:
                               self._name(name))
         return value
 
+    def logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's `logit_bias`: an object from token ids (as decimal strings) to numbers in
+        [-100, 100]; ids past the vocabulary are refused later, by the engine."""
+        if not self._present("logit_bias"):
+            return None
+        value = self.body["logit_bias"]
+        if not isinstance(value, dict):
+            raise bad_request("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+        out = {}
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 18):
+                raise bad_request(f"logit_bias keys must be token ids (decimal strings), got {show(key)}",
+                                  "logit_bias")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise bad_request(f"logit_bias values must be numbers in [-100, 100], got {show(bias)}",
+                                  "logit_bias")
+            out[int(key)] = float(bias)
+        return out
+
     def stop(self) -> list[str] | None:
         if not self._present("stop"):
             return None
@@ -141,7 +160,7 @@ class GenerationRequest:
 
 
 def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
-    for name in ("logit_bias", "suffix", "tools", "functions", "echo"):
+    for name in ("suffix", "tools", "functions", "echo"):
         f.reject_unsupported(name)
     if f.body.get("response_format") not in (None, {"type": "text"}):  # text is the default
         raise bad_request("response_format other than text is not supported", "response_format",
@@ -172,11 +191,15 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
         "repetition_penalty": f.number("repetition_penalty", None, 0.0),
         "stop": f.stop(),
         "stop_token_ids": f.int_list("stop_token_ids"),
+        "logit_bias": f.logit_bias(),
+        "allowed_token_ids": f.int_list("allowed_token_ids"),
         "ignore_eos": f.boolean("ignore_eos"),
         "min_tokens": f.integer("min_tokens", 0, 0, INT64[1]),
         "include_stop_str_in_output": f.boolean("include_stop_str_in_output"),
         "skip_special_tokens": f.boolean("skip_special_tokens", True),
     }
+    if sampling["allowed_token_ids"] == []:
+        raise bad_request("allowed_token_ids must not be empty", "allowed_token_ids")
     if sampling["top_p"] == 0.0:
         raise bad_request("top_p must be greater than 0", "top_p")
     return {

@@ -211,3 +211,52 @@ def test_min_tokens_ignores_ids_past_the_vocabulary():
     assert out[0, 5] == float("-inf") and out[0, EOS] == float("-inf")
     kept = [t for t in range(40) if t not in (5, EOS)]
     assert torch.equal(out[0, kept], logits[0, kept])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_and_allowed_token_ids(device):
+    logits = torch.randn(4, 40, device=device)
+    rows = [
+        row(logit_bias={3: 5.0, 7: -100.0}),
+        row(allowed_token_ids=[11, 12, 13]),
+        row(),  # untouched
+        row(logit_bias={12: 100.0}, allowed_token_ids=[5, 12], repetition_penalty=1.5, prompt=[12]),
+    ]
+    original = logits.clone()
+    out = Sampler({EOS}).penalize(logits, rows)
+    assert torch.equal(logits, original)
+    expected = logits.clone()
+    expected[0, 3] += 5.0
+    expected[0, 7] -= 100.0
+    keep = torch.full((40,), float("-inf"), device=device)
+    keep[[11, 12, 13]] = logits[1, [11, 12, 13]]
+    expected[1] = keep
+    rep = logits[3, 12] / 1.5 if logits[3, 12] > 0 else logits[3, 12] * 1.5
+    third = torch.full((40,), float("-inf"), device=device)
+    third[5], third[12] = logits[3, 5], rep + 100.0
+    expected[3] = third
+    torch.testing.assert_close(out, expected)
+    # sampling honours them: only allowed ids come out, and a +100 bias wins
+    for _ in range(5):
+        tokens = Sampler({EOS})(logits, rows).token_ids
+        assert tokens[1] in (11, 12, 13) and tokens[3] == 12
+
+
+def test_logit_bias_and_allowed_ids_are_validated():
+    from engine.errors import InvalidParameterError
+    from engine.sampling_params import RequestLimits
+
+    for bad in ({-1: 1.0}, {"5": 1.0}, {5: 101.0}, {5: float("nan")}, [5]):
+        with pytest.raises(InvalidParameterError) as info:
+            SamplingParams(logit_bias=bad)
+        assert info.value.param == "logit_bias"
+    for bad in ([], [-1], "5", [1.5]):
+        with pytest.raises(InvalidParameterError) as info:
+            SamplingParams(allowed_token_ids=bad)
+        assert info.value.param == "allowed_token_ids"
+    limits = RequestLimits(vocab_size=40)
+    SamplingParams(logit_bias={39: 1}, allowed_token_ids=[0, 39]).verify(limits)
+    for field, value in (("logit_bias", {40: 1.0}), ("allowed_token_ids", [3, 40])):
+        with pytest.raises(InvalidParameterError) as info:
+            SamplingParams(**{field: value}).verify(limits)
+        assert info.value.param == field and "[0, 40)" in str(info.value)

@@ -274,3 +274,25 @@ def test_integral_floats_count_as_integers_as_in_json_schema(http):
     err = error_of(http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "max_tokens": 0}), 400)
     assert err["param"] == "max_tokens"  # validated even when max_completion_tokens wins
+
+
+def test_logit_bias_and_allowed_token_ids(http):
+    import re
+
+    piece = {t: http.post("/detokenize", json={"tokens": [t]}).json()["prompt"] for t in (1000, 1001)}
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True,
+                                           "logit_bias": {"1000": 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == piece[1000] * 3  # a +100 bias always wins
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True,
+                                           "allowed_token_ids": [1000, 1001], "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    either = "|".join(re.escape(p) for p in piece.values())
+    assert re.fullmatch(f"(?:{either}){{4}}", r.json()["choices"][0]["text"])
+    for body, param in (({"logit_bias": {"49152": 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                        ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+                        ({"allowed_token_ids": []}, "allowed_token_ids"),
+                        ({"allowed_token_ids": [5, 10 ** 12]}, "allowed_token_ids")):
+        err = error_of(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **body}), 400)
+        assert err["param"] == param, err
+    still_serves(http)
