@@ -45,6 +45,8 @@ class EchoEngine:
         self.added: list[tuple[str, dict]] = []  # (request id, kwargs) of every request
 
     def add_request(self, request_id: str, prompt: list[int], params: Any, **kwargs: Any) -> None:
+        if any(t >= len(self.tokenizer) for t in prompt):  # refused before queueing, as LLMEngine does
+            raise ValueError(f"prompt token ids must be in [0, {len(self.tokenizer)})")
         self.requests[request_id] = _Echo(list(prompt), params, kwargs)
         self.added.append((request_id, kwargs))
 
