@@ -191,15 +191,19 @@ class LLMEngine:
         """Runs one step; returns an output for every request that progressed or ended. Raises
         `EngineFatalError` only when the engine cannot continue."""
         results, self._pending = self._pending, []
+        p0 = time.perf_counter()  # p0..p3: the step's phases, for the schedule/execute split
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return results
         t0 = time.time()
         self.outputs.mark_scheduled((s.request_id for s in sched.scheduled), t0)
         try:
+            p1 = time.perf_counter()
             sampled = self.runner.execute(sched)
+            p2 = time.perf_counter()
             requests = [self.scheduler.requests[rid] for rid in sampled.request_ids]
             self.scheduler.update_from_output(sched, sampled)
+            p3 = time.perf_counter()
             now = time.time()
             self.outputs.process(requests, now, self.scheduler.finish_request, results)
         except Exception as exc:  # noqa: BLE001 - any failure of the step fails its requests only
@@ -207,6 +211,9 @@ class LLMEngine:
             return results
         self._failed_steps = 0
         self._update_stats(sched, sampled, requests, now - t0)
+        s = self.stats  # Python scheduling (schedule + update_from_output) vs the model, vs outputs
+        s.last_schedule_time, s.last_execute_time = (p1 - p0) + (p3 - p2), p2 - p1
+        s.last_output_time = time.perf_counter() - p3
         self._check_after_step()
         return results
 

@@ -147,6 +147,7 @@ class OutputProcessor:
             finished=finished,
             metrics=group.metrics,
             num_cached_tokens=max(0, group.seqs[0].request.num_cached_tokens),
+            num_preemptions=sum(seq.request.num_preemptions for seq in group.seqs),
             error=group.error,
         )
 

@@ -55,6 +55,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     error: str | None = None
+    num_preemptions: int = 0  # times the request's sequences were preempted (recomputed) so far
 
 
 @dataclass
@@ -76,4 +77,7 @@ class EngineStats:
     last_step_time: float = 0.0
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    last_schedule_time: float = 0.0  # seconds of the last step in schedule() + update_from_output()
+    last_execute_time: float = 0.0  # seconds of the last step in the model runner (forward + sample)
+    last_output_time: float = 0.0  # seconds of the last step building outputs (detokenize, stops)
     extra: dict = field(default_factory=dict)
