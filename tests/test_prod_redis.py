@@ -1,6 +1,7 @@
 """Shared state across replicas, against a real `redis-server`: two server instances on two
 ports share one Redis; a tenant's limit holds across both, an idempotency key used on one is
-replayed (or refused while running) on the other, and usage from both rolls up on either.
+replayed (or refused while running) on the other, concurrency slots (leases) are counted
+across both, and usage from both rolls up on either.
 
 Redis comes from $CONVEYOR_TEST_REDIS_URL, else a `redis-server` on PATH started on a free
 loopback port; on CI ($CI set) a missing server is a failure, not a skip.
@@ -21,7 +22,7 @@ from server.store import RedisStore
 from tests.test_prod_harness import ProdServer, echo_engine, redis_server
 
 RUN = uuid.uuid4().hex[:8]  # names unique to this run: the Redis may outlive it
-TENANTS = {"limited": f"limited-{RUN}", "free": f"free-{RUN}", "ops": f"ops-{RUN}"}
+TENANTS = {"limited": f"limited-{RUN}", "free": f"free-{RUN}", "ops": f"ops-{RUN}", "pair": f"pair-{RUN}"}
 KEYS = {t: f"sk-{t}-{RUN}" for t in TENANTS}
 
 
@@ -41,6 +42,7 @@ def replicas(redis_url):
             {"name": TENANTS["limited"], "api_key_sha256": [hash_key(KEYS["limited"])], "requests_per_minute": 3},
             {"name": TENANTS["free"], "api_key_sha256": [hash_key(KEYS["free"])]},
             {"name": TENANTS["ops"], "api_key_sha256": [hash_key(KEYS["ops"])], "admin": True},
+            {"name": TENANTS["pair"], "api_key_sha256": [hash_key(KEYS["pair"])], "max_concurrent": 2},
         ]})
     servers = [ProdServer(echo_engine(f"echo-{i}"), production).start() for i in range(2)]
     yield [httpx.Client(base_url=s.base_url, timeout=60) for s in servers]
@@ -77,6 +79,25 @@ def test_idempotency_key_is_shared_by_replicas(replicas):
         time.sleep(0.2)
         assert post(b, "free", "long job", slow, max_tokens=60, ignore_eos=True).status_code == 409
         assert running.result().status_code == 200
+
+
+def test_concurrency_slots_are_leases_shared_by_replicas(replicas, redis_url):
+    import redis
+
+    a, b = replicas
+    leases = redis.Redis.from_url(redis_url)
+    key = f"rl:{TENANTS['pair']}:conc"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(post, c, "pair", "a long one", max_tokens=150, ignore_eos=True) for c in (a, b)]
+        deadline = time.monotonic() + 30
+        while leases.zcard(key) < 2:
+            assert time.monotonic() < deadline and not any(f.done() for f in running)
+            time.sleep(0.02)
+        refused = post(a, "pair", "a third one")
+        assert refused.status_code == 429 and "concurrent" in refused.json()["error"]["message"]
+        assert all(f.result().status_code == 200 for f in running)
+    assert leases.zcard(key) == 0  # released at the end, not left to lapse
+    assert post(b, "pair", "now there is room").status_code == 200
 
 
 def test_usage_from_both_replicas_rolls_up_on_either(replicas):
