@@ -18,7 +18,7 @@ import pytest
 
 from server.auth import hash_key
 from server.config_file import config_from_dict
-from server.store import RedisStore
+from server.redis_store import RedisStore
 from tests.test_prod_harness import ProdServer, echo_engine, redis_server
 
 RUN = uuid.uuid4().hex[:8]  # names unique to this run: the Redis may outlive it

@@ -35,7 +35,8 @@ import pytest
 from server.auth import hash_key
 from server.config_file import TenantConfig, config_from_dict
 from server.rate_limit import RateLimiter
-from server.store import RedisStore, StoreUnavailable
+from server.redis_store import RedisStore
+from server.store import StoreUnavailable
 
 LEASE_TTL = 1.0
 
