@@ -45,6 +45,21 @@ _TOKEN_ID = {**_INT, "minimum": 0, "description": "Below the model's vocabulary 
 _NONEMPTY_STR = {**_STR, "minLength": 1}
 _MODEL_DEFAULT = "Unset: the model's default (its generation_config; see --generation-config), else "
 
+def _or_null(schema: dict) -> dict:
+    """`schema`, also allowing null: the server treats an optional field sent as null as absent
+    (as OpenAI's API does)."""
+    if "oneOf" in schema:
+        return {**schema, "oneOf": [*schema["oneOf"], {"type": "null"}]}
+    if "enum" in schema:
+        return {**schema, "enum": [*schema["enum"], None]}
+    kind = schema["type"]
+    return {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
+
+
+def _optional(properties: dict) -> dict:
+    return {name: _or_null(schema) for name, schema in properties.items()}
+
+
 _SAMPLING = {
     "model": {**_STR, "description": "Defaults to the served model."},
     "max_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1,
@@ -76,7 +91,7 @@ _SAMPLING = {
     "user": _STR,
     "timeout": {**_NUM, "minimum": 0.001, "description": "Seconds before the request is aborted."},
     "stream": _BOOL,
-    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
+    "stream_options": {"type": "object", "properties": {"include_usage": _or_null(_BOOL)}},
 }
 
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
@@ -96,25 +111,26 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": _STR, "type": _STR, "param": _NULLABLE_STR, "code": _STR}}}},
     "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": {
-        **_SAMPLING,
+        **_optional(_SAMPLING),
         "prompt": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS,
                              {"type": "array", "minItems": 1, "maxItems": 1,
                               "items": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS]},
                               "description": "A batch of one prompt."}]},
-        "logprobs": {**_INT, "minimum": 0, "maximum": 20}}},
+        "logprobs": _or_null({**_INT, "minimum": 0, "maximum": 20})}},
     "ChatMessage": {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": _TEXT_PART}]}}},
     "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
-        **_SAMPLING,
+        **_optional(_SAMPLING),
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
-        "max_completion_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1},
-        "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20,
-                                            "description": "Needs logprobs: true."},
-        "add_generation_prompt": {**_BOOL, "default": True}},
+        **_optional({
+            "max_completion_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1},
+            "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20,
+                                                "description": "Needs logprobs: true."},
+            "add_generation_prompt": {**_BOOL, "default": True}})},
         # top_logprobs above 0 needs logprobs: true
         "dependentSchemas": {"top_logprobs": {"anyOf": [
-            {"properties": {"top_logprobs": {"const": 0}}},
+            {"properties": {"top_logprobs": {"enum": [0, None]}}},
             {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}]}}},
     "Usage": _USAGE,
     "Completion": {"type": "object", "properties": {
@@ -136,15 +152,15 @@ _SCHEMAS: dict[str, Any] = {
     "TokenizeRequest": {
         "type": "object",
         "description": "Exactly one of prompt or messages.",
-        "properties": {"model": _STR, "prompt": _STR,
+        "properties": {"model": _or_null(_STR), "prompt": _STR,
                        "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
-                       "add_special_tokens": {**_BOOL, "default": True}},
+                       "add_special_tokens": _or_null({**_BOOL, "default": True})},
         "oneOf": [{"required": ["prompt"], "not": {"required": ["messages"]}},
                   {"required": ["messages"], "not": {"required": ["prompt"]}}]},
     "TokenizeResponse": {"type": "object", "properties": {
         "tokens": {"type": "array", "items": _INT}, "count": _INT, "max_model_len": _INT}},
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
-        "model": _STR, "tokens": {"type": "array", "items": _TOKEN_ID}}},
+        "model": _or_null(_STR), "tokens": {"type": "array", "items": _TOKEN_ID}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
     "UsageReport": {"type": "object", "required": ["object", "group_by", "data"], "properties": {
         "object": {"const": "list"}, "group_by": {"enum": _USAGE_GROUPS},

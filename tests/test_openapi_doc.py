@@ -67,3 +67,13 @@ def test_usage_route_and_string_error_codes_are_documented():
     envelope = {"error": {"message": "m", "type": "t", "param": None, "code": "x"}}
     assert valid("ErrorResponse", envelope)
     assert not valid("ErrorResponse", {"error": {**envelope["error"], "code": 400}})
+
+
+def test_optional_fields_may_be_null_as_the_server_accepts():
+    assert valid("CompletionRequest", {"prompt": "x", "skip_special_tokens": None, "stop": None,
+                                       "logit_bias": None, "logprobs": None, "model": None})
+    assert not valid("CompletionRequest", {"prompt": None})
+    msgs = [{"role": "user", "content": None}]
+    assert valid("ChatCompletionRequest", {"messages": msgs, "top_logprobs": None, "logprobs": None,
+                                           "stream_options": {"include_usage": None}})
+    assert valid("DetokenizeRequest", {"tokens": [], "model": None})
