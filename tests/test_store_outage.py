@@ -12,14 +12,13 @@ restarts it on the same port with its AOF data):
   apply again and the usage of the requests that ended during the outage is in the store.
 
 Needs `redis-server` on PATH (an external $CONVEYOR_TEST_REDIS_URL cannot be killed): a skip
-without it, a failure on CI.
+without it, a failure on CI (tests/system_deps.py).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
-import os
 import shutil
 import signal
 import socket
@@ -37,6 +36,7 @@ from server.config_file import TenantConfig, config_from_dict
 from server.rate_limit import RateLimiter
 from server.redis_store import RedisStore
 from server.store import StoreUnavailable
+from tests.system_deps import require_binary
 
 LEASE_TTL = 1.0
 
@@ -52,12 +52,8 @@ class KillableRedis:
     killed with -9 and restarted with its data."""
 
     def __init__(self) -> None:
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            message = "redis-server is not installed (apt-get install -y redis-server)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
+        self.binary = require_binary("redis-server", "the store-outage tests kill and restart a real Redis",
+                                     "redis-server")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = tempfile.mkdtemp(prefix="conveyor-redis-outage-")
