@@ -36,6 +36,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib",
                  "openapi-spec-validator", "psutil",
                  "schemathesis==4.32.5",  # tests/test_fuzz_openapi.py (pinned: its API changes)
+                 "hypothesis",  # imported by tests/test_fuzz_openapi.py (schemathesis pins its range)
                  "selenium==4.51.0",  # drives Debian's chromium in tests/test_pages_browser.py
                  "jsonschema"],  # tests/test_openapi_doc.py checks requests against the document
         "bench": ["matplotlib", "httpx", "psutil"],
