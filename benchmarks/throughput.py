@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=None, help=f"comma list from {','.join(ALL_SYSTEMS)}")
     p.add_argument("--workloads", default="fixed,mixed")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: a random Llama made under --out-dir)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="every system's dtype; auto: bfloat16 where the CPU has native bf16 kernels, else float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--fixed-lens", type=_pair, default=(128, 64), help="prompt,output of the fixed workload")
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.dtype == "auto":
+        from engine.startup import cpu_has_fast_bf16
+
+        fast, why = cpu_has_fast_bf16()
+        args.dtype = "bfloat16" if fast else "float32"
+        print(f"[dtype] {args.dtype} for every system (auto: {why})", flush=True)
     systems = (args.systems.split(",") if args.systems else list(QUICK_SYSTEMS if args.quick else ALL_SYSTEMS))
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write("\n".join(md) + "\n")
     plots.throughput_bars(report, os.path.join(args.out_dir, "throughput.png"))
     print("\n".join(md))
+    print(f"Wrote {', '.join(os.path.join(args.out_dir, f) for f in ('throughput.md', 'throughput.json', 'throughput.png'))}")
     return 0
 
 
