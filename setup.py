@@ -38,8 +38,14 @@ setup(
                  "schemathesis==4.32.5",  # tests/test_fuzz_openapi.py (pinned: its API changes)
                  "hypothesis",  # imported by tests/test_fuzz_openapi.py (schemathesis pins its range)
                  "selenium==4.51.0",  # drives Debian's chromium in tests/test_pages_browser.py
-                 "jsonschema"],  # tests/test_openapi_doc.py checks requests against the document
+                 "jsonschema",  # tests/test_openapi_doc.py checks requests against the document
+                 "opentelemetry-api>=1.27", "opentelemetry-sdk>=1.27",  # tests/test_tracing.py
+                 "nvidia-ml-py"],  # server/gpu_metrics.py's NVML path is imported (no GPU needed)
         "bench": ["matplotlib", "httpx", "psutil"],
+        # OpenTelemetry tracing (--otlp-traces-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT)
+        "otel": ["opentelemetry-api>=1.27", "opentelemetry-sdk>=1.27", "opentelemetry-exporter-otlp-proto-http>=1.27"],
+        # GPU utilization and memory in /metrics through NVML
+        "nvml": ["nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["conveyor=conveyor.cli:main"]},
 )

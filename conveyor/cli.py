@@ -57,6 +57,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "or a folder holding a generation_config.json")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level of start-up progress and request logs (stderr)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line (docs/observability.md)")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "see docs/production.md")
     serve.add_argument("--redis-url", default=None,
                        help="shared state for replicas, e.g. redis://127.0.0.1:6379/0 (overrides the config's)")
+    serve.add_argument("--otlp-traces-endpoint", default=None,
+                       help="send OpenTelemetry traces (OTLP/HTTP) here, e.g. http://collector:4318/v1/traces "
+                            "(default: the OTEL_EXPORTER_OTLP_ENDPOINT variable; unset: no tracing)")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="put prompt and output text in the per-request summary log line (off: never logged)")
 
     hk = sub.add_parser("hash-key", help="print the SHA-256 digest of an API key for the config file")
     hk.add_argument("key", help="the API key, e.g. sk-...")
@@ -153,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
                         format=LOG_FORMAT, stream=sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        from server.log_format import use_json_logs
+
+        use_json_logs()
     try:
         if args.command == "serve":
             from conveyor.serve import serve

@@ -141,7 +141,8 @@ def serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, max_tokens_cap=args.max_tokens_cap,
         max_prompt_tokens=args.max_prompt_tokens, max_waiting_requests=args.max_waiting_requests,
         max_waiting_tokens=args.max_waiting_tokens, max_body_bytes=args.max_body_bytes,
-        shutdown_timeout=args.shutdown_timeout)
+        shutdown_timeout=args.shutdown_timeout, otlp_traces_endpoint=args.otlp_traces_endpoint,
+        log_prompts=args.log_prompts)
     production = load_config(args.config) if args.config else ProductionConfig()
     if args.redis_url:
         production.redis_url = args.redis_url
@@ -170,5 +171,6 @@ def serve(args: argparse.Namespace) -> int:
     skipped = f"; unavailable: {', '.join(unavailable)}" if unavailable else ""
     _announce_when_listening(args.host, args.port,
                              f"ready: {parts}{skipped}, listening on http://{args.host}:{args.port}")
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level,
+               json_logs=args.log_format == "json")
     return 0

@@ -42,6 +42,7 @@ from server.serving import ModelService, read_json, request_logger
 from server.settings import ServerSettings
 from server.shutdown import Drain
 from server.store import Store, open_store
+from server.tracing import build_tracing
 from server.usage import parse_time
 
 logger = logging.getLogger("conveyor.server")
@@ -108,12 +109,13 @@ def _model_handle(config: ModelConfig | None, engine: AsyncEngine, settings: Ser
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
               shutdown_engine: bool = True, *, production: ProductionConfig | None = None,
               engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
-              unavailable_models: dict[str, str] | None = None) -> Starlette:
+              unavailable_models: dict[str, str] | None = None, span_exporter: Any = None) -> Starlette:
     """`engine` serves the first available model of `production.models` (or the only model
     when the config lists none); `engines` maps the other available models' names to their
     engines. `unavailable_models` maps optional config models that failed to load to why
     (reported by /health, refused with 503). `store` defaults to Redis at
-    `production.redis_url`, else in memory."""
+    `production.redis_url`, else in memory. Tracing (server/tracing.py) is decided here, once:
+    on with an OTLP endpoint (settings or OTEL_* variables) or a `span_exporter` (tests)."""
     settings = settings or ServerSettings()
     production = production or ProductionConfig()
     unavailable = dict(unavailable_models or {})
@@ -134,7 +136,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         observer.error = lambda op: prod_metrics.store_errors.labels(op).inc()
         observer.lost = lambda kind: prod_metrics.usage_lost.labels(kind).inc()
     drain = Drain(settings.shutdown_timeout, settings.retry_after_seconds)
-    gateway = Gateway(production, models, store, prod_metrics, settings, drain)
+    tracing = build_tracing(settings.otlp_traces_endpoint, span_exporter)
+    gateway = Gateway(production, models, store, prod_metrics, settings, drain, tracing)
     gateway.auth.log_mode()
     openapi = build_openapi(version())
 
@@ -251,6 +254,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
             logger.warning("model %s is unavailable (optional, failed to load): %s", name, why)
         yield
         await gateway.close()
+        if tracing is not None:
+            tracing.shutdown()
         if shutdown_engine:
             for m in models:
                 m.engine.shutdown()

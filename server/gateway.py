@@ -46,6 +46,7 @@ from server.prod_metrics import ProductionMetrics
 from server.protocol import ChatCompletionRequest, GenerationRequest
 from server.rate_limit import RateLimiter, Reservation
 from server.recorded import RecordedResponse
+from server.request_trace import RequestTrace
 from server.response_cache import InFlight, ResponseCache, is_deterministic
 from server.routing import AUTO, Router
 from server.served_models import ModelHandle, ModelSet
@@ -55,6 +56,7 @@ from server.settings import ServerSettings
 from server.shutdown import Drain
 from server.sse import DONE, SSEResponse, sse_event
 from server.store import Store
+from server.tracing import Tracing
 from server.usage import UsageLog, UsageRecord, cost
 
 
@@ -68,6 +70,7 @@ class _Run:
     body: dict
     canonical: dict[str, Any]  # the request as idempotency and the cache see it
     log: logging.LoggerAdapter
+    trace: RequestTrace
     key: str | None = None  # Idempotency-Key, validated
     owns_key: bool = False  # this request must complete or abandon the key
     headers: dict[str, str] = field(default_factory=dict)  # added to the response
@@ -96,6 +99,7 @@ class Gateway:
     metrics: ProductionMetrics
     settings: ServerSettings
     drain: Drain
+    tracing: Tracing | None = None  # None: tracing off (no span is ever created)
     auth: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
     idempotency: Idempotency = field(init=False)
@@ -130,20 +134,43 @@ class Gateway:
 
     # ---- 1: auth, then the response ------------------------------------------------------
     async def handle(self, request: Request, chat: bool) -> Response:
+        """The response; the request's trace (span, summary log line) ends here, or, for an
+        engine stream, when the pipeline ends."""
+        trace = RequestTrace.begin(self.tracing, request.scope["state"]["request_id"], chat, request.headers,
+                                   self.settings.log_prompts)
+        try:
+            return await self._handle(request, chat, trace)
+        except APIError as exc:
+            trace.failed(exc.status, exc.body()["error"]["code"], exc.message)
+            raise
+        except Exception:
+            trace.failed(500, "internal_error")
+            raise
+        finally:
+            if not trace.streaming:
+                trace.end()
+
+    async def _handle(self, request: Request, chat: bool, trace: RequestTrace) -> Response:
         self.drain.check_admitting()
-        tenant = self.tenant(request)
+        log = request_logger(request)
+        with trace.phase("auth"):
+            tenant = self.tenant(request)
+        trace.tenant = log.extra["tenant"] = tenant.name
         body = await read_json(request, self.settings.max_body_bytes)
         req = parse_request(body, chat)
+        trace.stream, trace.max_tokens, trace.temperature = req.stream, req.max_tokens, req.sampling.get("temperature")
+        if trace.log_prompts:
+            trace.prompt = req.messages if isinstance(req, ChatCompletionRequest) else req.prompt
         canonical = {k: v for k, v in dataclasses.asdict(req).items() if k != "timeout"}
         canonical["endpoint"] = "chat" if chat else "completions"
-        run = _Run(request, tenant, req, body, canonical, request_logger(request))
+        run = _Run(request, tenant, req, body, canonical, log, trace)
         parts = self._pipeline(run)
         try:
             first = await anext(parts)
             if isinstance(first, RecordedResponse):
                 return first.replay(run.headers)
             if req.stream:
-                run.streaming = True
+                run.streaming = trace.streaming = True  # the pipeline's end ends the trace now
                 headers = {**output_headers(first), **run.headers}
                 body_events, owned = self._sse(run, first, parts, headers), parts
                 parts = None  # the stream's body owns the pipeline now, and the response closes it
@@ -161,6 +188,9 @@ class Gateway:
         except ClientGone:
             self._client_gone(run)
             return Response(status_code=499)
+        except APIError as exc:  # recorded before the pipeline's end ends the trace
+            trace.failed(exc.status, exc.body()["error"]["code"], exc.message)
+            raise
         finally:
             if parts is not None:
                 await parts.aclose()
@@ -197,6 +227,7 @@ class Gateway:
         yield DONE
 
     def _client_gone(self, run: _Run) -> None:
+        run.trace.gone()
         run.log.info("client disconnected, aborted")
         run.request.scope["state"]["client_gone"] = True  # the access metric counts a 499
 
@@ -210,26 +241,36 @@ class Gateway:
             replay = await self.idempotency.begin(tenant.name, run.key, fingerprint(run.canonical))
             if replay is not None:
                 self.metrics.idempotent_replays.inc()
+                run.trace.source, run.trace.answered = "replay", True
                 run.headers = {**await self.limiter.current_headers(tenant),
                                "Idempotent-Replayed": "true", "X-Conveyor-Cost": "0"}
                 yield replay
                 return
             run.owns_key = True
         try:
+            trace = run.trace
             # 3. input guards (may rewrite the prompt or refuse it)
-            guards = self._input_guards(run)
+            with trace.phase("input_guards"):
+                guards = self._input_guards(run)
             # 4. route, tokenizing the prompt once
-            model, reason, prompt_ids = self._route(tenant, req)
-            run.model = model
-            prep = model.service.prepare(req, prompt_ids)
+            with trace.phase("route"):
+                model, reason, prompt_ids = self._route(tenant, req)
+                run.model = model
+                trace.model = run.log.extra["model"] = model.name
+                trace.route = reason
+                prep = model.service.prepare(req, prompt_ids)
+            trace.max_tokens = prep.max_tokens
             # 5. limits: prompt + max_tokens per choice
-            run.reservation = await self.limiter.reserve(
-                tenant, len(prep.prompt_ids) + prep.max_tokens * prep.params.n)
+            with trace.phase("rate_limit"):
+                run.reservation = await self.limiter.reserve(
+                    tenant, len(prep.prompt_ids) + prep.max_tokens * prep.params.n)
             self.metrics.routed.labels(model.name, reason).inc()
             run.headers = {**run.reservation.headers, "X-Conveyor-Model": model.name, "X-Conveyor-Route": reason}
             # 6. response cache and in-flight dedup
-            hit = await self._cached(run)
+            with trace.phase("cache_lookup"):
+                hit = await self._cached(run)
             if hit is not None:
+                trace.source, trace.answered = run.source, True
                 yield hit
                 return
             # 7-8. the engine, its outputs through the tenant's output guards
@@ -248,10 +289,19 @@ class Gateway:
             self._running.add(run)
             async with contextlib.aclosing(outputs):
                 while True:
-                    run.last = await self._next(run, outputs)
+                    run.last = trace.out = await self._next(run, outputs)
                     yield run.last
                     if run.last.finished:
                         return
+        except APIError as exc:
+            run.trace.failed(exc.status, exc.body()["error"]["code"], exc.message)
+            raise
+        except (ClientGone, GeneratorExit, asyncio.CancelledError):
+            run.trace.gone()  # unless it finished or was answered: then this is the normal close
+            raise
+        except Exception:
+            run.trace.failed(500, "internal_error")
+            raise
         finally:
             # 9. settle
             self._running.discard(run)
@@ -260,7 +310,13 @@ class Gateway:
     def _input_guards(self, run: _Run) -> GuardChain | None:
         if not run.tenant.guards:
             return None
-        chain = GuardChain([self.guards[g] for g in run.tenant.guards], self.metrics.guard_action)
+        count = self.metrics.guard_action
+        if run.trace.span is not None:  # with tracing, every guard action is also a span event
+            def count(guard: str, action: str, n: int) -> None:
+                self.metrics.guard_action(guard, action, n)
+                run.trace.event("guardrail", **{"conveyor.guard": guard, "conveyor.guard_action": action,
+                                                "conveyor.guard_count": n})
+        chain = GuardChain([self.guards[g] for g in run.tenant.guards], count)
         chain.check_request(run.req)
         return chain
 
@@ -355,6 +411,15 @@ class Gateway:
         await asyncio.shield(task)  # a cancelled request leaves it running, not half done
 
     async def _settle_now(self, run: _Run) -> None:
+        """Settles, then ends a stream's trace (here: a cancelled stream's task stops waiting)."""
+        try:
+            with run.trace.phase("settle"):
+                await self._settle_parts(run)
+        finally:
+            if run.streaming:
+                run.trace.end()
+
+    async def _settle_parts(self, run: _Run) -> None:
         from_engine = run.source == "engine"
         u = (output_usage(run.last) if run.last is not None else None) if from_engine else \
             (run.answer.usage if run.answer is not None else None)

@@ -15,15 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.outputs import EngineStats, RequestOutput
+from server.gpu_metrics import GpuCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ABORT = "abort"  # finished_reason of requests that ended before the engine finished them
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_STEP_PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                       0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS_PER_SECOND_WINDOW = 5.0  # seconds of steps averaged by conveyor_generation_tokens_per_second
 
@@ -38,12 +41,19 @@ class ModelMetrics:
     get_stats: Callable[[], EngineStats]
     prefix_caching: bool
     _window: collections.deque = field(default_factory=collections.deque)
+    _steps_seen: int = 0  # the engine's step count at the last observed step
 
     # ---- engine thread ------------------------------------------------------------------
     def observe_step(self, duration: float, stats: EngineStats) -> None:
         model = self.name()
         self.server.step_time.labels(model).observe(duration)
         self.server.batch_size.labels(model).observe(stats.last_batch_size)
+        if stats.num_steps != self._steps_seen:  # a step that ran the model: its phases are fresh
+            self._steps_seen = stats.num_steps
+            phase = self.server.step_phase
+            phase.labels(model, "schedule").observe(stats.last_schedule_time)
+            phase.labels(model, "execute").observe(stats.last_execute_time)
+            phase.labels(model, "output").observe(stats.last_output_time)
         now = time.monotonic()
         self._window.append((now, stats.generation_tokens))
         while len(self._window) > 2 and now - self._window[0][0] > _TOKENS_PER_SECOND_WINDOW:
@@ -128,27 +138,6 @@ class _EngineCollector:
         yield gauge("conveyor_generation_tokens_per_second",
                     f"Generated tokens per second over the last {_TOKENS_PER_SECOND_WINDOW:g}s.",
                     lambda m, s: m.tokens_per_second())
-        yield from _gpu_metrics()
-
-
-def _gpu_metrics():
-    """GPU memory and utilization, only when CUDA is present."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    mem = GaugeMetricFamily("conveyor_gpu_memory_used_bytes", "GPU memory allocated by torch.",
-                            labels=["device"])
-    util = GaugeMetricFamily("conveyor_gpu_utilization_percent", "GPU utilization (NVML).",
-                             labels=["device"])
-    for i in range(torch.cuda.device_count()):
-        mem.add_metric([str(i)], torch.cuda.memory_allocated(i))
-        try:
-            util.add_metric([str(i)], torch.cuda.utilization(i))
-        except Exception:  # noqa: BLE001 - NVML is optional; skip utilization without it
-            pass
-    yield mem
-    yield util
 
 
 class ServerMetrics:
@@ -174,11 +163,18 @@ class ServerMetrics:
         self.queue_time = per_model("vllm:request_queue_time_seconds", "Time spent waiting.")
         self.step_time = per_model("conveyor_step_time_seconds", "Duration of one engine step.")
         self.batch_size = per_model("conveyor_batch_size", "Requests in one engine step.", _BATCH_BUCKETS)
+        self.step_phase = Histogram(
+            "conveyor_step_phase_seconds", "Time of one engine step by phase: schedule (Python scheduling: "
+            "schedule() + update_from_output()), execute (the model runner: forward pass and sampling), "
+            "output (detokenizing, stop strings, building outputs).",
+            ["model_name", "phase"], buckets=_STEP_PHASE_BUCKETS, registry=r)
         self.rejected = Counter("conveyor_requests_rejected", "Requests refused by backpressure.",
                                 ["reason"], registry=r)
         self.http_requests = Counter("conveyor_http_requests", "HTTP requests by route and status "
                                      "(499: the client disconnected first).", ["route", "status"], registry=r)
         r.register(_EngineCollector(self._models))
+        r.register(GpuCollector())
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
 
     def for_model(self, name: Callable[[], str], get_stats: Callable[[], EngineStats],
                   prefix_caching: bool = True) -> ModelMetrics:

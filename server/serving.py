@@ -53,6 +53,8 @@ class RequestLog(logging.LoggerAdapter):
         super().__init__(log, {"request_id": rid})
 
     def process(self, msg: Any, kwargs: Any) -> tuple[str, Any]:
+        # the fields (request id, then tenant and model once known) also go on the record, for JSON logs
+        kwargs["extra"] = {**self.extra, **kwargs.get("extra", {})}
         return f"[request_id={self.extra['request_id']}] {msg}", kwargs
 
 

@@ -16,6 +16,8 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_seconds: int = 1
     shutdown_timeout: float = 30.0  # seconds running requests get after SIGTERM before being ended
+    otlp_traces_endpoint: str | None = None  # OTLP/HTTP traces URL; None: the OTEL_* variables decide
+    log_prompts: bool = False  # summary log lines carry prompt and output text (off: never logged)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):

@@ -67,10 +67,11 @@ class Drain:
                            code="server_shutting_down", retry_after=self.retry_after_seconds)
 
 
-def serve(app: Any, *, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: Any, *, host: str, port: int, log_level: str = "info", json_logs: bool = False) -> None:
     """Runs `app` (from server.app.build_app) with uvicorn; SIGTERM or SIGINT begin the drain
     (`app.state.drain`, timeout from ServerSettings.shutdown_timeout) as uvicorn stops accepting
-    connections, and uvicorn waits for the running requests at most until shortly after it."""
+    connections, and uvicorn waits for the running requests at most until shortly after it.
+    With `json_logs` uvicorn keeps the root logger's (JSON) handlers instead of its own."""
     import uvicorn
 
     drain: Drain = app.state.drain
@@ -80,6 +81,7 @@ def serve(app: Any, *, host: str, port: int, log_level: str = "info") -> None:
             drain.begin()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    extra = {"log_config": None} if json_logs else {}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **extra,
                             timeout_graceful_shutdown=drain.timeout_seconds + _BACKSTOP_SECONDS)
     _DrainingServer(config).run()
