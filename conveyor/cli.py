@@ -52,8 +52,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: one per physical core, less one left to Python and the server)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
     p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,none,FOLDER}",
-                   help="sampling defaults for fields a request leaves unset: auto/vllm take the model's "
-                        "generation_config (as vLLM does), none uses neutral values (temperature 1), "
+                   help="sampling defaults for fields a request leaves unset: auto takes the model's "
+                        "generation_config (vLLM's default), vllm or none use neutral values (temperature 1), "
                         "or a folder holding a generation_config.json")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level of start-up progress and request logs (stderr)")

@@ -2,10 +2,11 @@
 a request leaves unset, as vLLM does by default.
 
 Where they come from, by `EngineConfig.generation_config`:
-  "auto" / "vllm"  the model's own: `generation_config.json` next to the checkpoint; for a GGUF
+  "auto"           the model's own: `generation_config.json` next to the checkpoint; for a GGUF
                    file, its `general.sampling.*` metadata; for the default model, whose GGUF
                    carries neither, the values its model card recommends (default_model.py).
-  "none"           no model defaults: unset fields take neutral values (temperature 1, ...).
+  "vllm" / "none"  no model defaults: unset fields take neutral values (temperature 1, ...);
+                   "vllm" is vLLM's name for this (its own defaults, ignoring the model's file).
   a folder path    the `generation_config.json` in that folder.
 Only temperature, top_p, top_k, min_p and repetition_penalty are taken. `max_new_tokens` is
 not used as a default max_tokens: the server resolves max_tokens against the context instead.
@@ -52,7 +53,7 @@ class GenerationDefaults:
 def load_generation_defaults(source: ModelSource, mode: str = "auto") -> GenerationDefaults:
     """The defaults for the model at `source` under `mode` (see the module docstring). Raises
     ValueError for an unknown mode, a missing folder, or out-of-range values in the file."""
-    if mode == "none":
+    if mode in ("none", "vllm"):
         return GenerationDefaults()
     if mode not in MODES:
         path = os.path.join(mode, "generation_config.json")

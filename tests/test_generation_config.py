@@ -66,8 +66,8 @@ def test_unset_temperature_takes_the_file_default_and_is_greedy(checkpoint):
 def test_set_fields_win_and_none_ignores_the_file(checkpoint):
     vocab = 49152
     auto = load_generation_defaults(ModelSource(checkpoint), "auto")
-    vllm = load_generation_defaults(ModelSource(checkpoint), "vllm")
-    assert auto.values == vllm.values
+    # "vllm" means what it means in vLLM: the engine's own defaults, not the model's file
+    assert load_generation_defaults(ModelSource(checkpoint), "vllm").values == {}
     explicit = auto.prepare(SamplingParams(temperature=0.7), vocab, EngineConfig())
     assert (explicit.temperature, explicit.top_p) == (0.7, 0.5)
     assert auto.prepare(SamplingParams(top_p=1.0), vocab, EngineConfig()).top_p == 1.0
