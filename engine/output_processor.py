@@ -91,23 +91,28 @@ class OutputProcessor:
         """Handles the token each of ``requests`` just got: detokenizes it, applies stop
         strings (``finish`` ends the sequence), and appends one output per group to ``into``
         (as it goes, so outputs already made survive an exception in a later group)."""
-        groups: dict[str, _Group] = {}
+        members: dict[str, tuple[_Group, list[tuple[Request, _Sequence]]]] = {}
         for request in requests:
             group, seq = self._seq_of[request.request_id]
+            members.setdefault(group.request_id, (group, []))[1].append((request, seq))
+        for group, seqs in members.values():  # one group at a time, its output right after it
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
-            if seq.detok is not None:
-                stop_str = seq.detok.add_token(request.output_token_ids[-1])
-                # EOS and stop token ids take precedence; a stop string beats a length limit
-                if stop_str is not None and request.status != RequestStatus.FINISHED_STOPPED:
-                    request.stop_reason = stop_str
-                    if request.status.finished:  # hit max_tokens on this same token
-                        request.status = RequestStatus.FINISHED_STOPPED
-                    else:
-                        finish(request, RequestStatus.FINISHED_STOPPED)
-            groups[group.request_id] = group
-        for group in groups.values():
+            for request, seq in seqs:
+                if seq.detok is not None:
+                    self._detokenize(request, seq, finish)
             into.append(self.make_output(group, now))
+
+    @staticmethod
+    def _detokenize(request: Request, seq: _Sequence, finish: FinishFn) -> None:
+        stop_str = seq.detok.add_token(request.output_token_ids[-1])
+        # EOS and stop token ids take precedence; a stop string beats a length limit
+        if stop_str is not None and request.status != RequestStatus.FINISHED_STOPPED:
+            request.stop_reason = stop_str
+            if request.status.finished:  # hit max_tokens on this same token
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                finish(request, RequestStatus.FINISHED_STOPPED)
 
     def fail(self, group: _Group, error: str, now: float) -> RequestOutput:
         """The final output of a group whose sequences all ended in an engine error."""

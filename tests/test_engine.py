@@ -237,3 +237,21 @@ def test_failed_step_fails_only_its_requests_and_engine_keeps_serving(checkpoint
             engine.add_request(f"r{i}", prompts[1], params)
             outcomes += [o.outputs[0].finish_reason for o in engine.step()]
     assert outcomes == ["error", "error"]
+
+
+def test_failure_while_building_outputs_keeps_outputs_already_made(checkpoints):
+    llm = LLM(checkpoints["llama"], dtype="float32", num_blocks=64)
+    engine = llm.engine
+    engine.add_request("done", random_prompts()[1], SamplingParams(temperature=0, max_tokens=1))
+    engine.add_request("breaks", random_prompts()[2], SamplingParams(temperature=0, max_tokens=5))
+
+    def broken(token_id):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated detokenizer failure")
+
+    engine.outputs._seq_of["breaks"][1].detok.add_token = broken
+    outs = {o.request_id: o for o in engine.step()}  # both prefill in this step; "done" ends in it
+    assert outs["done"].finished and outs["done"].error is None
+    assert outs["done"].outputs[0].finish_reason == "length" and len(outs["done"].outputs[0].token_ids) == 1
+    assert outs["breaks"].finished and outs["breaks"].outputs[0].finish_reason == "error"
+    assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == 64
+    engine.check_integrity()
