@@ -39,6 +39,7 @@ setup(
                  "hypothesis",  # imported by tests/test_fuzz_openapi.py (schemathesis pins its range)
                  "selenium==4.51.0",  # drives Debian's chromium in tests/test_pages_browser.py
                  "jsonschema",  # tests/test_openapi_doc.py checks requests against the document
+                 "kubernetes-validate==1.37.0",  # tests/test_deploy_manifests.py (pinned: bundles the k8s schemas)
                  "opentelemetry-api>=1.27", "opentelemetry-sdk>=1.27",  # tests/test_tracing.py
                  "nvidia-ml-py"],  # server/gpu_metrics.py's NVML path is imported (no GPU needed)
         "bench": ["matplotlib", "httpx", "psutil"],
