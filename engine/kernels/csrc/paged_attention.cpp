@@ -7,8 +7,10 @@
 // online softmax (running max and sum per row), accumulating in float32 whatever the dtypes of
 // q and of the cache. Items are spread over threads with OpenMP, longest first.
 //
-// Built on first use by engine/kernels/cpu_extension.py with -O3 -march=native: the inner loops
-// are written so that the compiler vectorizes them for the host's ISA (AVX2, AVX-512, NEON).
+// Built on first use by engine/kernels/cpu_extension.py with -O3 -march=native. The hot loops use
+// GCC vector extensions (8 floats, one AVX2 register; split into two on NEON), so the same source
+// builds for any host ISA. The decode path is bound by memory latency of the scattered blocks: the
+// next tile's rows are prefetched while the current one is computed.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -114,6 +116,35 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
+// dot() of four rows (q, q + n, q + 2n, q + 3n) with one key row, each with exactly dot()'s
+// operations (so results are bit-identical to it), the key loads shared: out[0], out[kTileKeys]...
+inline void dot4(const float* __restrict q, const float* __restrict b, int n, float* out) {
+  const float* q1 = q + n;
+  const float* q2 = q1 + n;
+  const float* q3 = q2 + n;
+  v8 a0 = splat8(0.f), a1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0, g0 = a0, g1 = a0;
+  int d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const v8 k0 = load8(b + d), k1 = load8(b + d + 8);
+    a0 += load8(q + d) * k0; a1 += load8(q + d + 8) * k1;
+    c0 += load8(q1 + d) * k0; c1 += load8(q1 + d + 8) * k1;
+    e0 += load8(q2 + d) * k0; e1 += load8(q2 + d + 8) * k1;
+    g0 += load8(q3 + d) * k0; g1 += load8(q3 + d + 8) * k1;
+  }
+  for (; d + 8 <= n; d += 8) {
+    const v8 k0 = load8(b + d);
+    a0 += load8(q + d) * k0; c0 += load8(q1 + d) * k0; e0 += load8(q2 + d) * k0; g0 += load8(q3 + d) * k0;
+  }
+  float sa = sum8(a0 + a1), sc = sum8(c0 + c1), se = sum8(e0 + e1), sg = sum8(g0 + g1);
+  for (; d < n; ++d) {
+    sa += q[d] * b[d]; sc += q1[d] * b[d]; se += q2[d] * b[d]; sg += q3[d] * b[d];
+  }
+  out[0] = sa;
+  out[kTileKeys] = sc;
+  out[2 * kTileKeys] = se;
+  out[3 * kTileKeys] = sg;
+}
+
 template <typename T>
 inline void row_to_float(const T* __restrict src, float* __restrict dst, int n, float scale) {
   for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * scale;
@@ -165,7 +196,9 @@ void scores_by_dot(const float* qf, int rows, int G, const KT* k_head, const int
   for (int p = 0; p < n; ++p) {
     const float* k = key_row(k_head + slot_off[p], kbuf, D);
     const int t_min = std::max(0, ts + p - first_pos);  // rows of token t see keys <= first_pos + t
-    for (int r = t_min * G; r < rows; ++r) s[r * kTileKeys + p] = dot(qf + r * D, k, D);
+    int r = t_min * G;
+    for (; r + 4 <= rows; r += 4) dot4(qf + r * D, k, D, s + r * kTileKeys + p);
+    for (; r < rows; ++r) s[r * kTileKeys + p] = dot(qf + r * D, k, D);
   }
 }
 
