@@ -28,6 +28,8 @@ setup(
         "regex",
         "ninja",  # builds the C++ CPU attention kernel on first use (engine/kernels/cpu_extension.py)
         "swagger-ui-py>=25.7",  # Swagger UI's assets for /docs, served locally
+        "xgrammar>=0.2.9,<0.3",  # structured outputs: grammar automata and token masks (engine/structured_output/)
+        "jsonschema",  # structured outputs: JSON schemas checked before they are compiled
     ],
     extras_require={
         # GPU kernels; install.sh adds it on machines with an NVIDIA GPU.

@@ -34,6 +34,7 @@ from engine.scheduler.policies import make_policy
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 from engine.startup import choose_num_blocks, configure_threads, eos_token_ids, resolve_device
 from engine.step_failure import MAX_CONSECUTIVE_FAILED_STEPS, EngineFatalError, is_fatal
+from engine.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("conveyor.engine")
 
@@ -80,6 +81,7 @@ class LLMEngine:
                                   cuda_graph_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH) if use_graphs else 0,
                                   max_model_len=self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)
         self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
@@ -126,6 +128,7 @@ class LLMEngine:
                 raise ValueError(f"request_id {request_id!r} clashes with the running request {child_id!r}")
             children.append(Request(child_id, prompt_ids, params, max_tokens, arrival, priority,
                                     cache_salt, tenant, generator))
+        self.structured.attach(params.structured_outputs, children)  # compiles off the step loop
         self.outputs.add(request_id, prompt_text, children, arrival)
         for child in children:
             self.scheduler.add_request(child)
@@ -191,6 +194,8 @@ class LLMEngine:
         """Runs one step; returns an output for every request that progressed or ended. Raises
         `EngineFatalError` only when the engine cannot continue."""
         results, self._pending = self._pending, []
+        if self.structured.has_pending:
+            results.extend(self._fail_bad_grammars())
         p0 = time.perf_counter()  # p0..p3: the step's phases, for the schedule/execute split
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -216,6 +221,19 @@ class LLMEngine:
         s.last_output_time = time.perf_counter() - p3
         self._check_after_step()
         return results
+
+    def _fail_bad_grammars(self) -> list[RequestOutput]:
+        """Ends, with an error output, requests whose structured-output grammar failed to
+        compile after they were queued (they were never scheduled)."""
+        failed, now = [], time.time()
+        for seq, message in self.structured.take_failed():
+            if seq.status.finished:  # a sibling of an n > 1 request already ended it
+                continue
+            group = self.outputs.group_of(seq)
+            for sibling in group.seqs:
+                self.scheduler.finish_request(sibling.request, RequestStatus.FINISHED_ERROR)
+            failed.append(self.outputs.fail(group, message, now))
+        return failed
 
     def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """Ends every request of the failed step with an error output; raises

@@ -68,7 +68,7 @@ class ModelRunner:
         last_token = meta.query_start_loc[1:].to(torch.long) - 1
         logits = self.model.compute_logits(hidden[last_token[sample_rows]])
         sampling = [items[i] for i in sample_rows]
-        rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator)
+        rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar)
                 for s in sampling]
         result = self.sampler(logits, rows)
         return SampledTokens([s.request_id for s in sampling], result.token_ids, result.logprobs,

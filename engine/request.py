@@ -21,6 +21,8 @@ from engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from engine.structured_output.grammar_state import GrammarState
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -61,6 +63,8 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     seq_no: int = 0  # admission tie-breaker, set by the scheduler
+    # structured output: this sequence's grammar state (engine/structured_output/), else None
+    grammar: "GrammarState | None" = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -81,6 +85,11 @@ class Request:
     def remaining_tokens(self) -> int:
         """Tokens still to be processed or generated: a simple size estimate for policies."""
         return self.num_tokens - self.num_computed_tokens + self.max_tokens - self.num_output_tokens
+
+    def is_ready(self) -> bool:
+        """False while the request's grammar is still compiling: the scheduler does not admit it
+        yet (and lets the requests behind it pass)."""
+        return self.grammar is None or self.grammar.is_ready()
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

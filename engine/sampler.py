@@ -4,7 +4,8 @@ Order of processing (vLLM-like), each step skipped when no row of the batch need
   1. min_tokens      -- eos and stop_token_ids get -inf while the output is too short
   2. repetition      -- HF semantics over prompt + output tokens
   3. presence/frequency penalties -- OpenAI semantics over output tokens, then logit_bias
-     (added) and allowed_token_ids (every other token gets -inf)
+     (added) and allowed_token_ids (every other token gets -inf), then the grammar masks of
+     structured-output rows (one batched bitmask over those rows only)
   4. greedy rows take the argmax here; the others go on:
   5. temperature, then top-k, top-p (one sort for both), then min-p
   6. exponential race: argmax(probs / q) with q ~ Exp(1) drawn for the full vocabulary, which
@@ -24,6 +25,8 @@ from engine.logprobs import chosen_logprobs, top_logprobs
 from engine.penalties import (apply_logit_bias, apply_presence_frequency_penalties, apply_repetition_penalty,
                               keep_only_tokens, mask_tokens_)
 from engine.sampling_params import SamplingParams
+from engine.structured_output.bitmask import apply_grammar_masks
+from engine.structured_output.grammar_state import GrammarState
 
 # Below this a temperature is treated as greedy: dividing logits by it would overflow.
 _MIN_TEMPERATURE = 1e-5
@@ -39,6 +42,8 @@ class SamplingRow:
     # Per-request generator, created by the engine when params.seed is set. It must live on
     # the logits' device.
     generator: torch.Generator | None = None
+    # The sequence's grammar when its output is constrained (engine/structured_output/).
+    grammar: GrammarState | None = None
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Sampler:
         """Steps 1-3 (min_tokens, repetition, presence/frequency, logit_bias, allowed_token_ids).
         Returns `logits` itself when
         no row uses any of them, else a new tensor; `logits` is never modified."""
+        original = logits
         blocked_rows, blocked_ids = [], []
         vocab = logits.shape[1]
         for i, r in enumerate(rows):
@@ -113,6 +119,12 @@ class Sampler:
         limited = [i for i, r in enumerate(rows) if r.params.allowed_token_ids]
         if limited:
             logits = keep_only_tokens(logits, limited, [rows[i].params.allowed_token_ids for i in limited])
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None and r.grammar.error is None]
+        if constrained:
+            if logits is original:
+                logits = logits.clone()
+            apply_grammar_masks(logits, constrained, [rows[i].grammar for i in constrained],
+                                [rows[i].output_token_ids for i in constrained])
         return logits
 
     def _pick(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidParameterError, show
 from engine.stop_checker import StopAutomaton, StopMatcher
+from engine.structured_output.params import StructuredOutputsParams
 
 # Bounds shared with the OpenAI API.
 MAX_LOGPROBS = 20
@@ -98,6 +99,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # when set, only these tokens can be sampled
+    # output constrained to a JSON schema / regex / choice / grammar (engine/structured_output/)
+    structured_outputs: StructuredOutputsParams | None = None
     # Names of MODEL_DEFAULTABLE fields the caller left unset (None); computed at construction.
     # It is an init field so that `SamplingParams(**vars(p))` and `dataclasses.replace` keep it.
     unset: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -149,6 +152,9 @@ class SamplingParams:
             self.allowed_token_ids = self._normalize_ids("allowed_token_ids", self.allowed_token_ids)
             if not self.allowed_token_ids:
                 raise _fail("allowed_token_ids", "allowed_token_ids must not be empty")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _fail("structured_outputs", "structured_outputs must be a StructuredOutputsParams, got "
+                                              f"{type(self.structured_outputs).__name__}")
         _check_int("logprobs", self.logprobs, allow_none=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise _fail("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {show(self.logprobs)}")

@@ -7,7 +7,7 @@ scheduler's queues, the `Request` objects or the KV cache manager.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import SamplingParams
 
@@ -37,6 +37,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: "torch.Generator | None" = None
+    grammar: Any = None  # the sequence's GrammarState when its output is constrained (structured output)
 
     @property
     def num_new_tokens(self) -> int:

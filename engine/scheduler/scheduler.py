@@ -147,8 +147,12 @@ class Scheduler:
         if self.config.static_batching and not self._batch:
             # the next batch: the first max_num_seqs waiting requests, fixed until all finish
             self._batch = {r.request_id for _, _, r in heapq.nsmallest(self.config.max_num_seqs, self._waiting)}
+        deferred = []  # requests whose grammar is still compiling: they wait, others pass
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             entry = self._waiting[0]
+            if not entry[2].is_ready() and not self.config.static_batching:
+                deferred.append(heapq.heappop(self._waiting))
+                continue
             if self.config.static_batching and entry[2].request_id not in self._batch:
                 # a newcomer outranks the batch (or keys moved): admit the batch's best member
                 entry = min((e for e in self._waiting if e[2].request_id in self._batch), default=None)
@@ -174,6 +178,8 @@ class Scheduler:
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
+        for entry in deferred:
+            heapq.heappush(self._waiting, entry)
         return budget
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
@@ -182,6 +188,7 @@ class Scheduler:
             request.request_id, request.all_token_ids[start:start + n], start,
             self.kv.block_ids(request.request_id), start + n == request.num_tokens,
             request.sampling_params, request.prompt_token_ids, request.output_token_ids, request.generator,
+            grammar=request.grammar,
         )
 
     def _preempt(self, request: Request) -> None:
