@@ -1,11 +1,11 @@
 """Offline throughput: Conveyor (continuous and static batching) against its peers, one run.
 
-    python -m benchmarks.throughput --quick          # tiny model and workloads, < 2 minutes
+    python -m benchmarks.throughput --quick          # tiny model and workloads, a few minutes (see --help)
     python -m benchmarks.throughput                  # 56M-parameter random Llama, full workloads
     python -m benchmarks.throughput --systems conveyor,vllm-offline --vllm-python /opt/peers/vllm-venv/bin/python
 
-Every system gets the same model (a random bf16 Llama written once under --out-dir, with the
-SmolLM2 tokenizer), dtype, thread count and requests (token-id prompts, EOS ignored, exact
+Every system gets the same model (a random Llama written once under --out-dir, with the
+SmolLM2 tokenizer), dtype (by default the host's fastest: see --dtype), thread count and requests (token-id prompts, EOS ignored, exact
 output lengths), and all requests are submitted at once. Systems run one after another inside
 each round, alternating, because these machines drift by 10-15 % from minute to minute.
 Peers that are not installed are skipped with the reason, never faked.
@@ -164,13 +164,17 @@ def verdict_lines(summaries: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model and workloads (< 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model and workloads: 8 short runs, each in a fresh process; took 279 s on a busy "
+                        "2-core machine (load 9), most of it process start-up")
     p.add_argument("--systems", default=None, help=f"comma list from {','.join(ALL_SYSTEMS)}")
     p.add_argument("--workloads", default="fixed,mixed")
     p.add_argument("--model", default=None, help="HF checkpoint dir (default: a random Llama made under --out-dir)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="every system's dtype; auto: bfloat16 where the CPU has native bf16 kernels, else float32")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every system (default: Conveyor's default for this host, "
+                        "one per physical core less one)")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--fixed-lens", type=_pair, default=(128, 64), help="prompt,output of the fixed workload")
     p.add_argument("--mixed-prompt", type=_pair, default=(16, 512), help="lo,hi prompt lengths (mixed)")
@@ -191,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         fast, why = cpu_has_fast_bf16()
         args.dtype = "bfloat16" if fast else "float32"
         print(f"[dtype] {args.dtype} for every system (auto: {why})", flush=True)
+    if args.threads is None:
+        from engine.startup import default_num_threads
+
+        args.threads = default_num_threads()
+        print(f"[threads] {args.threads} for every system (one per physical core less one)", flush=True)
     systems = (args.systems.split(",") if args.systems else list(QUICK_SYSTEMS if args.quick else ALL_SYSTEMS))
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
