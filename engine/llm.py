@@ -8,6 +8,7 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.pooling import PoolingParams
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -54,6 +55,22 @@ class LLM:
             self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def embed(self, texts: Prompt | Sequence[Prompt], pooling: str = "mean", normalize: bool = True,
+              use_tqdm: bool = False) -> list[list[float]]:
+        """One embedding per text (strings or token-id lists), in input order: the model's final
+        hidden states pooled (``mean`` or ``last``) and, with ``normalize``, of unit L2 norm
+        (engine/pooling.py says which pooling suits which model)."""
+        if isinstance(texts, str) or (texts and isinstance(texts[0], int)):
+            texts = [texts]
+        params = PoolingParams(pooling=pooling, normalize=normalize)
+        ids = []
+        for text in texts:
+            rid = f"llm-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, text, params)
+            ids.append(rid)
+        return [out.embedding for out in self._run(ids, use_tqdm)]
 
     def chat(
         self,

@@ -24,6 +24,7 @@ from engine.kv_cache.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model
 from engine.output_processor import OutputProcessor
+from engine.pooling import PoolingParams, PoolingState
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
@@ -100,14 +101,18 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         *,
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
         tenant: str | None = None,
     ) -> None:
-        """Queues a request. Raises ValueError (naming the problem) if it can never run."""
+        """Queues a request. Raises ValueError (naming the problem) if it can never run. With
+        `PoolingParams` it is an embedding request: its final output carries ``embedding``."""
+        if isinstance(params, PoolingParams):
+            self._add_pooling_request(request_id, prompt, params, arrival_time, priority, cache_salt, tenant)
+            return
         params = self.sampling_defaults.prepare(params, self.hf_config.vocab_size, self.config)
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
@@ -132,6 +137,28 @@ class LLMEngine:
         self.outputs.add(request_id, prompt_text, children, arrival)
         for child in children:
             self.scheduler.add_request(child)
+
+    def _add_pooling_request(self, request_id: str, prompt: str | list[int], params: PoolingParams,
+                             arrival_time: float | None, priority: int, cache_salt: str | None,
+                             tenant: str | None) -> None:
+        """An embedding request: prefill only (engine/pooling.py), then it finishes."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.outputs or request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        limit, capacity = self.max_model_len, self.num_blocks * self.config.block_size
+        if len(prompt_ids) > min(limit, capacity):
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your input has "
+                             f"{len(prompt_ids)} tokens." if len(prompt_ids) > limit else
+                             f"input ({len(prompt_ids)} tokens) exceeds the KV cache capacity of {capacity} tokens")
+        arrival = time.time() if arrival_time is None else arrival_time
+        request = Request(request_id, prompt_ids, SamplingParams(max_tokens=1), 0, arrival, priority,
+                          cache_salt, tenant, pooling=PoolingState(params))
+        self.outputs.add(request_id, prompt_text, [request], arrival)
+        self.scheduler.add_request(request)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -207,20 +234,32 @@ class LLMEngine:
             sampled = self.runner.execute(sched)
             p2 = time.perf_counter()
             requests = [self.scheduler.requests[rid] for rid in sampled.request_ids]
-            self.scheduler.update_from_output(sched, sampled)
+            finished = self.scheduler.update_from_output(sched, sampled)
             p3 = time.perf_counter()
             now = time.time()
             self.outputs.process(requests, now, self.scheduler.finish_request, results)
+            results.extend(self._pooled_outputs(finished, now))
         except Exception as exc:  # noqa: BLE001 - any failure of the step fails its requests only
             results.extend(self._fail_step(sched, exc))
             return results
         self._failed_steps = 0
-        self._update_stats(sched, sampled, requests, now - t0)
+        self._update_stats(sched, sampled, requests, now - t0, [r for r in finished if r.pooling is not None])
         s = self.stats  # Python scheduling (schedule + update_from_output) vs the model, vs outputs
         s.last_schedule_time, s.last_execute_time = (p1 - p0) + (p3 - p2), p2 - p1
         s.last_output_time = time.perf_counter() - p3
         self._check_after_step()
         return results
+
+    def _pooled_outputs(self, finished: list[Request], now: float) -> list[RequestOutput]:
+        """The final outputs of the embedding requests that finished this step."""
+        outs = []
+        for request in finished:
+            if request.pooling is not None:
+                out = self.outputs.make_output(self.outputs.group_of(request), now)
+                out.embedding = request.pooling.result()
+                out.metrics.first_token_time = now
+                outs.append(out)
+        return outs
 
     def _fail_bad_grammars(self) -> list[RequestOutput]:
         """Ends, with an error output, requests whose structured-output grammar failed to
@@ -264,7 +303,7 @@ class LLMEngine:
             assert not len(self.outputs), "output groups left at idle"
 
     def _update_stats(self, sched: SchedulerOutput, sampled: SampledTokens, requests: list[Request],
-                      elapsed: float) -> None:
+                      elapsed: float, pooled: list[Request]) -> None:
         s = self.stats
         s.num_steps += 1
         s.last_step_time = elapsed
@@ -272,6 +311,7 @@ class LLMEngine:
         s.last_batch_tokens = sched.num_batched_tokens
         s.generation_tokens += len(sampled.request_ids)
         s.prompt_tokens += sum(r.num_prompt_tokens for r in requests if r.num_output_tokens == 1)
+        s.prompt_tokens += sum(r.num_prompt_tokens for r in pooled)
 
     def get_stats(self) -> EngineStats:
         s = self.stats

@@ -5,13 +5,15 @@ the paged KV cache, and samples the next token of every sequence the scheduler m
 The runner owns the KV cache tensors (one per layer) and reads nothing but the
 `SchedulerOutput`: token ids, positions and block tables come from it, never from the KV cache
 manager. Every token of a step, prefill chunks and decodes alike, goes through a single forward
-pass.
+pass. Embedding (pooling) sequences sample nothing: the runner hands back their chunk's pooled
+final hidden states instead.
 """
 from __future__ import annotations
 
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.pooling import pool_chunk
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler.output import SampledTokens, SchedulerOutput
 
@@ -63,8 +65,9 @@ class ModelRunner:
             hidden = self.graphs.run(ids, meta)
         else:
             hidden = self.model(ids, meta.positions, self.kv_caches, meta)
+        pooled = self._pool(items, hidden, meta)
         if not sample_rows:
-            return SampledTokens()
+            return SampledTokens(pooled=pooled)
         last_token = meta.query_start_loc[1:].to(torch.long) - 1
         logits = self.model.compute_logits(hidden[last_token[sample_rows]])
         sampling = [items[i] for i in sample_rows]
@@ -72,4 +75,13 @@ class ModelRunner:
                 for s in sampling]
         result = self.sampler(logits, rows)
         return SampledTokens([s.request_id for s in sampling], result.token_ids, result.logprobs,
-                             result.chosen_logprobs)
+                             result.chosen_logprobs, pooled)
+
+    @staticmethod
+    def _pool(items: list, hidden: torch.Tensor, meta: AttentionMetadata) -> dict[str, torch.Tensor]:
+        """Each pooling sequence's part of this step's chunk (engine/pooling.py)."""
+        if not any(s.pooling for s in items):
+            return {}
+        starts = meta.query_start_loc.tolist()
+        return {s.request_id: pool_chunk(hidden[starts[i]:starts[i + 1]], s.pooling)
+                for i, s in enumerate(items) if s.pooling}

@@ -56,6 +56,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     num_preemptions: int = 0  # times the request's sequences were preempted (recomputed) so far
+    embedding: list[float] | None = None  # an embedding request's pooled vector (engine/pooling.py)
 
 
 @dataclass

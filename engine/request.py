@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from engine.structured_output.grammar_state import GrammarState
 
+    from engine.pooling import PoolingState
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -52,6 +54,8 @@ class Request:
     cache_salt: str | None = None
     tenant: str | None = None
     generator: "torch.Generator | None" = None
+    # set for an embedding request: prefill only, never samples, finishes with its pooled vector
+    pooling: "PoolingState | None" = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

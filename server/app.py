@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from server.config_file import ModelConfig, ProductionConfig
+from server.embeddings_api import EmbeddingsAPI
 from server.errors import APIError, internal_error
 from server.gateway import Gateway
 from server.limits import Admission
@@ -47,8 +48,8 @@ from server.usage import parse_time
 
 logger = logging.getLogger("conveyor.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
-           "/health", "/ready", "/version", "/metrics", "/admin/metrics", "/openapi.json", "/docs",
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+           "/detokenize", "/health", "/ready", "/version", "/metrics", "/admin/metrics", "/openapi.json", "/docs",
            "/v1/usage", "/")
 
 
@@ -265,6 +266,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     routes = [
         Route("/v1/completions", api(completions), methods=["POST"]),
         Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
+        Route("/v1/embeddings", api(EmbeddingsAPI(gateway).handle), methods=["POST"]),
         Route("/v1/models", api(models_route), methods=["GET"]),
         Route("/tokenize", api(tokenize), methods=["POST"]),
         Route("/detokenize", api(detokenize), methods=["POST"]),

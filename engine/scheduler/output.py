@@ -37,6 +37,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: "torch.Generator | None" = None
+    pooling: str | None = None  # an embedding request's pooling method: pool, never sample
     grammar: Any = None  # the sequence's GrammarState when its output is constrained (structured output)
 
     @property
@@ -65,9 +66,11 @@ class SchedulerOutput:
 class SampledTokens:
     """The runner's answer: one token per sequence of the step whose ``sample`` was True, in
     ``request_ids`` order. ``logprobs[i]`` (chosen token + top-n, raw distribution) and
-    ``chosen_logprobs[i]`` are read only for requests that asked for logprobs."""
+    ``chosen_logprobs[i]`` are read only for requests that asked for logprobs. ``pooled``
+    maps each pooling sequence of the step to its chunk's part (engine/pooling.py)."""
 
     request_ids: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float] | None] | None = None
     chosen_logprobs: list[float] | None = None
+    pooled: dict[str, "torch.Tensor"] = field(default_factory=dict)

@@ -160,7 +160,9 @@ class Scheduler:
                     break
             request = entry[2]
             rid, tokens, salt = request.request_id, request.all_token_ids, request.cache_salt
-            cached = self.kv.find_cached_prefix(rid, tokens, salt)
+            # a mean-pooled embedding needs every position's hidden state: no prefix-cache reuse
+            reuse = request.pooling is None or not request.pooling.params.needs_all_positions
+            cached = self.kv.find_cached_prefix(rid, tokens, salt) if reuse else []
             num_computed = len(cached) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.kv.allocate_slots(rid, tokens, 0, num_new, cached, salt):
@@ -184,17 +186,20 @@ class Scheduler:
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        pooling = request.pooling.params.pooling if request.pooling is not None else None
         return ScheduledRequest(
             request.request_id, request.all_token_ids[start:start + n], start,
-            self.kv.block_ids(request.request_id), start + n == request.num_tokens,
+            self.kv.block_ids(request.request_id), start + n == request.num_tokens and pooling is None,
             request.sampling_params, request.prompt_token_ids, request.output_token_ids, request.generator,
-            grammar=request.grammar,
+            pooling, request.grammar,
         )
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.request_id, keep_hashes=True)
         request.num_computed_tokens = 0
+        if request.pooling is not None:  # it recomputes from its first token
+            request.pooling.reset()
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._push_waiting(request)
@@ -202,12 +207,19 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
         """Applies a step's result: the fed tokens become computed, each sampled token is
         appended (with its logprobs when the request asked), and requests that hit EOS, a stop
-        token id, ``max_tokens`` or ``max_model_len`` finish (blocks freed). Returns them."""
+        token id, ``max_tokens`` or ``max_model_len`` finish (blocks freed). A pooling request
+        takes its chunk's pooled part and finishes (stopped) once its whole prompt is computed.
+        Returns the requests that finished."""
+        finished = []
         for s in output.scheduled:
             request = self.requests.get(s.request_id)
             if request is not None:  # else: finished (aborted) since it was scheduled
                 request.num_computed_tokens += len(s.token_ids)
-        finished = []
+                if request.pooling is not None:
+                    request.pooling.add(sampled.pooled[s.request_id], len(s.token_ids))
+                    if request.num_computed_tokens == request.num_tokens:
+                        self.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                        finished.append(request)
         for i, rid in enumerate(sampled.request_ids):
             request = self.requests.get(rid)
             if request is None:
