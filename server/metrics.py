@@ -170,6 +170,7 @@ class ServerMetrics:
             ["model_name", "phase"], buckets=_STEP_PHASE_BUCKETS, registry=r)
         self.rejected = Counter("conveyor_requests_rejected", "Requests refused by backpressure.",
                                 ["reason"], registry=r)
+        self.rejected.labels("queue_full")  # exported at 0 from the start, so rate() sees the first one
         self.http_requests = Counter("conveyor_http_requests", "HTTP requests by route and status "
                                      "(499: the client disconnected first).", ["route", "status"], registry=r)
         r.register(_EngineCollector(self._models))
