@@ -162,6 +162,29 @@ _SCHEMAS: dict[str, Any] = {
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
         "model": _or_null(_STR), "tokens": {"type": "array", "items": _TOKEN_ID}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
+    "EmbeddingRequest": {"type": "object", "required": ["input"], "properties": {
+        "input": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS,
+                            {"type": "array", "minItems": 1, "maxItems": 2048,
+                             "items": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS]}}],
+                  "description": "A string, token ids, or a list of either (up to 2048); each within "
+                                 "the model's context."},
+        **_optional({
+            "model": {**_STR, "description": "Defaults to the served model."},
+            "encoding_format": {"enum": ["float", "base64"], "default": "float",
+                                "description": "base64: the little-endian float32 bytes."},
+            "dimensions": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1,
+                           "description": "Must equal the model's hidden size (no truncation)."},
+            "user": _STR,
+            "pooling": {"enum": ["mean", "last"], "default": "mean",
+                        "description": "Pooling of the final hidden states: mean (default) or the last "
+                                       "token's (for embedding-tuned causal models)."}})}},
+    "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+        "object": {"const": "list"}, "model": _STR,
+        "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"],
+                                            "properties": {
+            "object": {"const": "embedding"}, "index": _INT,
+            "embedding": {"oneOf": [{"type": "array", "items": _NUM}, _STR]}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": _INT, "total_tokens": _INT}}}},
     "UsageReport": {"type": "object", "required": ["object", "group_by", "data"], "properties": {
         "object": {"const": "list"}, "group_by": {"enum": _USAGE_GROUPS},
         "start": {"type": ["number", "null"]}, "end": {"type": ["number", "null"]},
@@ -222,6 +245,9 @@ def build_openapi(version: str) -> dict:
             "/v1/completions": _generation("Text completion", "CompletionRequest", "Completion"),
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest",
                                                 "ChatCompletion"),
+            "/v1/embeddings": _simple("post", "Embeddings: the model's final hidden states, pooled and "
+                                      "L2-normalized", _json(_ref("EmbeddingList"), "Embeddings"),
+                                      "EmbeddingRequest"),
             "/v1/models": _simple("get", "Served models", _json(_ref("ModelList"), "Models")),
             "/v1/usage": _simple("get", "Token and cost totals per group (admin keys only)",
                                  _json(_ref("UsageReport"), "Usage report"), parameters=usage_params),
