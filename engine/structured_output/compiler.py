@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.errors import InvalidParameterError
 from engine.structured_output.params import StructuredOutputsParams
+from engine.structured_output.schema_fixes import fix_schema
 
 CACHE_SIZE = 512
 
@@ -60,7 +61,7 @@ class GrammarCompiler:
         compiler = self._compiler.result()
         try:
             if spec.kind == "json":
-                return compiler.compile_json_schema(json.dumps(spec.json), any_whitespace=False)
+                return compiler.compile_json_schema(json.dumps(fix_schema(spec.json)), any_whitespace=False)
             if spec.kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
             if spec.kind == "regex":
