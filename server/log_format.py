@@ -27,7 +27,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 line[name] = value
-        line["message"] = _PREFIX.sub("", record.getMessage())
+        # the summary line's text repeats its fields: the JSON line carries the fields alone
+        line["message"] = "request summary" if line["event"] == "request_summary" else \
+            _PREFIX.sub("", record.getMessage())
         line.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

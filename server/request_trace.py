@@ -110,13 +110,16 @@ class RequestTrace:
             return
         self.ended = True
         now = time.time()
+        logged = summary_logger.isEnabledFor(logging.INFO)
+        if self.span is None and not logged:
+            return
         fields = self.summary(now)
         if self.span is not None:
             self._end_span(fields, now)
-        message = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
-        summary_logger.info("[request_id=%s] summary: %s", self.request_id, message,
-                            extra={"request_id": self.request_id, "tenant": self.tenant, "model": self.model,
-                                   "event": "request_summary", "fields": fields})
+        if logged:  # the text form is built only if a handler formats the message (JSON does not use it)
+            summary_logger.info("[request_id=%s] summary: %s", self.request_id, _Fields(fields),
+                                extra={"request_id": self.request_id, "tenant": self.tenant, "model": self.model,
+                                       "event": "request_summary", "fields": fields})
 
     def summary(self, now: float) -> dict[str, Any]:
         out = self.out
@@ -184,6 +187,16 @@ class RequestTrace:
             self.span.add_event("first_token", timestamp=_ns(first))
             child("decode", first, end, **{
                 "gen_ai.usage.output_tokens": sum(len(c.token_ids) for c in out.outputs)})
+
+
+class _Fields:
+    """The summary's `key=value` text, built when a formatter asks for the message."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={_text(v)}" for k, v in self.fields.items())
 
 
 def _set_error(span: Any, kind: str, description: str) -> None:
