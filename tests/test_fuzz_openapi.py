@@ -54,10 +54,10 @@ class FuzzReport:
         shape = re.sub(r"\d+", "N", re.sub(r"'[^']*'|`[^`]*`", "'...'", str(error.get("message"))))[:160]
         self.refusals[(operation, response.status_code, error.get("param"), shape)] += 1
 
-    def add(self, operation: str, mode: str, exc: BaseException) -> None:
+    def add(self, operation: str, mode: str, exc: BaseException, body: object = None) -> None:
         for sub in getattr(exc, "exceptions", [exc]):
             key = (operation, mode, getattr(sub, "title", type(sub).__name__))
-            entry = self.failures.setdefault(key, [0, str(sub)[:2000]])
+            entry = self.failures.setdefault(key, [0, f"{str(sub)[:2000]}\nbody: {str(body)[:1000]}"])
             entry[0] += 1
 
     def where(self, titles: set[str], exclude: bool = False) -> dict:
@@ -116,7 +116,7 @@ def _fuzz_operation(op, mode, checks, examples: int, rep: FuzzReport) -> None:
                 rep.refused(op.label, response)
             case.validate_response(response, checks=checks)
         except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collected, asserted below
-            rep.add(op.label, mode.value, exc)
+            rep.add(op.label, mode.value, exc, getattr(case, "body", None))
 
     try:
         run()
@@ -136,7 +136,11 @@ def test_fuzz_no_5xx_and_every_response_conforms(report: FuzzReport):
 # Refusals of schema-valid requests that no schema can prevent: they depend on the model
 # (vocabulary, context length) or relate two fields.
 SEMANTIC = ("below the vocabulary size", "for this model", "prompt token ids must be in",
-            "maximum context length", "must be <= max_tokens", "requires logprobs")
+            "maximum context length", "must be <= max_tokens", "requires logprobs",
+            # structured outputs / tools: the validity of a schema, regex or grammar the document
+            # carries as a string or object, and pairs of fields (server/structured_request.py)
+            "is not a valid JSON schema", "is not a valid regular expression", "could not be compiled",
+            "give only one of", "cannot be combined", "not in tools", "needs tools")
 
 
 def test_schema_valid_requests_are_accepted(report: FuzzReport):
