@@ -38,6 +38,7 @@ from server.openapi import build_openapi
 from server.pages import page_routes
 from server.prod_metrics import ProductionMetrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.responses.api import ResponsesAPI
 from server.served_models import ModelHandle, ModelSet
 from server.serving import ModelService, read_json, request_logger
 from server.settings import ServerSettings
@@ -48,9 +49,9 @@ from server.usage import parse_time
 
 logger = logging.getLogger("conveyor.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize",
-           "/detokenize", "/health", "/ready", "/version", "/metrics", "/admin/metrics", "/openapi.json", "/docs",
-           "/v1/usage", "/")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
+           "/tokenize", "/detokenize", "/health", "/ready", "/version", "/metrics", "/admin/metrics",
+           "/openapi.json", "/docs", "/v1/usage", "/")
 
 
 def version() -> str:
@@ -266,6 +267,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     routes = [
         Route("/v1/completions", api(completions), methods=["POST"]),
         Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
+        Route("/v1/responses", api(ResponsesAPI(gateway).handle), methods=["POST"]),
         Route("/v1/embeddings", api(EmbeddingsAPI(gateway).handle), methods=["POST"]),
         Route("/v1/models", api(models_route), methods=["GET"]),
         Route("/tokenize", api(tokenize), methods=["POST"]),

@@ -76,6 +76,7 @@ class _Run:
     headers: dict[str, str] = field(default_factory=dict)  # added to the response
     model: ModelHandle | None = None
     formatter: Formatter | None = None
+    api: Any = None  # another API served on this pipeline (server/responses/api.py); None: chat / completions
     reservation: Reservation | None = None
     cache_fp: str | None = None  # set when the request is cacheable
     leading: bool = False  # runs the engine for an in-flight dedup group
@@ -133,13 +134,13 @@ class Gateway:
         return self.auth.authenticate(request.headers.get("authorization"))
 
     # ---- 1: auth, then the response ------------------------------------------------------
-    async def handle(self, request: Request, chat: bool) -> Response:
+    async def handle(self, request: Request, chat: bool, api: Any = None) -> Response:
         """The response; the request's trace (span, summary log line) ends here, or, for an
         engine stream, when the pipeline ends."""
         trace = RequestTrace.begin(self.tracing, request.scope["state"]["request_id"], chat, request.headers,
                                    self.settings.log_prompts)
         try:
-            return await self._handle(request, chat, trace)
+            return await self._handle(request, chat, trace, api)
         except APIError as exc:
             trace.failed(exc.status, exc.body()["error"]["code"], exc.message)
             raise
@@ -150,20 +151,21 @@ class Gateway:
             if not trace.streaming:
                 trace.end()
 
-    async def _handle(self, request: Request, chat: bool, trace: RequestTrace) -> Response:
+    async def _handle(self, request: Request, chat: bool, trace: RequestTrace, api: Any = None) -> Response:
         self.drain.check_admitting()
         log = request_logger(request)
         with trace.phase("auth"):
             tenant = self.tenant(request)
         trace.tenant = log.extra["tenant"] = tenant.name
         body = await read_json(request, self.settings.max_body_bytes)
-        req = parse_request(body, chat)
+        # `api` (e.g. /v1/responses) parses its own body into a generation request and formats the answer
+        req = api.parse(body) if api is not None else parse_request(body, chat)
         trace.stream, trace.max_tokens, trace.temperature = req.stream, req.max_tokens, req.sampling.get("temperature")
         if trace.log_prompts:
             trace.prompt = req.messages if isinstance(req, ChatCompletionRequest) else req.prompt
         canonical = {k: v for k, v in dataclasses.asdict(req).items() if k != "timeout"}
-        canonical["endpoint"] = "chat" if chat else "completions"
-        run = _Run(request, tenant, req, body, canonical, log, trace)
+        canonical["endpoint"] = api.name if api is not None else "chat" if chat else "completions"
+        run = _Run(request, tenant, req, body, canonical, log, trace, api=api)
         parts = self._pipeline(run)
         try:
             first = await anext(parts)
@@ -202,7 +204,7 @@ class Gateway:
             async with contextlib.aclosing(parts):
                 while True:
                     for chunk in run.formatter.chunks(out):
-                        event = sse_event(chunk)
+                        event = chunk if isinstance(chunk, str) else sse_event(chunk)  # str: framed already
                         if run.keeps_answer:
                             events.append(event)
                         yield event
@@ -213,7 +215,9 @@ class Gateway:
                     events.append(sse_event(run.formatter.usage_chunk(out)))
                     yield events[-1]
                 run.log.info("stream finished: %s", [c.finish_reason for c in out.outputs])
-                run.answer = RecordedResponse(200, headers, events=[*events, DONE], usage=output_usage(out))
+                done = getattr(run.formatter, "done", DONE)  # the Responses API sends no [DONE]
+                run.answer = RecordedResponse(200, headers, events=[*events, *([done] if done else [])],
+                                              usage=output_usage(out))
             # leaving `aclosing` ended the pipeline: settled before [DONE]
         except APIError as exc:  # after the headers, errors go in-band
             run.log.info("error %d in the stream: %s", exc.status, exc.message)
@@ -224,7 +228,9 @@ class Gateway:
         except Exception:  # noqa: BLE001 - never leak internals to clients
             run.log.exception("unexpected error in the stream")
             yield internal_error().to_sse()
-        yield DONE
+        done = getattr(run.formatter, "done", DONE)
+        if done:
+            yield done
 
     def _client_gone(self, run: _Run) -> None:
         run.trace.gone()
@@ -276,7 +282,8 @@ class Gateway:
             # 7-8. the engine, its outputs through the tenant's output guards
             rid = run.request.scope["state"]["request_id"]
             prefix = "chatcmpl" if isinstance(req, ChatCompletionRequest) else "cmpl"
-            run.formatter = model.service.formatter(req, f"{prefix}-{rid}", model.name)
+            run.formatter = run.api.formatter(model, req, rid) if run.api is not None else \
+                model.service.formatter(req, f"{prefix}-{rid}", model.name)
             if req.timeout is not None:
                 run.deadline = asyncio.get_running_loop().time() + req.timeout
             run.log.info("%s: %d prompt tokens, max_tokens=%d, n=%d, stream=%s", prefix,
