@@ -14,7 +14,6 @@ from starlette.responses import Response
 from server.errors import APIError
 from server.responses.formatter import ResponsesFormatter
 from server.responses.request import ResponsesRequest, rename_param
-from server.tool_parsers import default_parser_name
 
 
 @dataclass
@@ -38,9 +37,11 @@ class ResponsesAPI:
     @staticmethod
     def _tool_parser(model: Any, req: ResponsesRequest) -> Any:
         """Makes the request's tool-call parser (None without tools, or with tool_choice none)."""
-        tools = req.tools
+        tools = getattr(req, "tools", None)
         if tools is None or tools.choice == "none":
             return None
+        from server.tool_parsers import default_parser_name  # only requests with tools need it
+
         name = getattr(model.service.settings, "tool_call_parser", None) or default_parser_name(
             getattr(model.engine.tokenizer, "chat_template", None))
         return lambda: tools.parser(name)
