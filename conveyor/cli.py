@@ -11,6 +11,7 @@ import sys
 import time
 
 from engine.config import EngineConfig
+from server.tool_parsers import PARSERS as TOOL_PARSERS
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send and /v1/models lists (default: the model's)")
     serve.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="how tool calls are read from chat output (default: from the model's chat template)")
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted, in tokens")
     serve.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="queued requests beyond which new ones get 503 + Retry-After")

@@ -1,14 +1,19 @@
 """Engine outputs -> OpenAI response bodies and stream chunks (completions and chat).
 
 The engine's outputs are cumulative; `Formatter` remembers, per choice, how much text and how
-many tokens it already sent, so each chunk carries only the increment.
+many tokens it already sent, so each chunk carries only the increment. With a tool-call parser
+(chat requests with tools), each choice's text goes through it: `message.tool_calls` and
+`finish_reason: "tool_calls"` when it found calls, and streamed `delta.tool_calls` that
+concatenate to exactly those (server/tool_parsers/streaming.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.outputs import CompletionOutput, RequestOutput
+from server.tool_parsers.streaming import ToolCallStreamer, new_call_id
 
 
 @dataclass
@@ -18,6 +23,12 @@ class _Sent:
     offset: int = 0  # text_offset of the next token (legacy completion logprobs)
     started: bool = False  # chat: the role delta went out
     finished: bool = False
+    tools: ToolCallStreamer | None = None  # chat with a tool-call parser
+
+
+def _tool_finish(reason: str | None) -> str | None:
+    """A choice that ended normally with tool calls finished to call them."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 def usage(out: RequestOutput) -> dict[str, Any]:
@@ -37,6 +48,7 @@ class Formatter:
     tokenizer: Any
     logprobs: int | None  # top-n; None = no logprobs
     include_usage: bool = False
+    tool_parser: Callable[[], Any] | None = None  # makes one tool-call parser per choice
     _sent: dict[int, _Sent] = field(default_factory=dict)
 
     @property
@@ -48,12 +60,21 @@ class Formatter:
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             choice: dict[str, Any] = {"index": c.index}
-            if self.chat:
+            finish_reason = c.finish_reason
+            if self.chat and self.tool_parser is not None:
+                parsed = self.tool_parser().parse(c.text, True)
+                choice["message"] = {"role": "assistant", "content": parsed.content or None}
+                if parsed.calls:
+                    choice["message"]["tool_calls"] = [
+                        {"id": new_call_id(), "type": "function",
+                         "function": {"name": call.name, "arguments": call.arguments}} for call in parsed.calls]
+                    finish_reason = _tool_finish(finish_reason)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = c.text
             choice["logprobs"] = self._logprobs(c, 0, len(c.token_ids), 0)
-            choice["finish_reason"] = c.finish_reason
+            choice["finish_reason"] = finish_reason
             choice["stop_reason"] = c.stop_reason
             choices.append(choice)
         return {"id": self.response_id, "object": self.object, "created": self.created,
@@ -82,12 +103,24 @@ class Formatter:
                 sent.offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) \
                     if logprobs["tokens"] else sent.offset
             choice: dict[str, Any] = {"index": c.index}
-            if self.chat:
+            finish_reason = c.finish_reason
+            if self.chat and self.tool_parser is not None:
+                if sent.tools is None:
+                    sent.tools = ToolCallStreamer(self.tool_parser())
+                content, calls = sent.tools.update(c.text, c.finished)
+                choice["delta"] = {"content": content} if content else {}
+                if calls:
+                    choice["delta"]["tool_calls"] = calls
+                if not choice["delta"] and not c.finished and logprobs is None:
+                    continue  # text held back (it may be the start of a tool call)
+                if sent.tools.ids:
+                    finish_reason = _tool_finish(finish_reason)
+            elif self.chat:
                 choice["delta"] = {"content": text} if text or not c.finished else {}
             else:
                 choice["text"] = text
             choice["logprobs"] = logprobs
-            choice["finish_reason"] = c.finish_reason
+            choice["finish_reason"] = finish_reason
             if c.finished:
                 choice["stop_reason"] = c.stop_reason
                 sent.finished = True

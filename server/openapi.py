@@ -92,6 +92,47 @@ _SAMPLING = {
     "timeout": {**_NUM, "minimum": 0.001, "description": "Seconds before the request is aborted."},
     "stream": _BOOL,
     "stream_options": {"type": "object", "properties": {"include_usage": _or_null(_BOOL)}},
+    # structured outputs (server/structured_request.py): at most one of these per request
+    "response_format": {"oneOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"const": "json_schema"},
+            "json_schema": {"type": "object", "properties": {
+                "name": _STR, "description": _STR, "strict": _or_null(_BOOL),
+                "schema": {"type": "object", "description": "A JSON schema; absent: any JSON object."}}}}}],
+        "description": "OpenAI's: text (default), json_object, or json_schema. Only one of response_format, "
+                       "structured_outputs and guided_* per request."},
+    "structured_outputs": {"type": "object", "minProperties": 1, "maxProperties": 1, "properties": {
+        "json": {"type": "object", "description": "A JSON schema."},
+        "regex": {**_NONEMPTY_STR, "format": "regex"},
+        "choice": {"type": "array", "minItems": 1, "items": _NONEMPTY_STR},
+        "grammar": {**_NONEMPTY_STR, "description": "EBNF (xgrammar / GBNF dialect), start rule root."}},
+        "description": "vLLM's: exactly one of json, regex, choice, grammar."},
+    "guided_json": {"type": "object", "description": "vLLM's older name of structured_outputs.json."},
+    "guided_regex": {**_NONEMPTY_STR, "format": "regex"},
+    "guided_choice": {"type": "array", "minItems": 1, "items": _NONEMPTY_STR},
+    "guided_grammar": _NONEMPTY_STR,
+}
+
+_FUNCTION_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": _NONEMPTY_STR, "description": _STR,
+        "parameters": {"type": "object", "description": "A JSON schema of the arguments."}}}}}
+_TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
+    "id": _STR, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {"name": _STR, "arguments": _STR}}}}
+_TOOLS = {
+    "tools": {"type": "array", "items": _FUNCTION_TOOL,
+              "description": "Functions the model may call; rendered by the model's chat template."},
+    "tool_choice": {"oneOf": [
+        {"enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": _STR}}}}],
+        "description": "auto (default with tools): the model decides; required / a named function: the "
+                       "output is forced (structured outputs) to valid calls. Needs tools."},
+    "parallel_tool_calls": {**_BOOL, "default": True},
 }
 
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
@@ -119,7 +160,11 @@ _SCHEMAS: dict[str, Any] = {
         "logprobs": _or_null({**_INT, "minimum": 0, "maximum": 20})}},
     "ChatMessage": {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": _TEXT_PART}]}}},
+        "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": _TEXT_PART}]},
+        **_optional({"tool_calls": {"type": "array", "items": _TOOL_CALL,
+                                    "description": "An assistant message's calls (send them back with the results)."},
+                     "tool_call_id": {**_STR, "description": "A tool message: the call it answers."},
+                     "name": _STR})}},
     "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
         **_optional(_SAMPLING),
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
@@ -127,7 +172,7 @@ _SCHEMAS: dict[str, Any] = {
             "max_completion_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1},
             "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20,
                                                 "description": "Needs logprobs: true."},
-            "add_generation_prompt": {**_BOOL, "default": True}})},
+            "add_generation_prompt": {**_BOOL, "default": True}, **_TOOLS})},
         # top_logprobs above 0 needs logprobs: true
         "dependentSchemas": {"top_logprobs": {"anyOf": [
             {"properties": {"top_logprobs": {"enum": [0, None]}}},
@@ -142,7 +187,8 @@ _SCHEMAS: dict[str, Any] = {
     "ChatCompletion": {"type": "object", "properties": {
         "id": _STR, "object": {"const": "chat.completion"}, "created": _INT, "model": _STR,
         "choices": {"type": "array", "items": {"type": "object", "properties": {
-            "index": _INT, "message": {"type": "object", "properties": {"role": _STR, "content": _STR}},
+            "index": _INT, "message": {"type": "object", "properties": {
+                "role": _STR, "content": _NULLABLE_STR, "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
             "logprobs": {"type": ["object", "null"]}, "finish_reason": _NULLABLE_STR}}},
         "usage": _ref("Usage")}},
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {

@@ -12,6 +12,8 @@ from typing import Any
 from engine.errors import show
 from engine.sampling_params import SEED_RANGE
 from server.errors import bad_request
+from server.structured_request import parse_structured
+from server.tool_request import ToolsRequest, parse_tools
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -160,11 +162,8 @@ class GenerationRequest:
 
 
 def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
-    for name in ("suffix", "tools", "functions", "echo"):
+    for name in ("suffix", "functions", "echo"):
         f.reject_unsupported(name)
-    if f.body.get("response_format") not in (None, {"type": "text"}):  # text is the default
-        raise bad_request("response_format other than text is not supported", "response_format",
-                          code="unsupported")
     n = f.integer("n", 1, 1, MAX_N)
     best_of = f.integer("best_of", None, 1, MAX_N)
     if best_of is not None and best_of != n:
@@ -197,6 +196,7 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
         "min_tokens": f.integer("min_tokens", 0, 0, INT64[1]),
         "include_stop_str_in_output": f.boolean("include_stop_str_in_output"),
         "skip_special_tokens": f.boolean("skip_special_tokens", True),
+        "structured_outputs": parse_structured(f.body),
     }
     if sampling["allowed_token_ids"] == []:
         raise bad_request("allowed_token_ids must not be empty", "allowed_token_ids")
@@ -221,6 +221,7 @@ class CompletionRequest(GenerationRequest):
     @classmethod
     def from_json(cls, body: Any) -> "CompletionRequest":
         f = _Fields(body)
+        f.reject_unsupported("tools")  # tools are a chat feature
         common = _common(f, ("max_tokens",))
         logprobs = f.integer("logprobs", None, 0, MAX_LOGPROBS)
         return cls(prompt=_prompt(body.get("prompt")), logprobs=logprobs, **common)
@@ -244,8 +245,9 @@ def _prompt(value: Any) -> str | list[int]:
 
 @dataclass
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     add_generation_prompt: bool = True
+    tools: ToolsRequest | None = None  # server/tool_request.py
 
     @classmethod
     def from_json(cls, body: Any) -> "ChatCompletionRequest":
@@ -256,11 +258,18 @@ class ChatCompletionRequest(GenerationRequest):
         if top_logprobs and not want_logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (top_logprobs or 0) if want_logprobs else None
-        return cls(messages=_messages(body.get("messages")), logprobs=logprobs,
+        tools = parse_tools(body)
+        forced = tools.constraint() if tools is not None else None
+        if forced is not None:  # "required" or a named function: the output must be a call
+            if common["sampling"]["structured_outputs"] is not None:
+                raise bad_request("tool_choice forcing a tool call cannot be combined with response_format "
+                                  "or structured_outputs", "tool_choice")
+            common["sampling"]["structured_outputs"] = forced
+        return cls(messages=_messages(body.get("messages")), logprobs=logprobs, tools=tools,
                    add_generation_prompt=f.boolean("add_generation_prompt", True), **common)
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise bad_request("messages must be a non-empty list of message objects", "messages")
     out = []
@@ -271,7 +280,36 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {show(role)}",
                               f"{name}.role")
-        out.append({"role": role, "content": _content(msg.get("content"), f"{name}.content")})
+        message: dict[str, Any] = {"role": role, "content": _content(msg.get("content"), f"{name}.content")}
+        if role == "assistant" and msg.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(msg["tool_calls"], f"{name}.tool_calls")
+        if role == "tool":
+            message["tool_call_id"] = f.string("tool_call_id", "")
+        if isinstance(msg.get("name"), str):
+            message["name"] = msg["name"]
+        out.append(message)
+    return out
+
+
+def _tool_calls(value: Any, name: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, for the chat template: arguments that are a JSON
+    string become an object (templates render them with `tojson`)."""
+    import json  # noqa: PLC0415
+
+    if not isinstance(value, list):
+        raise bad_request(f"{name} must be a list of tool calls", name)
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{name}[{j}] must have function.name and function.arguments", f"{name}[{j}]")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass  # left as the string the client sent
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
 
 

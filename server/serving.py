@@ -31,6 +31,7 @@ from server.limits import Admission, resolve_max_tokens
 from server.metrics import ABORT, ModelMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.settings import ServerSettings
+from server.tool_parsers import default_parser_name
 
 logger = logging.getLogger("conveyor.server")
 PARAM_NAMES = ("n", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed",
@@ -138,7 +139,8 @@ class ModelService:
         tok = self.engine.tokenizer
         if isinstance(req, ChatCompletionRequest):
             try:
-                text = tok.apply_chat_template(req.messages, tokenize=False,
+                tools = req.tools.tools if req.tools is not None else None  # the template renders them
+                text = tok.apply_chat_template(req.messages, tools=tools, tokenize=False,
                                                add_generation_prompt=req.add_generation_prompt)
             except Exception as exc:  # noqa: BLE001 - template errors are the messages' fault
                 raise bad_request(f"messages could not be formatted with the chat template: "
@@ -162,7 +164,17 @@ class ModelService:
     def formatter(self, req: GenerationRequest, response_id: str, model: str) -> Formatter:
         return Formatter(chat=isinstance(req, ChatCompletionRequest), response_id=response_id,
                          model=model, created=int(time.time()), tokenizer=self.engine.tokenizer,
-                         logprobs=req.logprobs, include_usage=req.include_usage)
+                         logprobs=req.logprobs, include_usage=req.include_usage,
+                         tool_parser=self._tool_parser_factory(req))
+
+    def _tool_parser_factory(self, req: GenerationRequest) -> Callable[[], Any] | None:
+        """Makes one tool-call parser per choice (None: the output is plain content)."""
+        tools = getattr(req, "tools", None)
+        if tools is None or tools.choice == "none":
+            return None
+        name = self.settings.tool_call_parser or default_parser_name(
+            getattr(self.engine.tokenizer, "chat_template", None))
+        return lambda: tools.parser(name)
 
     async def generate(self, prep: Prepared, request_id: str, *, cache_salt: str | None,
                        priority: int, tenant: str | None,
@@ -170,6 +182,10 @@ class ModelService:
         """The request's cumulative outputs, passed through `output_filter` (the tenant's
         output guards) when given. Raises APIError 503 when the waiting budget is full,
         ValueError when the engine refuses the request, EngineDeadError when it died."""
+        structured = getattr(self.engine.engine, "structured", None)
+        if structured is not None and prep.params.structured_outputs is not None:
+            # compile off the event loop and the step loop; a constraint that fails is a 400 now
+            await asyncio.wrap_future(structured.submit(prep.params.structured_outputs))
         try:
             ticket = self.admission.admit(len(prep.prompt_ids))
         except APIError:

@@ -18,6 +18,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds running requests get after SIGTERM before being ended
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP traces URL; None: the OTEL_* variables decide
     log_prompts: bool = False  # summary log lines carry prompt and output text (off: never logged)
+    tool_call_parser: str | None = None  # server/tool_parsers/ name; None: chosen from the chat template
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):
