@@ -9,7 +9,7 @@ benchmarks/promql_lite.py over the scrape series).
 It scrapes /metrics and /admin/metrics once a second while a few client threads send a mix of
 requests (streams and JSON, two tenants, prompts with an e-mail address for the PII guard, a
 tenant past its requests-per-minute limit, a few clients that leave mid-stream and a few bad
-requests), then writes docs/img/dashboard.png.
+requests, and every 30 s a burst past the limit), then writes docs/img/dashboard.png.
 """
 from __future__ import annotations
 
@@ -103,6 +103,23 @@ def client(url: str, stop: threading.Event, seed: int) -> None:
                         break  # the client leaves mid-stream: an abort
 
 
+def burst(url: str, stop: threading.Event) -> None:
+    """Every 30 s the `free` tenant fires 5 one-token requests at once (a batch job): past its
+    3 requests per minute they are refused with 429."""
+    def one(http: httpx.Client) -> None:
+        http.post("/v1/completions", json={"prompt": "ping", "max_tokens": 1},
+                  headers={"Authorization": f"Bearer {KEYS['free']}"})
+
+    with httpx.Client(base_url=url, timeout=120) as http:
+        while not stop.wait(20.0):
+            jobs = [threading.Thread(target=one, args=(http,)) for _ in range(5)]
+            for j in jobs:
+                j.start()
+            for j in jobs:
+                j.join()
+            stop.wait(10.0)
+
+
 def scrape(url: str, admin_key: str | None, scrapes: Scrapes, stop: threading.Event, t0: float) -> None:
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     with httpx.Client(base_url=url, timeout=10) as http:
@@ -178,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads = [threading.Thread(target=scrape, args=(url, admin_key, scrapes, stop, t0), daemon=True)]
         threads += [threading.Thread(target=client, args=(url, stop, i), daemon=True) for i in range(args.clients)]
+        threads.append(threading.Thread(target=burst, args=(url, stop), daemon=True))
         for t in threads:
             t.start()
         time.sleep(args.duration)
