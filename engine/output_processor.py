@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, PrefixView, RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus
 
 FinishFn = Callable[[Request, RequestStatus], None]
@@ -131,10 +131,10 @@ class OutputProcessor:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.text,
-                    token_ids=list(req.output_token_ids),
+                    token_ids=PrefixView(req.output_token_ids),  # O(1): no copy per step
                     finish_reason=req.status.value if done else None,
                     stop_reason=req.stop_reason,
-                    logprobs=list(req.logprobs) if req.sampling_params.logprobs is not None else None,
+                    logprobs=PrefixView(req.logprobs) if req.sampling_params.logprobs is not None else None,
                     cumulative_logprob=req.cumulative_logprob if req.sampling_params.logprobs is not None else None,
                 )
             )

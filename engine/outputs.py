@@ -1,9 +1,71 @@
 """What the engine hands back to callers. Outputs are cumulative: each `RequestOutput` of a
 request carries all text and tokens generated so far, so a consumer that only needs the newest
-one can drop the rest."""
+one can drop the rest.
+
+Token ids and logprobs are handed out as `PrefixView`s of the request's own append-only lists,
+not copies: building an output costs O(1) per sequence instead of O(tokens so far), which made
+a stream of n tokens cost O(n^2)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class PrefixView(Sequence):
+    """A read-only view of the first ``n`` items of a list that only ever grows by appending.
+
+    It behaves as the list of those items would (indexing, slicing into a new list, iteration,
+    ``len``, ``index``, ``==`` against any sequence, ``+`` with a list), and keeps showing the
+    same ``n`` items however much the underlying list grows later."""
+
+    __slots__ = ("_data", "_n")
+
+    def __init__(self, data: list, n: int | None = None):
+        self._data = data
+        self._n = len(data) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._data[: self._n][index]
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError("PrefixView index out of range")
+        return self._data[index]
+
+    def __iter__(self):
+        data = self._data
+        for i in range(self._n):
+            yield data[i]
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, PrefixView):
+            other = other.tolist()
+        if not isinstance(other, (list, tuple)):
+            return NotImplemented
+        return self.tolist() == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # like a list
+
+    def __add__(self, other):
+        return self.tolist() + list(other)
+
+    def __radd__(self, other):
+        return list(other) + self.tolist()
+
+    def tolist(self) -> list:
+        """A plain list copy of the visible items."""
+        return self._data[: self._n]
+
+    def __repr__(self) -> str:
+        return repr(self.tolist())
+
+    def __reduce__(self):  # pickles (and deep-copies) as a plain list
+        return (list, (self.tolist(),))
 
 
 @dataclass
@@ -27,14 +89,15 @@ class RequestMetrics:
 @dataclass
 class CompletionOutput:
     """One generated sequence. `logprobs`, when asked for, has one dict per generated token
-    mapping token id -> logprob; it always holds the chosen token and the top-n."""
+    mapping token id -> logprob; it always holds the chosen token and the top-n. `token_ids`
+    and `logprobs` are read-only (views shared with the engine, see `PrefixView`)."""
 
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: Sequence[int]  # a list, or a `PrefixView` (read-only) of the request's own list
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: Sequence[dict[int, float]] | None = None  # a list or a `PrefixView`, like token_ids
     cumulative_logprob: float | None = None
 
     @property
