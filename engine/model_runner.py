@@ -18,6 +18,13 @@ from engine.sampler import Sampler, SamplingRow
 from engine.scheduler.output import SampledTokens, SchedulerOutput
 
 
+def reads_only_written_slots(model: torch.nn.Module, device: torch.device) -> bool:
+    """True when the model's attention backends are all the C++ CPU kernel, which never reads
+    a K/V slot past a sequence's context (so never one no step has written)."""
+    names = {m.backend.name for m in model.modules() if hasattr(getattr(m, "backend", None), "name")}
+    return torch.device(device).type == "cpu" and names == {"cpu"}
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, cuda_graph_batch: int = 0,
@@ -30,8 +37,13 @@ class ModelRunner:
         self.sampler = sampler
         spec = model.kv_spec
         shape = spec.layer_shape(num_blocks, block_size)
-        # zeros, not empty: the attention reads masked-out slots, and NaN * 0 would still be NaN
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        # Only where every attention backend reads nothing but slots already written (the C++
+        # CPU kernel reads positions < seq_len of each sequence) is the cache left uninitialised:
+        # its pages are then touched only when K/V is written, so the process's RSS grows with
+        # the KV the workload uses instead of the whole budget at start. The torch and Triton
+        # paths load padded (masked) slots, where garbage could be NaN and NaN * 0 stays NaN.
+        alloc = torch.empty if reads_only_written_slots(model, device) else torch.zeros
+        self.kv_caches = [alloc(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
         self.graphs = None
         if cuda_graph_batch > 0:
             from engine.cuda_graphs import CudaGraphRunner
