@@ -71,7 +71,19 @@ def machine_info() -> dict:
     def sh(cmd: str) -> str:
         return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
 
+    import torch
+
+    from engine.startup import cpu_flags, cpu_has_fast_bf16
+
+    try:
+        onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn_bf16 = False
+    vector = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "bf16"))
     return {"cpu": sh("lscpu | grep 'Model name' | sed 's/.*: *//'"), "cores": os.cpu_count(),
+            "cpu_flags": vector, "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_bf16": onednn_bf16, "fast_bf16": cpu_has_fast_bf16()[1],
             "load_avg": os.getloadavg(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -181,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed-output", type=_pair, default=(16, 128), help="lo,hi output lengths (mixed)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--rounds", type=int, default=1, help="repeat every system; medians are reported")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat every system, alternating systems within a round; medians are reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-server", default=None)
     p.add_argument("--vllm-python", default=None)
@@ -237,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": info, "command": " ".join(["python -m benchmarks.throughput"] + (argv or sys.argv[1:])),
               "model": model_dir, "dtype": args.dtype, "threads": args.threads, "workloads": {}}
     md = [f"Machine: {info['cpu']}, {info['cores']} cores; {info['date']}; load at start {info['load_avg']}",
+          f"CPU: flags {' '.join(info['cpu_flags'])}; torch {info['torch']} capability "
+          f"{info['torch_cpu_capability']}, oneDNN bf16 {info['onednn_bf16']} ({info['fast_bf16']})",
           f"Command: `{report['command']}`", f"Model: {os.path.basename(model_dir)} ({args.dtype}, "
           f"{args.threads} threads)", ""]
     for wl in workloads:
