@@ -227,3 +227,22 @@ def test_log_prompts_puts_the_text_in_the_summary_only_when_asked():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["request_id"] for line in lines] == ["p-False", "p-True"]
     assert "prompt" not in lines[0] and lines[1]["prompt"] == SECRET
+
+
+def test_cli_flags_and_json_log_setup():
+    from conveyor.cli import build_parser
+    from server.log_format import use_json_logs
+
+    args = build_parser().parse_args(["serve", "--log-format", "json", "--log-prompts",
+                                      "--otlp-traces-endpoint", "http://collector:4318"])
+    assert (args.log_format, args.log_prompts, args.otlp_traces_endpoint) == ("json", True, "http://collector:4318")
+    assert build_parser().parse_args(["serve"]).log_format == "text"
+    log = logging.getLogger("conveyor.test-json")
+    out = io.StringIO()
+    log.addHandler(logging.StreamHandler(out))
+    log.propagate = False
+    use_json_logs(log)
+    log.warning("[request_id=r-9] hello %s", "there", extra={"request_id": "r-9", "tenant": "t"})
+    line = json.loads(out.getvalue())
+    assert line["message"] == "hello there" and line["request_id"] == "r-9" and line["tenant"] == "t"
+    assert line["level"] == "warning" and line["logger"] == "conveyor.test-json" and line["timestamp"].endswith("Z")
