@@ -143,6 +143,9 @@ _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": _TOKEN_ID}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": _STR}}
+_RESPONSES_CONTENT = {"oneOf": [_STR, {"type": "array", "items": {
+    "type": "object", "required": ["type", "text"],
+    "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": _STR}}}]}
 _USAGE_GROUPS = ["tenant", "user", "feature", "model"]  # server/usage.py GROUPS
 _TIME = {"anyOf": [_NUM, {**_STR, "format": "date-time"}],
          "description": "A unix timestamp (finite) or an ISO-8601 time."}
@@ -208,6 +211,52 @@ _SCHEMAS: dict[str, Any] = {
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
         "model": _or_null(_STR), "tokens": {"type": "array", "items": _TOKEN_ID}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
+    "ResponsesRequest": {"type": "object", "required": ["input"], "properties": {
+        **{k: _or_null(_SAMPLING[k]) for k in ("model", "temperature", "top_p", "user", "stream")},
+        "input": {"oneOf": [_NONEMPTY_STR, {"type": "array", "minItems": 1, "items": {"oneOf": [
+            _ref("ResponsesMessage"), _ref("ResponsesFunctionCall"), _ref("ResponsesFunctionCallOutput")]}}],
+            "description": "A string (one user message) or a list of input items. Stateless: send the whole "
+                           "conversation (previous_response_id and conversation are refused)."},
+        **_optional({
+            "instructions": {**_STR, "description": "A system message before the input."},
+            "max_output_tokens": {**_INT, "minimum": 1, "maximum": 2 ** 63 - 1,
+                                  "description": "Defaults to the rest of the context."},
+            "text": {"type": "object", "properties": {"format": _or_null({"oneOf": [
+                {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+                {"type": "object", "required": ["type", "name", "schema"], "properties": {
+                    "type": {"const": "json_schema"}, "name": _NONEMPTY_STR, "schema": {"type": "object"},
+                    "strict": _or_null(_BOOL), "description": _or_null(_STR)}}]})}},
+            "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"}, "name": _NONEMPTY_STR, "description": _or_null(_STR),
+                "parameters": _or_null({"type": "object", "description": "A JSON schema of the arguments."}),
+                "strict": _or_null(_BOOL)}}},
+            "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]},
+                                      {"type": "object", "required": ["type", "name"], "properties": {
+                                          "type": {"const": "function"}, "name": _STR}}],
+                            "description": "required / a named function (one of tools) force a call; needs tools."},
+            "parallel_tool_calls": {**_BOOL, "default": True},
+            "store": {**_BOOL, "description": "Accepted, but nothing is stored (the response says false)."},
+            "metadata": {"type": "object", "additionalProperties": _STR},
+            "truncation": {"enum": ["disabled"]}})},
+        # required / a named function need tools to call
+        "dependentSchemas": {"tool_choice": {"anyOf": [
+            {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+            {"required": ["tools"], "properties": {"tools": {"minItems": 1}}}]}}},
+    "ResponsesMessage": {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": ["user", "assistant", "system", "developer"]},
+        "content": _RESPONSES_CONTENT}},
+    "ResponsesFunctionCall": {"type": "object", "required": ["type", "call_id", "name"], "properties": {
+        "type": {"const": "function_call"}, "call_id": _NONEMPTY_STR, "name": _NONEMPTY_STR,
+        "arguments": {**_STR, "description": "The call's arguments as JSON text."}}},
+    "ResponsesFunctionCallOutput": {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"const": "function_call_output"}, "call_id": _NONEMPTY_STR, "output": _RESPONSES_CONTENT}},
+    "Response": {"type": "object", "required": ["id", "object", "status", "output"], "properties": {
+        "id": _STR, "object": {"const": "response"}, "created_at": _INT, "model": _STR,
+        "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]},
+        "output": {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["message", "function_call"]}}}},
+        "usage": {"type": ["object", "null"], "properties": {
+            "input_tokens": _INT, "output_tokens": _INT, "total_tokens": _INT}}}},
     "EmbeddingRequest": {"type": "object", "required": ["input"], "properties": {
         "input": {"oneOf": [_NONEMPTY_STR, _TOKEN_IDS,
                             {"type": "array", "minItems": 1, "maxItems": 2048,
@@ -261,6 +310,14 @@ def _generation(summary: str, request: str, response: str) -> dict:
             **_ERRORS}}}
 
 
+def _responses_path() -> dict:
+    op = _generation("Model response (OpenAI's Responses API, stateless)", "ResponsesRequest", "Response")
+    op["post"]["responses"]["200"]["description"] = (
+        "The response; with stream=true, typed server-sent events (`event: response.*`, each with a "
+        "sequence_number) ending with response.completed, response.incomplete or response.failed")
+    return op
+
+
 def _simple(method: str, summary: str, response: dict, request: str | None = None,
             parameters: list[dict] | None = None) -> dict:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": response, **_ERRORS}}
@@ -291,6 +348,7 @@ def build_openapi(version: str) -> dict:
             "/v1/completions": _generation("Text completion", "CompletionRequest", "Completion"),
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest",
                                                 "ChatCompletion"),
+            "/v1/responses": _responses_path(),
             "/v1/embeddings": _simple("post", "Embeddings: the model's final hidden states, pooled and "
                                       "L2-normalized", _json(_ref("EmbeddingList"), "Embeddings"),
                                       "EmbeddingRequest"),

@@ -17,7 +17,6 @@ stored: the response says `"store": false`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from server.errors import APIError, bad_request
 from server.protocol import ChatCompletionRequest
 
 ROLES = ("user", "assistant", "system", "developer")
-TEXT_PARTS = ("input_text", "output_text", "text")
+TEXT_PARTS = ("input_text", "output_text")
 # engine and vLLM extras passed through unchanged, as on the chat endpoint
 PASSTHROUGH = ("model", "temperature", "top_p", "user", "stream", "seed", "top_k", "min_p", "repetition_penalty",
                "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
@@ -63,6 +62,9 @@ class ResponsesRequest(ChatCompletionRequest):
                               code="unsupported")
         if body.get("store") is not None and not isinstance(body["store"], bool):
             raise bad_request(f"store must be a boolean, got {show(body['store'])}", "store")
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise bad_request("metadata must be an object of string values", "metadata")
         chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if k in body}
         messages, origins = _messages(body.get("input"), body.get("instructions"))
         chat["messages"] = messages
@@ -152,7 +154,10 @@ def _messages(value: Any, instructions: Any) -> tuple[list[dict[str, Any]], list
             role = item.get("role")
             if role not in ROLES:
                 raise bad_request(f"{name}.role must be one of {', '.join(ROLES)}, got {show(role)}", f"{name}.role")
-            messages.append({"role": role, "content": _text(item.get("content"), f"{name}.content")})
+            if item.get("content") is None:
+                raise bad_request(f"{name}.content is required: a string or a list of input_text parts",
+                                  f"{name}.content")
+            messages.append({"role": role, "content": _text(item["content"], f"{name}.content")})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", name), "type": "function",
                     "function": {"name": _string(item, "name", name), "arguments": _arguments(item, name)}}
@@ -163,6 +168,8 @@ def _messages(value: Any, instructions: Any) -> tuple[list[dict[str, Any]], list
             messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
+            if output is None:
+                raise bad_request(f"{name}.output is required: the function's result as a string", f"{name}.output")
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", name),
                              "content": output if isinstance(output, str) else _text(output, f"{name}.output")})
         else:
@@ -180,13 +187,10 @@ def _string(item: dict, key: str, name: str) -> str:
 
 
 def _arguments(item: dict, name: str) -> str:
+    """The call's arguments as the model wrote them (JSON text; kept as sent if it is not)."""
     args = item.get("arguments", "{}")
     if not isinstance(args, str):
-        raise bad_request(f"{name}.arguments must be a string of JSON, got {show(args)}", f"{name}.arguments")
-    try:
-        json.loads(args or "{}")
-    except ValueError:
-        raise bad_request(f"{name}.arguments must be a string of JSON", f"{name}.arguments") from None
+        raise bad_request(f"{name}.arguments must be a string, got {show(args)}", f"{name}.arguments")
     return args
 
 
@@ -208,6 +212,8 @@ def _text_format(value: Any) -> dict[str, Any] | None:
             raise bad_request("text.format.name must be a non-empty string", "text.format.name")
         if not isinstance(fmt.get("schema"), dict):
             raise bad_request("text.format.schema must be a JSON schema object", "text.format.schema")
+        _check_optional(fmt, "strict", bool, "text.format")
+        _check_optional(fmt, "description", str, "text.format")
         return {"type": "json_schema", "json_schema": {"name": fmt["name"], "schema": fmt["schema"],
                                                        "strict": fmt.get("strict")}}
     raise bad_request(f"text.format.type must be text, json_object or json_schema, got {show(kind)}",
@@ -225,9 +231,20 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise bad_request(f"tools[{i}].type must be function ({show(kind)} tools are not supported)",
                               f"tools[{i}].type", code="unsupported" if isinstance(kind, str) else None)
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad_request(f"tools[{i}].name must be a non-empty string", f"tools[{i}].name")
+        _check_optional(tool, "description", str, f"tools[{i}]")
+        _check_optional(tool, "strict", bool, f"tools[{i}]")
         fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
         out.append({"type": "function", "function": fn})
     return out
+
+
+def _check_optional(obj: dict, key: str, kind: type, where: str) -> None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        what = "a boolean" if kind is bool else "a string"
+        raise bad_request(f"{where}.{key} must be {what}, got {show(value)}", f"{where}.{key}")
 
 
 def _tool_choice(value: Any) -> Any:
