@@ -281,11 +281,14 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {show(role)}",
                               f"{name}.role")
         message: dict[str, Any] = {"role": role, "content": _content(msg.get("content"), f"{name}.content")}
-        if role == "assistant" and msg.get("tool_calls"):
-            message["tool_calls"] = _tool_calls(msg["tool_calls"], f"{name}.tool_calls")
+        if msg.get("tool_calls") is not None:
+            calls = _tool_calls(msg["tool_calls"], f"{name}.tool_calls")
+            if role == "assistant" and calls:
+                message["tool_calls"] = calls
+        tool_call_id = f.string("tool_call_id")
         if role == "tool":
-            message["tool_call_id"] = f.string("tool_call_id", "")
-        if isinstance(msg.get("name"), str):
+            message["tool_call_id"] = tool_call_id or ""
+        if f.string("name") is not None:
             message["name"] = msg["name"]
         out.append(message)
     return out
@@ -300,16 +303,18 @@ def _tool_calls(value: Any, name: str) -> list[dict[str, Any]]:
         raise bad_request(f"{name} must be a list of tool calls", name)
     out = []
     for j, call in enumerate(value):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad_request(f"{name}[{j}] must have function.name and function.arguments", f"{name}[{j}]")
-        args = fn.get("arguments", "{}")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                pass  # left as the string the client sent
-        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+        c = _Fields(call, f"{name}[{j}]")
+        fn = _Fields(call.get("function"), f"{name}[{j}].function")
+        if c.string("type", "function") != "function":
+            raise bad_request(f"{name}[{j}].type must be function", f"{name}[{j}].type")
+        call_id, fn_name, args = c.string("id"), fn.string("name"), fn.string("arguments", "{}")
+        if fn_name is None:
+            raise bad_request(f"{name}[{j}].function.name is required", f"{name}[{j}].function.name")
+        try:
+            parsed: Any = json.loads(args) if args.strip() else {}
+        except ValueError:
+            parsed = args  # left as the string the client sent
+        out.append({"id": call_id, "type": "function", "function": {"name": fn_name, "arguments": parsed}})
     return out
 
 
