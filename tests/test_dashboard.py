@@ -130,3 +130,23 @@ def test_panels_evaluate_over_the_scrapes(scraped):
     assert {dict(k)["action"] for k in values[guard]} == {"redact_input"}
     limited = next(e for e in values if "conveyor_rate_limited_total" in e)
     assert any(dict(k).get("tenant") == "rpm" for k in values[limited])
+
+
+def test_promql_lite_rate_sum_and_quantile_on_known_series():
+    def scrape(count: float, below_1: float) -> str:
+        return ("# TYPE x_seconds histogram\n"
+                f'x_seconds_bucket{{m="a",le="0.5"}} 0\nx_seconds_bucket{{m="a",le="1.0"}} {below_1}\n'
+                f'x_seconds_bucket{{m="a",le="+Inf"}} {count}\nx_seconds_count{{m="a"}} {count}\n'
+                f'x_seconds_sum{{m="a"}} {count}\n'
+                "# TYPE r counter\n"
+                f'r_total{{m="a",k="p"}} {count}\nr_total{{m="b",k="p"}} {2 * count}\n')
+
+    s = Scrapes([], [])
+    s.add(0.0, scrape(0, 0))
+    s.add(10.0, scrape(100, 50))  # 100 new observations, 50 in (0.5, 1], 50 above 1
+    assert evaluate('sum by (k) (rate(r_total{m=~"$m"}[15s]))', s, 1, {"m": ".*"}) == {frozenset({("k", "p")}): 30.0}
+    assert evaluate('sum(rate(r_total{m="b"}[15s])) / 2', s, 1) == {frozenset(): 10.0}
+    q = evaluate("histogram_quantile(0.25, sum by (le) (rate(x_seconds_bucket[15s])))", s, 1)
+    assert q == {frozenset(): pytest.approx(0.75)}  # halfway through the (0.5, 1] bucket
+    assert evaluate("histogram_quantile(0.9, sum by (le) (rate(x_seconds_bucket[15s])))", s, 1) == \
+        {frozenset(): 1.0}  # in the +Inf bucket: its lower bound, as Prometheus
