@@ -152,8 +152,11 @@ def serve(args: argparse.Namespace) -> int:
         _wait_and_warm_up(load)
     failed = [ld for ld in loads if ld.error and not ld.optional]
     unavailable = {ld.name: ld.error for ld in loads if ld.error and ld.optional}
-    for name, reason in unavailable.items():
-        logger.warning("optional model %s is unavailable: %s", name, reason)
+    for ld in loads:
+        if ld.error and ld.optional:
+            logger.warning("optional model %s is unavailable: %s", ld.name, ld.error)
+            if ld.engine is not None:
+                ld.engine.shutdown()
     available = [ld for ld in loads if not ld.error]
     if failed or not available:
         for ld in failed:
