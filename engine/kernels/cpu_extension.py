@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +81,7 @@ def build_and_load(sources=SOURCES, cflags=CFLAGS, root: Path | None = None) -> 
         name = _build_name(sources, cflags)
         out_dir = (root or build_directory()) / name
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_lock(out_dir)
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
                            extra_ldflags=["-fopenmp"], build_directory=str(out_dir), is_python_module=False,
                            verbose=False)
@@ -89,6 +91,21 @@ def build_and_load(sources=SOURCES, cflags=CFLAGS, root: Path | None = None) -> 
                     lines[-1] if lines else type(exc).__name__)
         return False
     return True
+
+
+STALE_LOCK_S = 600.0
+
+
+def _remove_stale_lock(out_dir: Path) -> None:
+    """torch's builder serialises processes with a `lock` file and waits for it without a
+    timeout; one left by a process killed mid-build would hang every later start."""
+    lock = out_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed a stale build lock %s", lock)
+    except OSError:
+        pass
 
 
 @functools.lru_cache(maxsize=1)
