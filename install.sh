@@ -20,7 +20,7 @@ for arg in "$@"; do
     test) MODE=test ;;
     --no-system-packages) SYSTEM=0 ;;
     --system-packages) SYSTEM=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed -e 's/^# //' -e 's/^#$//'; exit 0 ;;
     *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
