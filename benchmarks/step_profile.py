@@ -39,7 +39,7 @@ def add_batch(engine, args, tag: str) -> None:
     vocab = engine.hf_config.vocab_size
     for i in range(args.batch):
         prompt = [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(args.context)]
-        engine.add_request(f"{tag}{i}", prompt, SamplingParams(max_tokens=args.steps + 8, temperature=0,
+        engine.add_request(f"{tag}{i}", prompt, SamplingParams(max_tokens=3 * args.steps + 8, temperature=0,
                                                                ignore_eos=True))
 
 

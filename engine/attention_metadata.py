@@ -55,10 +55,13 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        block_table_array: np.ndarray | None = None,
     ) -> "AttentionMetadata":
         """Builds metadata from host lists. Sequences must already be ordered decodes-first.
 
         The slot of token t of sequence i is computed from its position and the block table.
+        ``block_table_array``, when given, is ``block_tables`` already laid out as a 0-padded
+        int32 array (the runner's `BlockTableBuffer`), which saves re-copying every table.
         """
         num_seqs = len(query_lens)
         num_decodes = 0
@@ -68,14 +71,17 @@ class AttentionMetadata:
         s = np.asarray(seq_lens, dtype=np.int64)
         qsl = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(q, out=qsl[1:])
-        max_blocks = max((len(b) for b in block_tables), default=1) or 1
-        bt = np.zeros((num_seqs, max_blocks), dtype=np.int64)
-        for i, blocks in enumerate(block_tables):
-            bt[i, : len(blocks)] = blocks
+        if block_table_array is not None:
+            bt = block_table_array
+        else:
+            max_blocks = max((len(b) for b in block_tables), default=1) or 1
+            bt = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+            for i, blocks in enumerate(block_tables):
+                bt[i, : len(blocks)] = blocks
         # position of every new token, then slot = block_table[pos // bs] * bs + pos % bs
         seq_index = np.repeat(np.arange(num_seqs), q)
         positions = np.arange(int(qsl[-1])) - qsl[:-1][seq_index] + (s - q)[seq_index]
-        slots = bt[seq_index, positions // block_size] * block_size + positions % block_size
+        slots = bt[seq_index, positions // block_size].astype(np.int64) * block_size + positions % block_size
         return AttentionMetadata(
             num_tokens=int(qsl[-1]),
             num_seqs=num_seqs,
@@ -84,7 +90,7 @@ class AttentionMetadata:
             max_seq_len=int(s.max()) if num_seqs else 0,
             query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(device),
             seq_lens=torch.from_numpy(s.astype(np.int32)).to(device),
-            block_tables=torch.from_numpy(bt.astype(np.int32)).to(device),
+            block_tables=torch.from_numpy(np.ascontiguousarray(bt, dtype=np.int32)).to(device),
             slot_mapping=torch.from_numpy(slots).to(device),
             block_size=block_size,
             query_lens_cpu=list(query_lens),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.block_table_buffer import BlockTableBuffer
 from engine.pooling import pool_chunk
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler.output import SampledTokens, SchedulerOutput
@@ -44,6 +45,7 @@ class ModelRunner:
         # paths load padded (masked) slots, where garbage could be NaN and NaN * 0 stays NaN.
         alloc = torch.empty if reads_only_written_slots(model, device) else torch.zeros
         self.kv_caches = [alloc(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.block_tables = BlockTableBuffer()  # persistent rows: only new block ids written per step
         self.graphs = None
         if cuda_graph_batch > 0:
             from engine.cuda_graphs import CudaGraphRunner
@@ -71,7 +73,8 @@ class ModelRunner:
             block_tables.append(s.block_ids)
             if s.sample:
                 sample_rows.append(i)
-        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device)
+        table = self.block_tables.rows([s.request_id for s in items], block_tables)
+        meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device, table)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(ids, meta)
