@@ -45,7 +45,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--scheduling-policy", default="fcfs",
-                   help="fcfs, priority, sjf, fair, or module:Class for your own (docs/scheduling.md)")
+                   help="fcfs, priority, sjf, fair, slo, or module:Class for your own (docs/scheduling.md)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the OTEL_EXPORTER_OTLP_ENDPOINT variable; unset: no tracing)")
     serve.add_argument("--log-prompts", action="store_true",
                        help="put prompt and output text in the per-request summary log line (off: never logged)")
+    serve.add_argument("--trace-file", default=None, metavar="PATH",
+                       help="append one JSON line per finished request (arrival, lengths, tenant, priority, "
+                            "TTFT, finish; never text) for benchmarks/replay.py and the simulator")
 
     hk = sub.add_parser("hash-key", help="print the SHA-256 digest of an API key for the config file")
     hk.add_argument("key", help="the API key, e.g. sk-...")

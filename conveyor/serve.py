@@ -142,7 +142,8 @@ def serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_waiting_requests=args.max_waiting_requests,
         max_waiting_tokens=args.max_waiting_tokens, max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout, otlp_traces_endpoint=args.otlp_traces_endpoint,
-        log_prompts=args.log_prompts, tool_call_parser=args.tool_call_parser)
+        log_prompts=args.log_prompts, tool_call_parser=args.tool_call_parser,
+        trace_file=args.trace_file)
     production = load_config(args.config) if args.config else ProductionConfig()
     if args.redis_url:
         production.redis_url = args.redis_url

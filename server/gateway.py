@@ -139,6 +139,7 @@ class Gateway:
         engine stream, when the pipeline ends."""
         trace = RequestTrace.begin(self.tracing, request.scope["state"]["request_id"], chat, request.headers,
                                    self.settings.log_prompts)
+        trace.trace_file = self.settings.trace_file
         try:
             return await self._handle(request, chat, trace, api)
         except APIError as exc:
@@ -288,10 +289,11 @@ class Gateway:
                 run.deadline = asyncio.get_running_loop().time() + req.timeout
             run.log.info("%s: %d prompt tokens, max_tokens=%d, n=%d, stream=%s", prefix,
                          len(prep.prompt_ids), prep.max_tokens, prep.params.n, req.stream)
+            trace.priority = req.priority if "priority" in run.body else tenant.priority
             outputs = model.service.generate(
                 prep, f"{prefix}-{rid}-{uuid.uuid4().hex[:8]}",  # unique even if a client reuses ids
                 cache_salt=f"tenant:{tenant.name}", tenant=tenant.name,
-                priority=req.priority if "priority" in run.body else tenant.priority,
+                priority=trace.priority,
                 output_filter=guards.wrap if guards is not None else None)
             self._running.add(run)
             async with contextlib.aclosing(outputs):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.outputs import RequestOutput
+from server.trace_file import append_trace_line
 from server.tracing import Tracing
 
 summary_logger = logging.getLogger("conveyor.request")
@@ -54,6 +55,8 @@ class RequestTrace:
     answered: bool = False  # a recorded response (replay, cache or dedup hit) was served
     streaming: bool = False  # an engine stream is being sent: the pipeline's end ends the trace
     ended: bool = False
+    priority: int | None = None  # the engine priority the request ran with (for the trace file)
+    trace_file: str | None = None  # `--trace-file`: append this request's line there (server/trace_file.py)
 
     @classmethod
     def begin(cls, tracing: Tracing | None, request_id: str, chat: bool, headers: Any,
@@ -110,6 +113,8 @@ class RequestTrace:
             return
         self.ended = True
         now = time.time()
+        if self.trace_file is not None:
+            append_trace_line(self.trace_file, self, now)
         logged = summary_logger.isEnabledFor(logging.INFO)
         if self.span is None and not logged:
             return

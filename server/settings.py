@@ -18,6 +18,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds running requests get after SIGTERM before being ended
     otlp_traces_endpoint: str | None = None  # OTLP/HTTP traces URL; None: the OTEL_* variables decide
     log_prompts: bool = False  # summary log lines carry prompt and output text (off: never logged)
+    trace_file: str | None = None  # append one JSON line per finished request (server/trace_file.py)
     tool_call_parser: str | None = None  # server/tool_parsers/ name; None: chosen from the chat template
 
     def __post_init__(self) -> None:

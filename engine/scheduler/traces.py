@@ -1,5 +1,6 @@
 """Request traces for the simulator: synthetic (Poisson or gamma arrivals, length
-distributions, tenant and priority mixes) or recorded (a JSON-lines file).
+distributions, tenant and priority mixes) or recorded (a JSON-lines file, including the one
+``conveyor serve --trace-file`` writes).
 
 A trace is a list of `TraceRequest`s sorted by arrival time. Generation is deterministic for a
 given seed, so two policies compared on "the same trace" really see the same requests.
@@ -74,6 +75,26 @@ class LengthDist:
             if len(self.params) == 3:
                 out = np.minimum(out, self.params[2])
         return np.maximum(1, np.rint(out)).astype(int)
+
+
+# Length distributions matching published statistics of public chat traces. Only the statistic
+# named in the source is matched (a mean or a median); the lognormal shape and its sigma are our
+# assumption, as is the cap. Mean of lognormal(median, sigma) = median * exp(sigma^2 / 2).
+LENGTH_PRESETS: dict[str, tuple[str, str, str]] = {
+    # name: (prompt_len, output_len, source)
+    "sharegpt": ("lognormal:100:1.0:2048", "lognormal:205:1.0:2048",
+                 "ShareGPT as used by vLLM (Kwon et al., SOSP 2023, sec. 6.1): mean input 161, mean "
+                 "output 338 tokens; lognormal sigma 1.0 gives means 165 / 338"),
+    "lmsys": ("lognormal:42:1.0:2048", "lognormal:130:1.0:2048",
+              "LMSYS-Chat-1M (Zheng et al., ICLR 2024, Table 1): 69.5 tokens per prompt, 214.5 per "
+              "response on average; sigma 1.0 gives means 69 / 214"),
+    "azure-conv": ("lognormal:1020:0.8:8192", "lognormal:129:0.8:2048",
+                   "Azure LLM inference trace 2023, conversation (Patel et al., Splitwise, ISCA 2024): "
+                   "median prompt 1020, median output 129 tokens"),
+    "azure-code": ("lognormal:1500:0.8:8192", "lognormal:13:0.8:1024",
+                   "Azure LLM inference trace 2023, coding (Splitwise, ISCA 2024): median prompt 1500, "
+                   "median output 13 tokens"),
+}
 
 
 @dataclass
@@ -155,18 +176,32 @@ def save_trace(trace: list[TraceRequest], path: str | Path) -> None:
 def load_trace(path: str | Path) -> list[TraceRequest]:
     """Reads a JSON-lines trace. Each line needs ``arrival_time``, ``prompt_len`` and
     ``output_len``; ``request_id``, ``tenant``, ``priority``, ``prefix_group`` and ``prefix_len``
-    are optional. Arrival times are shifted so the first request arrives at 0."""
+    are optional, other fields are ignored. Arrival times are shifted so the first request
+    arrives at 0.
+
+    Lines written by ``conveyor serve --trace-file`` (server/trace_file.py) load as they are;
+    of those, requests that never ran on the engine are skipped: refused or failed (``status``
+    other than 200), answered from a cache (``source`` other than ``engine``), or with no
+    prompt or output token (e.g. aborted before the first token)."""
     known = {f.name for f in fields(TraceRequest)}
     trace = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
         for required in ("arrival_time", "prompt_len", "output_len"):
             if required not in row:
                 raise ValueError(f"{path}:{lineno}: trace line lacks the field {required!r}")
+        if "status" in row and (row["status"] != 200 or row.get("source", "engine") != "engine"
+                                or not row["prompt_len"] or not row["output_len"]):
+            continue  # a server trace line of a request the engine did not run to a token
         row = {k: v for k, v in row.items() if k in known}
         row.setdefault("request_id", f"req-{lineno}")
+        if row.get("priority") is None:
+            row["priority"] = 0
         trace.append(TraceRequest(**row))
     if not trace:
         raise ValueError(f"trace file {path} holds no requests")
