@@ -314,7 +314,7 @@ def test_failed_decode_step_keeps_blocks_written_by_earlier_steps():
 def test_every_builtin_policy_name_and_import_path_resolves():
     from engine.scheduler.policies import BUILTIN_POLICIES, SchedulingPolicy
 
-    assert sorted(BUILTIN_POLICIES) == ["fair", "fcfs", "priority", "sjf"]
+    assert sorted(BUILTIN_POLICIES) == ["fair", "fcfs", "priority", "sjf", "slo"]
     for name, cls in BUILTIN_POLICIES.items():
         policy = make_policy(name)
         assert type(policy) is cls and policy.name == name

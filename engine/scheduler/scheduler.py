@@ -22,7 +22,6 @@ finished (removed, its blocks freed). The KV cache manager is handed in (any obj
 """
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import SampledTokens, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policies import SchedulingPolicy
+from engine.scheduler.waiting_queue import WaitingQueue
 
 if TYPE_CHECKING:
     from engine.kv_cache.kv_cache_manager import KVCacheManager
@@ -54,7 +54,7 @@ class Scheduler:
         self.policy = policy
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.running: list[Request] = []
-        self._waiting: list[tuple[tuple, int, Request]] = []  # heap (static keys) or list
+        self._waiting = WaitingQueue(policy)  # in the policy's admission order
         self._seq = 0
         self.num_preemptions = 0
         self._batch: set[str] = set()  # static batching: members of the batch being run
@@ -65,7 +65,7 @@ class Scheduler:
         return len(self._waiting)
 
     def waiting_requests(self) -> list[Request]:
-        return [r for _, _, r in self._waiting]
+        return list(self._waiting)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -78,8 +78,7 @@ class Scheduler:
 
     def _push_waiting(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        key = self.policy.admission_key(request, self.clock())
-        heapq.heappush(self._waiting, (key, request.seq_no, request))
+        self._waiting.push(request, self.clock())
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """Removes a request from whichever queue holds it and frees its blocks (a no-op for a
@@ -89,8 +88,7 @@ class Scheduler:
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:
-            self._waiting = [e for e in self._waiting if e[2] is not request]
-            heapq.heapify(self._waiting)
+            self._waiting.remove(request)
         request.status = status
         del self.requests[request.request_id]
         self._batch.discard(request.request_id)
@@ -131,8 +129,9 @@ class Scheduler:
             budget -= num_new
 
         admit = not out.preempted_ids
-        if admit and self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            budget = self._admit(now, budget, chosen)
+        allowed = min(budget, self.policy.admission_budget(budget, now))  # a policy may hold prefill back
+        if admit and self._waiting and allowed > 0 and len(self.running) < self.config.max_num_seqs:
+            budget += self._admit(now, allowed, chosen) - allowed
 
         for request, n in chosen:
             self.policy.on_scheduled(request, n)
@@ -141,24 +140,23 @@ class Scheduler:
 
     def _admit(self, now: float, budget: int, chosen: list[tuple[Request, int]]) -> int:
         """Admits waiting requests in policy order while budget, seats and blocks last."""
-        if not self.policy.static_keys:  # keys move with time or accounts: re-rank
-            self._waiting = [(self.policy.admission_key(r, now), r.seq_no, r) for _, _, r in self._waiting]
-            heapq.heapify(self._waiting)
+        self._waiting.rerank(now)  # keys that move with time or accounts (see waiting_queue.py)
         if self.config.static_batching and not self._batch:
             # the next batch: the first max_num_seqs waiting requests, fixed until all finish
-            self._batch = {r.request_id for _, _, r in heapq.nsmallest(self.config.max_num_seqs, self._waiting)}
+            self._batch = {r.request_id for r in self._waiting.smallest(self.config.max_num_seqs, now)}
         deferred = []  # requests whose grammar is still compiling: they wait, others pass
         while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            entry = self._waiting[0]
-            if not entry[2].is_ready() and not self.config.static_batching:
-                deferred.append(heapq.heappop(self._waiting))
+            request = self._waiting.peek(now)
+            if not request.is_ready() and not self.config.static_batching:
+                self._waiting.pop(request)
+                deferred.append(request)
                 continue
-            if self.config.static_batching and entry[2].request_id not in self._batch:
+            if self.config.static_batching and request.request_id not in self._batch:
                 # a newcomer outranks the batch (or keys moved): admit the batch's best member
-                entry = min((e for e in self._waiting if e[2].request_id in self._batch), default=None)
-                if entry is None:
+                best = self._waiting.smallest(1, now, lambda r: r.request_id in self._batch)
+                if not best:
                     break
-            request = entry[2]
+                request = best[0]
             rid, tokens, salt = request.request_id, request.all_token_ids, request.cache_salt
             # a mean-pooled embedding needs every position's hidden state: no prefix-cache reuse
             reuse = request.pooling is None or not request.pooling.params.needs_all_positions
@@ -167,11 +165,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.kv.allocate_slots(rid, tokens, 0, num_new, cached, salt):
                 break  # keep admission order: don't let later requests jump the queue
-            if entry is self._waiting[0]:
-                heapq.heappop(self._waiting)
-            else:
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
+            self._waiting.pop(request)
             self.kv.record_lookup(request.num_tokens, num_computed)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
@@ -180,8 +174,8 @@ class Scheduler:
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
-        for entry in deferred:
-            heapq.heappush(self._waiting, entry)
+        for request in deferred:
+            self._waiting.push(request, now)
         return budget
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
@@ -267,7 +261,7 @@ class Scheduler:
         every unfinished request is in exactly one queue with its matching status, only running
         requests hold blocks, and those cover their computed tokens."""
         self.kv.check_integrity()
-        waiting = [r for _, _, r in self._waiting]
+        waiting = list(self._waiting)
         ids = [r.request_id for r in self.running] + [r.request_id for r in waiting]
         assert len(ids) == len(set(ids)), "a request is queued twice"
         assert set(ids) == set(self.requests), "the request table and the queues disagree"

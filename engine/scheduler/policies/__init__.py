@@ -14,12 +14,13 @@ from engine.scheduler.policies.fair import FairPolicy
 from engine.scheduler.policies.fcfs import FCFSPolicy
 from engine.scheduler.policies.priority import PriorityPolicy
 from engine.scheduler.policies.sjf import SJFPolicy
+from engine.scheduler.policies.slo import SLOPolicy
 
-__all__ = ["BUILTIN_POLICIES", "FCFSPolicy", "FairPolicy", "PriorityPolicy", "SJFPolicy",
+__all__ = ["BUILTIN_POLICIES", "FCFSPolicy", "FairPolicy", "PriorityPolicy", "SJFPolicy", "SLOPolicy",
            "SchedulingPolicy", "make_policy"]
 
 BUILTIN_POLICIES: dict[str, type[SchedulingPolicy]] = {
-    cls.name: cls for cls in (FCFSPolicy, PriorityPolicy, SJFPolicy, FairPolicy)
+    cls.name: cls for cls in (FCFSPolicy, PriorityPolicy, SJFPolicy, FairPolicy, SLOPolicy)
 }
 
 

@@ -45,5 +45,9 @@ class FairPolicy(SchedulingPolicy):
     def admission_key(self, request: Request, now: float) -> tuple:
         return (self.served[self._tenant(request)], request.arrival_time, request.seq_no)
 
+    def queue_group(self, request: Request) -> tuple:
+        # one tenant's requests share its counter, so among themselves they go by arrival
+        return self._tenant(request), (request.arrival_time, request.seq_no)
+
     def preemption_key(self, request: Request, now: float) -> tuple:
         return (self.served[self._tenant(request)], request.arrival_time, request.seq_no)
