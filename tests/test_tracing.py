@@ -241,8 +241,12 @@ def test_cli_flags_and_json_log_setup():
     out = io.StringIO()
     log.addHandler(logging.StreamHandler(out))
     log.propagate = False
+    log.setLevel(logging.INFO)
     use_json_logs(log)
     log.warning("[request_id=r-9] hello %s", "there", extra={"request_id": "r-9", "tenant": "t"})
     line = json.loads(out.getvalue())
     assert line["message"] == "hello there" and line["request_id"] == "r-9" and line["tenant"] == "t"
     assert line["level"] == "warning" and line["logger"] == "conveyor.test-json" and line["timestamp"].endswith("Z")
+    log.info("[request_id=r-10] POST /v1/completions -> 200 in 0.1s")  # the access line: no `extra`
+    line = json.loads(out.getvalue().splitlines()[-1])
+    assert line["request_id"] == "r-10" and line["message"] == "POST /v1/completions -> 200 in 0.1s"
