@@ -1,12 +1,16 @@
 """Compares scheduling policies on one trace with the simulator (no model runs).
 
-    python -m benchmarks.simulate --policies fcfs,sjf,fair --num-requests 10000 --rate 3 \
-        --tenants a:0.8,b:0.2 [--cost-model benchmarks/out/cost_model.json] [--trace FILE]
+    python -m benchmarks.simulate --policies fcfs,sjf,fair,slo --num-requests 10000 --rate 3 \
+        --tenants a:0.8,b:0.2 --ttft-slo 2 --tpot-slo 0.1 [--lengths sharegpt] \
+        [--cost-model benchmarks/out/cost_model.json] [--trace FILE]
 
-Prints one row per policy (and per tenant, and per priority class with the share of requests
-that met ``--ttft-targets``), writes ``simulate_summary.json`` and ``simulate.png`` to
-``--out-dir``. ``--validate`` also replays the trace on the real engine
-under the first policy and prints the simulator's error on throughput and mean TTFT.
+Prints one row per policy with goodput (the share of requests meeting both ``--ttft-slo`` and
+``--tpot-slo``), then per tenant (TTFT and TPOT p50/p90/p99, Jain's fairness index over tokens
+served) and per priority class (with the share that met ``--ttft-targets``); writes
+``simulate_summary.json`` and ``simulate.png`` to ``--out-dir``. ``--trace`` reads a JSON-lines
+trace, e.g. one written by ``conveyor serve --trace-file``. The ``slo`` policy is built with
+the ``--ttft-slo`` / ``--tpot-slo`` given here. ``--validate`` replays the trace on the real engine under
+the first policy (refused on a loaded machine); the full check is ``benchmarks/calibrate.py --validate``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from pathlib import Path
 from benchmarks.calibrate import add_engine_args
 from engine.scheduler.cost_model import load_cost_model
 from engine.scheduler.simulator import SimConfig, SimResult, Timeline, percentiles, simulate
-from engine.scheduler.traces import TraceSpec, generate_trace, load_trace, save_trace
+from engine.scheduler.policies import SLOPolicy
+from engine.scheduler.traces import LENGTH_PRESETS, TraceSpec, generate_trace, load_trace, save_trace
 
 
 def parse_shares(text: str | None, field_name: str, key_type=str) -> dict:
@@ -39,8 +44,12 @@ def parse_shares(text: str | None, field_name: str, key_type=str) -> dict:
 def build_trace(args: argparse.Namespace):
     if args.trace:
         return load_trace(args.trace)
+    prompt_len, output_len = args.prompt_len, args.output_len
+    if args.lengths:
+        prompt_len, output_len, source = LENGTH_PRESETS[args.lengths]
+        print(f"lengths {args.lengths}: {source}")
     spec = TraceSpec(num_requests=args.num_requests, rate=args.rate, arrival=args.arrival, cv=args.cv,
-                     prompt_len=args.prompt_len, output_len=args.output_len,
+                     prompt_len=prompt_len, output_len=output_len,
                      tenants=parse_shares(args.tenants, "tenants"),
                      priorities=parse_shares(args.priorities, "priorities", int),
                      system_prompt_len=args.system_prompt_len, seed=args.seed)
@@ -49,45 +58,58 @@ def build_trace(args: argparse.Namespace):
 
 def print_table(summaries: list[dict]) -> None:
     """The overall table, then per tenant and per priority class where the trace has them."""
-    head = (f"{'policy':<28}{'req/s':>8}{'out tok/s':>11}{'TTFT mean':>11}{'p50':>9}{'p99':>9}"
-            f"{'TPOT mean':>11}{'p99':>9}{'E2E p99':>10}{'preempt':>9}{'KV mean':>9}{'sim s':>8}")
+    head = (f"{'policy':<24}{'goodput':>8}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'p90':>9}{'p99':>9}"
+            f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'E2E p99':>9}{'preempt':>9}{'Jain':>6}{'sim s':>7}")
     print(head)
     for s in summaries:
         t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
-        print(f"{s['policy'][-27:]:<28}{s['throughput_req_s']:>8.2f}{s['throughput_out_tok_s']:>11.1f}"
-              f"{t['mean']:>11.3f}{t['p50']:>9.3f}{t['p99']:>9.3f}{p['mean']:>11.4f}{p['p99']:>9.4f}"
-              f"{e['p99']:>10.2f}{s['num_preemptions']:>9d}{s['kv_usage_mean']:>9.2f}{s['sim_wall_s']:>8.2f}")
+        print(f"{s['policy'][-23:]:<24}{s['goodput']:>8.1%}{s['throughput_req_s']:>8.2f}"
+              f"{s['throughput_out_tok_s']:>11.1f}{t['p50']:>10.3f}{t['p90']:>9.3f}{t['p99']:>9.3f}"
+              f"{p['p50']:>10.4f}{p['p90']:>8.4f}{p['p99']:>8.4f}{e['p99']:>9.2f}{s['num_preemptions']:>9d}"
+              f"{s['jain_fairness']:>6.2f}{s['sim_wall_s']:>7.2f}")
     if any(s["per_tenant"] for s in summaries):
-        print(f"\n{'policy':<28}{'tenant':<12}{'requests':>9}{'tok share':>10}{'TTFT mean':>11}{'p99':>9}")
+        print(f"\n{'policy':<24}{'tenant':<12}{'requests':>9}{'tok share':>10}{'TTFT p50':>10}{'p90':>9}"
+              f"{'p99':>9}{'TPOT p50':>10}{'p90':>8}{'p99':>8}")
         for s in summaries:
             for tenant, ts in s["per_tenant"].items():
-                print(f"{s['policy'][-27:]:<28}{tenant:<12}{ts['num_requests']:>9d}"
-                      f"{ts['share_of_out_tokens']:>10.2f}{ts['ttft_s']['mean']:>11.3f}{ts['ttft_s']['p99']:>9.3f}")
+                t, p = ts["ttft_s"], ts["tpot_s"]
+                print(f"{s['policy'][-23:]:<24}{tenant:<12}{ts['num_requests']:>9d}{ts['share_of_out_tokens']:>10.2f}"
+                      f"{t['p50']:>10.3f}{t['p90']:>9.3f}{t['p99']:>9.3f}{p['p50']:>10.4f}{p['p90']:>8.4f}"
+                      f"{p['p99']:>8.4f}")
     if any(s["per_priority"] for s in summaries):
-        print(f"\n{'policy':<28}{'priority':>9}{'requests':>9}{'TTFT mean':>11}{'p50':>9}{'p99':>9}"
-              f"{'target':>8}{'met':>7}")
+        print(f"\n{'policy':<24}{'priority':>9}{'requests':>9}{'TTFT p50':>10}{'p90':>9}{'p99':>9}"
+              f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'target':>8}{'met':>7}")
         for s in summaries:
             for prio, ps in s["per_priority"].items():
-                t = ps["ttft_s"]
+                t, p = ps["ttft_s"], ps["tpot_s"]
                 met = (f"{ps['ttft_target_s']:>8g}{ps['ttft_target_met']:>7.0%}" if "ttft_target_met" in ps
                        else f"{'-':>8}{'-':>7}")
-                print(f"{s['policy'][-27:]:<28}{prio:>9}{ps['num_requests']:>9d}{t['mean']:>11.3f}"
-                      f"{t['p50']:>9.3f}{t['p99']:>9.3f}{met}")
+                print(f"{s['policy'][-23:]:<24}{prio:>9}{ps['num_requests']:>9d}{t['p50']:>10.3f}"
+                      f"{t['p90']:>9.3f}{t['p99']:>9.3f}{p['p50']:>10.4f}{p['p90']:>8.4f}{p['p99']:>8.4f}{met}")
 
 
-def plot(results: list[SimResult], path: Path) -> None:
+def plot(results: list[SimResult], path: Path, ttft_slo: float | None = None,
+         tpot_slo: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for r in results:
         ttft = np.sort([rec.ttft for rec in r.records])
         axes[0, 0].plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=r.policy)
         axes[0, 1].plot(r.timeline.time, r.timeline.kv_usage, label=r.policy, lw=0.8)
         axes[1, 0].plot(r.timeline.time, r.timeline.num_waiting, label=r.policy, lw=0.8)
+        tpot = np.sort([rec.tpot for rec in r.records if np.isfinite(rec.tpot)])
+        axes[0, 2].plot(tpot, np.arange(1, len(tpot) + 1) / max(len(tpot), 1), label=r.policy)
+    axes[0, 2].set(xlabel="TPOT (s)", ylabel="fraction of requests", title="TPOT CDF", xscale="log")
+    axes[1, 2].bar(np.arange(len(results)), [r.goodput(ttft_slo, tpot_slo) for r in results],
+                   color=[f"C{i}" for i in range(len(results))])
+    axes[1, 2].set_xticks(np.arange(len(results)), [r.policy for r in results], fontsize=8)
+    axes[1, 2].set(ylabel="fraction meeting both targets", ylim=(0, 1),
+                   title=f"goodput (TTFT <= {ttft_slo} s, TPOT <= {tpot_slo} s)")
     axes[0, 0].set(xlabel="TTFT (s)", ylabel="fraction of requests", title="TTFT CDF", xscale="symlog")
     axes[0, 1].set(xlabel="simulated time (s)", ylabel="fraction of KV blocks in use", title="KV usage")
     axes[1, 0].set(xlabel="simulated time (s)", ylabel="requests", title="waiting queue")
@@ -148,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation")
     parser.add_argument("--prompt-len", default="lognormal:128:0.8:1024")
     parser.add_argument("--output-len", default="lognormal:64:0.8:512")
+    parser.add_argument("--lengths", choices=sorted(LENGTH_PRESETS),
+                        help="prompt and output lengths matching a public trace's published statistics "
+                             "(overrides --prompt-len/--output-len; engine/scheduler/traces.py names the source)")
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT target in seconds for goodput")
+    parser.add_argument("--tpot-slo", type=float, default=0.1, help="TPOT target in seconds for goodput")
     parser.add_argument("--tenants", help="e.g. heavy:0.8,light:0.2")
     parser.add_argument("--priorities", help="e.g. 0:0.3,1:0.7")
     parser.add_argument("--ttft-targets", help="TTFT target per priority class in seconds, e.g. 0:1,1:30: "
@@ -174,15 +201,16 @@ def main(argv: list[str] | None = None) -> None:
                        static_batching=args.static_batching, seed=args.seed)
     cost_model = load_cost_model(args.cost_model)
     print(f"{len(trace)} requests; cost model: {cost_model.source}")
-    results = [simulate(trace, p, config, cost_model) for p in args.policies.split(",") if p]
+    results = [simulate(trace, SLOPolicy(args.ttft_slo, args.tpot_slo) if p == "slo" else p, config, cost_model)
+               for p in args.policies.split(",") if p]
     targets = parse_shares(args.ttft_targets, "ttft-targets", int)
-    summaries = [r.summary(targets) for r in results]
+    summaries = [r.summary(targets, args.ttft_slo, args.tpot_slo) for r in results]
     print_table(summaries)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = {"config": vars(args), "summaries": summaries}
     if not args.no_plot:
-        plot(results, out_dir / "simulate.png")
+        plot(results, out_dir / "simulate.png", args.ttft_slo, args.tpot_slo)
         print(f"wrote {out_dir / 'simulate.png'}")
     if args.validate:
         output["validation"] = validate(args, trace)

@@ -104,10 +104,19 @@ class SimResult:
         """Seconds from the first arrival to the last finish."""
         return max(r.finished_time for r in self.records) - min(r.arrival_time for r in self.records)
 
-    def summary(self, ttft_targets: dict[int, float] | None = None) -> dict:
-        """Throughput, latency percentiles, preemptions, KV usage, per-tenant service and, when
-        the trace has several priority classes or ``ttft_targets`` are given, per-priority TTFT
-        (with the fraction of requests whose TTFT met their class's target)."""
+    def goodput(self, ttft_slo: float | None, tpot_slo: float | None) -> float:
+        """The fraction of requests that met both latency targets (a one-token request has no
+        TPOT and meets any TPOT target; ``None`` means no target)."""
+        ok = [(ttft_slo is None or r.ttft <= ttft_slo) and (tpot_slo is None or not r.tpot > tpot_slo)
+              for r in self.records]
+        return float(np.mean(ok)) if ok else float("nan")
+
+    def summary(self, ttft_targets: dict[int, float] | None = None, ttft_slo: float | None = None,
+                tpot_slo: float | None = None) -> dict:
+        """Throughput, goodput under ``ttft_slo`` / ``tpot_slo`` (seconds), latency percentiles,
+        preemptions, KV usage, Jain's fairness index over tokens served per tenant, per-tenant
+        and per-priority TTFT and TPOT percentiles (per priority also the fraction of requests
+        whose TTFT met their class's ``ttft_targets`` entry)."""
         recs = self.records
         out_tokens = sum(r.output_len for r in recs)
         span = max(self.makespan, 1e-12)
@@ -121,6 +130,9 @@ class SimResult:
             "ttft_s": percentiles([r.ttft for r in recs]),
             "tpot_s": percentiles([r.tpot for r in recs]),
             "e2e_s": percentiles([r.e2e for r in recs]),
+            "goodput": self.goodput(ttft_slo, tpot_slo),
+            "ttft_slo_s": ttft_slo,
+            "tpot_slo_s": tpot_slo,
             "num_preemptions": self.num_preemptions,
             "num_steps": self.num_steps,
             "kv_usage_mean": float(np.mean(self.timeline.kv_usage)) if self.timeline.kv_usage else 0.0,
@@ -132,22 +144,36 @@ class SimResult:
             t: {
                 "num_requests": len(rs := [r for r in recs if r.tenant == t]),
                 "out_tokens": sum(r.output_len for r in rs),
+                "served_tokens": sum(r.prompt_len + r.output_len for r in rs),
                 "share_of_out_tokens": sum(r.output_len for r in rs) / max(out_tokens, 1),
                 "ttft_s": percentiles([r.ttft for r in rs]),
+                "tpot_s": percentiles([r.tpot for r in rs]),
             }
             for t in tenants
         }
+        summary["jain_fairness"] = jain_index([v["served_tokens"] for v in summary["per_tenant"].values()])
         classes = sorted({r.priority for r in recs})
         summary["per_priority"] = {}
         if len(classes) > 1 or ttft_targets:
             for p in classes:
                 ttfts = [r.ttft for r in recs if r.priority == p]
-                entry = {"num_requests": len(ttfts), "ttft_s": percentiles(ttfts)}
+                entry = {"num_requests": len(ttfts), "ttft_s": percentiles(ttfts),
+                         "tpot_s": percentiles([r.tpot for r in recs if r.priority == p])}
                 if ttft_targets and p in ttft_targets:
                     entry["ttft_target_s"] = ttft_targets[p]
                     entry["ttft_target_met"] = float(np.mean([t <= ttft_targets[p] for t in ttfts]))
                 summary["per_priority"][p] = entry
         return summary
+
+
+def jain_index(values: list[float]) -> float:
+    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1 when all equal, 1/n when one takes
+    all; nan for no values. Over tokens served per tenant it measures equal service, so a
+    trace whose tenants offer unequal load scores below 1 even under a perfectly fair policy."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0 or not (x ** 2).sum() > 0:
+        return float("nan")
+    return float(x.sum() ** 2 / (x.size * (x ** 2).sum()))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
