@@ -199,3 +199,47 @@ def test_cli_compares_policies_and_writes_summary_and_plot(tmp_path, capsys):
     assert "fair" in capsys.readouterr().out
     with pytest.raises(ValueError, match="tenants"):
         simulate_cli.main(["--tenants", "a0.5", "--out-dir", str(tmp_path)])
+
+
+def test_moving_key_policies_admit_exactly_as_a_full_resort_would():
+    """fair (per-tenant heaps) and slo (lazy heap) give the same schedule as re-keying the
+    whole waiting queue every step, which is what their fast paths replace."""
+    from engine.scheduler.policies import FairPolicy, SchedulingPolicy, SLOPolicy
+
+    class FairFullSort(FairPolicy):
+        queue_group = SchedulingPolicy.queue_group
+
+    class SLOFullSort(SLOPolicy):
+        keys_only_grow = False
+
+    trace = generate_trace(TraceSpec(num_requests=150, rate=40, arrival="gamma", cv=2, tenants={"a": 0.7, "b": 0.3},
+                                     prompt_len="uniform:8:96", output_len="uniform:16:64", seed=5))
+    config = SimConfig(num_blocks=24, max_num_batched_tokens=128, max_num_seqs=8)
+    for fast, full in ((FairPolicy(), FairFullSort()), (SLOPolicy(0.5, 0.05, 2000.0), SLOFullSort(0.5, 0.05, 2000.0))):
+        a, b = simulate(trace, fast, config), simulate(trace, full, config)
+        assert [(r.request_id, r.first_token_time, r.finished_time) for r in a.records] == \
+            [(r.request_id, r.first_token_time, r.finished_time) for r in b.records]
+        assert a.num_preemptions == b.num_preemptions > 0
+
+
+def test_goodput_and_jain_index():
+    from engine.scheduler.simulator import jain_index
+
+    assert jain_index([5, 5, 5]) == 1.0 and jain_index([9, 0, 0]) == pytest.approx(1 / 3)
+    result = simulate(generate_trace(TraceSpec(num_requests=40, rate=20, tenants={"a": 0.5, "b": 0.5}, seed=2,
+                                               prompt_len="uniform:4:32", output_len="uniform:1:8")), "fcfs")
+    s = result.summary(ttft_slo=0.5, tpot_slo=0.05)
+    met = sum(r.ttft <= 0.5 and not r.tpot > 0.05 for r in result.records)
+    assert s["goodput"] == met / 40 and result.goodput(None, None) == 1.0
+    assert 0.5 <= s["jain_fairness"] <= 1.0 and set(s["per_tenant"]["a"]["tpot_s"]) == {"mean", "p50", "p90", "p99"}
+
+
+def test_server_trace_lines_load_and_skip_requests_the_engine_did_not_run(tmp_path):
+    row = {"request_id": "r", "arrival_time": 1700000000.5, "prompt_len": 7, "output_len": 3, "cached_tokens": 0,
+           "tenant": "t", "priority": None, "model": "m", "ttft_s": 0.1, "finished_time": 1700000001.0,
+           "finish_reason": "length", "status": 200, "source": "engine", "preemptions": 0, "stream": False}
+    rows = [row, {**row, "status": 429, "prompt_len": 0, "output_len": 0}, {**row, "source": "response"},
+            {**row, "arrival_time": 1700000002.0, "priority": 1}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_trace(tmp_path / "s.jsonl")
+    assert [(t.arrival_time, t.prompt_len, t.priority, t.tenant) for t in loaded] == [(0.0, 7, 0, "t"), (1.5, 7, 1, "t")]
