@@ -30,5 +30,10 @@ class CpuPagedAttentionBackend:
         if q.stride(-1) != 1:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self._op(out, q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+        self._op(out, q, kv_cache, _int32(meta.block_tables), _int32(meta.seq_lens), _int32(meta.query_start_loc), scale)
         return out
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    """The kernel reads metadata as contiguous int32 (what AttentionMetadata.build makes; a no-op then)."""
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
