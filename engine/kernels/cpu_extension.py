@@ -82,6 +82,8 @@ def build_and_load(sources=SOURCES, cflags=CFLAGS, root: Path | None = None) -> 
         out_dir = (root or build_directory()) / name
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(out_dir)
+        if not any(out_dir.glob("*.so")):
+            log.info("building the CPU attention kernel for this host into %s (once, ~30-60 s)", out_dir)
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
                            extra_ldflags=["-fopenmp"], build_directory=str(out_dir), is_python_module=False,
                            verbose=False)
