@@ -136,8 +136,14 @@ def plot(results: list[SimResult], path: Path, ttft_slo: float | None = None,
 
 def validate(args: argparse.Namespace, trace) -> dict:
     """Replays the trace on the real engine under the first policy; compares with ``sim``."""
-    from benchmarks.calibrate import make_engine, measure_steps, run_trace_on_engine
+    import os
 
+    from benchmarks.calibrate import machine_is_quiet, make_engine, measure_steps, run_trace_on_engine
+
+    quiet, why = machine_is_quiet(os.getloadavg()[0], os.cpu_count() or 1)
+    if not quiet:
+        print(f"refusing to validate: {why} (see benchmarks/calibrate.py --validate)")
+        return {"refused": why}
     args.policy = args.policies.split(",")[0]
     engine = make_engine(args)
     measure_steps(engine, [2], [32], 3, seed=1)  # warm-up, as in calibration

@@ -1,0 +1,67 @@
+"""benchmarks/calibrate.py: medians over repeated shapes, the host record, the load rule that
+refuses validation on a busy machine, and the validation path end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import calibrate
+from engine.scheduler.cost_model import CostModel, StepSample
+from tests.checkpoints import make_tiny_checkpoint
+
+
+def test_quiet_rule():
+    assert calibrate.machine_is_quiet(0.5, 2) == (True, "quiet")
+    assert calibrate.machine_is_quiet(2.0, 2)[0]  # 2 / 2 + 1: our own run plus a little
+    ok, why = calibrate.machine_is_quiet(2.5, 2)
+    assert not ok and "load average 2.5" in why
+    assert calibrate.machine_is_quiet(1.0, 16, 0.010, 0.0114)[0]
+    ok, why = calibrate.machine_is_quiet(1.0, 16, 0.010, 0.012)
+    assert not ok and "+20%" in why
+
+
+def test_median_per_shape():
+    samples = [StepSample(8, 8, 1, t) for t in (0.1, 0.5, 0.2)] + [StepSample(1, 9, 1, 0.03)]
+    medians = {(s.num_batched_tokens, s.seconds) for s in calibrate.median_samples(samples)}
+    assert medians == {(8, 0.2), (1, 0.03)}
+
+
+def test_validation_refuses_on_a_loaded_machine(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    monkeypatch.setattr(calibrate, "make_engine", lambda args: pytest.fail("an engine was started"))
+    calibrate.main(["--validate", "--report", str(tmp_path / "v.json")])
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert "load average 40.0" in report["refused"] and report["results"] == {}
+    assert report["host"]["nproc"] >= 1 and "torch_cpu_capability" in report["host"]
+    assert "refusing to validate" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cal") / "tiny")
+    make_tiny_checkpoint(path, "llama")
+    return path
+
+
+def test_calibration_fits_medians_and_records_the_host(tiny, tmp_path):
+    out = tmp_path / "cm.json"
+    calibrate.main(["--model", tiny, "--dtype", "float32", "--num-blocks", "64", "--batch-sizes", "1,3",
+                    "--prompt-lens", "8,40", "--max-tokens", "3", "--repeats", "2", "--out", str(out)])
+    model = CostModel.from_json(out)
+    info = model.fit_info
+    assert info["repeats"] == 2 and info["num_steps_measured"] > info["num_samples"] >= 4
+    assert info["host"]["dtype"] == "torch.float32" and info["host"]["torch_threads"] >= 1
+
+
+def test_forced_validation_reports_every_metric_for_each_workload_and_policy(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "WORKLOADS", {"short-chat": ("uniform:4:12", "uniform:2:4", 50.0),
+                                                 "mixed": ("uniform:4:40", "uniform:1:4", 50.0)})
+    calibrate.main(["--validate", "--force", "--model", tiny, "--dtype", "float32", "--num-blocks", "64",
+                    "--num-requests", "4", "--policies", "fcfs,slo", "--report", str(tmp_path / "v.json")])
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert sorted(report["results"]) == ["mixed/fcfs", "mixed/slo", "short-chat/fcfs", "short-chat/slo"]
+    for res in report["results"].values():
+        assert set(res) == set(calibrate.METRICS)
+        assert all(v["real"] > 0 and v["sim"] > 0 for v in res.values())
+    assert report["matmul_after_s"] > 0
