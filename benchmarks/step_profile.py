@@ -74,6 +74,44 @@ class StubModel(torch.nn.Module):
         return logits
 
 
+CATEGORIES = (  # (label, op-name substrings), first match wins
+    ("matmuls (linear layers, LM head)", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")),
+    ("paged attention (C++ kernel)", ("conveyor_cpu::",)),
+    ("K/V write (index_copy)", ("aten::index_copy",)),
+    ("norms, rotary, SiLU, residual adds", ("aten::rms_norm", "aten::_fused_rms_norm", "aten::mul", "aten::add",
+                                             "aten::sub", "aten::silu", "aten::pow", "aten::mean", "aten::rsqrt")),
+    ("sampling (argmax)", ("aten::argmax", "aten::max")),
+    ("copies and dtype casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")),
+    ("embedding / index / gather", ("aten::embedding", "aten::index", "aten::gather")),
+)
+
+
+def torch_profile(engine, steps: int) -> None:
+    """Time of the torch ops of ``steps`` decode steps, by category, as shares of all op time.
+    The profiler times ops by the clock, so on a loaded machine absolute values are inflated;
+    the shares hold as long as the load is even. The Python outside torch ops is measured
+    separately (the stubbed-model run, in CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c0 = _cpu()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    cpu_ms = (_cpu() - c0) * 1e3 / steps
+    sums: dict[str, float] = {}
+    calls = 0
+    for ev in prof.key_averages():
+        calls += ev.count
+        label = next((lab for lab, keys in CATEGORIES if any(ev.key.startswith(k) for k in keys)), "other torch ops")
+        sums[label] = sums.get(label, 0.0) + ev.self_cpu_time_total / steps
+    ops = sum(sums.values())
+    print(f"\ntorch.profiler, {steps} decode steps: {cpu_ms:.1f} ms CPU per step (profiler on), "
+          f"{calls / steps:.0f} op calls per step, ops {ops / 1e3:.1f} ms by the clock per step")
+    print("| part | share of torch-op time |\n| --- | ---: |")
+    for label, us in sorted(sums.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {100 * us / ops:.1f} % |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None)
@@ -86,6 +124,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cprofile", type=int, default=25, help="rows of the stubbed-model cProfile to print")
+    p.add_argument("--torch-profile", type=int, default=0, help="decode steps to profile by op category (0: none)")
     args = p.parse_args()
     print(f"load average {os.getloadavg()}")
     t0 = time.perf_counter()
@@ -98,6 +137,8 @@ def main() -> None:
         while any(req.num_computed_tokens < req.num_prompt_tokens for req in engine.scheduler.requests.values()):
             engine.step()
         engine.step()
+        if r == 0 and args.torch_profile:
+            torch_profile(engine, args.torch_profile)
         wall, cpu, ph = run_steps(engine, args.steps)
         print(f"round {r} whole step: wall {wall * 1e3:.1f} ms, cpu {cpu * 1e3:.1f} ms; " +
               ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in ph.items()))
