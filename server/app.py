@@ -216,12 +216,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
 
     async def ready(request: Request) -> Response:
         """Readiness: 200 only when every model can serve, the server is not draining and the
-        shared store is reachable."""
+        shared store is reachable (or `[store] fail_open` admits requests without it)."""
         reasons = [f"model {s['name']} is {s['state']}" for s in model_states()
                    if s["state"] not in ("ready", "unavailable")]
         if drain.draining:
             reasons.append("shutting down")
-        if not getattr(store, "healthy", True):
+        # With fail_open the replica still serves during an outage (without limits), so it stays
+        # ready: otherwise one store outage would take every replica out of the load balancer.
+        if not getattr(store, "healthy", True) and not production.store.fail_open:
             reasons.append("the shared store is unreachable")
         body = {"status": "not ready" if reasons else "ready", "reasons": reasons}
         return JSONResponse(body, status_code=503 if reasons else 200,

@@ -281,6 +281,8 @@ def test_redis_killed_mid_stream_streams_finish_new_requests_degrade(redis_proc,
 
     not_ready = httpx.get(closed.base_url + "/ready", timeout=10)
     assert not_ready.status_code == 503 and "store" in " ".join(not_ready.json()["reasons"])
+    # fail_open still serves during the outage, so it stays in the load balancer
+    assert httpx.get(opened.base_url + "/ready", timeout=10).status_code == 200
     assert closed.metric("conveyor_store_errors_total") >= 1
 
     redis_proc.start()
