@@ -196,3 +196,20 @@ def test_bad_tool_requests_are_400_naming_the_field(server):
         r = httpx.post(server.base_url + "/v1/chat/completions", timeout=60,
                        json={"messages": ASK, "max_tokens": 4, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_auto_parses_what_the_model_writes_streamed_and_not(client):
+    """`"auto"` leaves the model free and parses its text with the template's parser (Hermes for
+    SmolLM2's template). A random model never writes a call by itself, so a regex makes it write
+    one: the server's parsing path is the same either way."""
+    regex = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+             r'"unit": "[cf]"\}\}\n</tool_call>')
+    kwargs = dict(model=_model(client), messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=1.0, seed=2,
+                  extra_body={"structured_outputs": {"regex": regex}})
+    out = client.chat.completions.create(**kwargs)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    _valid_calls(choice.message.tool_calls)
+    content, calls, finish, _ = _collect(client.chat.completions.create(**kwargs, stream=True))
+    assert (content, finish) == ("Checking.", "tool_calls")
+    assert calls == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
