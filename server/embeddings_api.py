@@ -145,6 +145,8 @@ class EmbeddingsAPI:
         model.service.require_ready()
         log.extra["model"] = model.name
         engine = model.engine.engine
+        if getattr(engine, "hf_config", None) is None:  # an engine without a model (a stand-in) cannot pool
+            raise bad_request(f"The model `{model.name}` does not serve embeddings.", "model", code="unsupported")
         if req.dimensions is not None and req.dimensions != engine.hf_config.hidden_size:
             raise bad_request(f"dimensions must be {engine.hf_config.hidden_size} for this model (it cannot "
                               f"shorten its embeddings), got {req.dimensions}", "dimensions", code="unsupported")
