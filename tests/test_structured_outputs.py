@@ -143,3 +143,28 @@ def test_bad_constraints_name_the_field(llm):
         llm.engine.add_request("again", "x", SamplingParams(max_tokens=5, structured_outputs=bad))
     assert e.value.param == "structured_outputs.grammar"
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_grammar_state_follows_the_output_tokens_it_is_given(llm):
+    """The matcher always describes the output it is synced to: it catches up on new tokens,
+    rolls back when the output is shorter, and rewinds to the common prefix when it differs."""
+    from engine.structured_output.grammar_state import GrammarState
+
+    tok = llm.get_tokenizer()
+    future = llm.engine.structured.submit(S(choice=["abcdef", "abxyz"]))
+    state = GrammarState(future)
+
+    def allowed_after(ids):
+        import xgrammar as xgr
+
+        state.sync(ids)
+        mask = xgr.allocate_token_bitmask(1, 49152)
+        state.fill(mask, 0)
+        return {i for i in range(49152) if (mask[0, i // 32] >> (i % 32)) & 1}
+
+    a, b = tok.encode("ab", add_special_tokens=False), tok.encode("abc", add_special_tokens=False)
+    fresh = allowed_after([])
+    after_ab = allowed_after(a)
+    assert allowed_after(b) != after_ab  # moved on
+    assert allowed_after(a) == after_ab  # rolled back
+    assert allowed_after([]) == fresh and not state.broken
