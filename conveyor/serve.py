@@ -37,6 +37,14 @@ def _start_engines(args: argparse.Namespace, production) -> list[Loading]:
     from engine.async_engine import AsyncEngine
     from engine.models.loader import resolve_model
 
+    # Import the engine and resolve transformers' lazy names here, once: engines built on
+    # several threads at once raced in transformers' lazy module.
+    import transformers
+
+    import engine.llm_engine  # noqa: F401
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        getattr(transformers, name)
     if not production.models:
         try:
             resolve_model(args.model)

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+# Imported here, once, under the import lock: engines built on several threads at once (one per
+# served model) raced in transformers' lazy module ("cannot import name 'AutoConfig'").
+from transformers import AutoConfig, AutoTokenizer
 
 from engine.kernels.backend import get_attention_backend
 from engine.models.base import CausalLM
@@ -110,8 +113,6 @@ def _via_cache(kind: str, gguf_path: str, load_cached, convert):
 def load_hf_config(src: ModelSource):
     """The transformers config (for GGUF sources converted from the file's metadata once, then
     read from `gguf_cache_dir`)."""
-    from transformers import AutoConfig
-
     if not src.is_gguf:
         return AutoConfig.from_pretrained(src.path)
     return _via_cache("config", os.path.join(src.path, src.gguf_file), AutoConfig.from_pretrained,
@@ -121,8 +122,6 @@ def load_hf_config(src: ModelSource):
 def load_tokenizer(src: ModelSource, tokenizer: str | None = None):
     """The fast tokenizer (with chat template) of `src`, or of `tokenizer` (a directory or .gguf
     file) when given. Tokenizers of GGUF files are converted once and cached like the config."""
-    from transformers import AutoTokenizer
-
     if tokenizer is not None:
         if not os.path.exists(tokenizer):
             raise ValueError(f"tokenizer {tokenizer!r} does not exist")
