@@ -150,3 +150,24 @@ def test_engine_does_not_import_server_or_the_cli():
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_example_config_starts_a_working_server():
+    """docs/conveyor.example.toml as shipped: every model loads, its example keys work."""
+    served = Served("--config", os.path.join(ROOT, "docs", "conveyor.example.toml"))
+    try:
+        ready = served.wait_for("ready: ", timeout=300)
+        assert "model smollm2-135m, " in ready and "model smollm2-135m-long, " in ready
+        assert "unavailable" not in ready and "Traceback" not in served.output
+        r = httpx.post(served.base + "/v1/chat/completions", timeout=120,
+                       headers={"Authorization": "Bearer sk-acme-example"},
+                       json={"model": "auto", "max_tokens": 8, "temperature": 0,
+                             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert r.status_code == 200, r.text
+        assert httpx.post(served.base + "/v1/completions", timeout=60,
+                          headers={"Authorization": "Bearer sk-free-example"},
+                          json={"model": "smollm2-135m", "prompt": "Hi", "max_tokens": 2}).status_code == 200
+        usage = httpx.get(served.base + "/v1/usage", timeout=30, headers={"Authorization": "Bearer sk-ops-example"})
+        assert usage.status_code == 200 and usage.json()["data"], usage.text
+    finally:
+        served.stop()
