@@ -228,7 +228,7 @@ class LLMEngine:
         if sched.is_empty:
             return results
         t0 = time.time()
-        self.outputs.mark_scheduled((s.request_id for s in sched.scheduled), t0)
+        self.outputs.mark_scheduled(sched.scheduled, t0)
         try:
             p1 = time.perf_counter()
             sampled = self.runner.execute(sched)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, PrefixView, RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from engine.scheduler.output import ScheduledRequest
 
 FinishFn = Callable[[Request, RequestStatus], None]
 
@@ -81,11 +85,18 @@ class OutputProcessor:
                 groups.setdefault(entry[0].request_id, entry[0])
         return list(groups.values())
 
-    def mark_scheduled(self, request_ids: Iterable[str], now: float) -> None:
-        for rid in request_ids:
-            metrics = self._seq_of[rid][0].metrics
+    def mark_scheduled(self, scheduled: Iterable[ScheduledRequest], now: float) -> None:
+        """Records when each group was first scheduled and, until its first token, each prompt
+        chunk it fed (once per group and step, from its first sequence)."""
+        seen: set[str] = set()
+        for s in scheduled:
+            group = self._seq_of[s.request_id][0]
+            metrics = group.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
+            if metrics.first_token_time is None and group.request_id not in seen:
+                seen.add(group.request_id)
+                metrics.prefill_chunks.append((now, s.num_new_tokens))
 
     def process(self, requests: list[Request], now: float, finish: FinishFn, into: list[RequestOutput]) -> None:
         """Handles the token each of ``requests`` just got: detokenizes it, applies stop

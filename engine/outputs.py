@@ -76,6 +76,9 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # (time, tokens) of each step that fed the prompt before the first token: one entry per
+    # chunk under chunked prefill (tracing shows them as events)
+    prefill_chunks: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def queue_time(self) -> float | None:

@@ -178,14 +178,18 @@ class RequestTrace:
         end = m.finished_time or now
         scheduled, first = m.first_scheduled_time, m.first_token_time
 
-        def child(name: str, start: float, stop: float, **attrs: Any) -> None:
+        def child(name: str, start: float, stop: float, events: list = (), **attrs: Any) -> None:
             s = self.tracing.child(self.span, name, _ns(start))
             s.set_attributes(attrs)
+            for event, at, event_attrs in events:
+                s.add_event(event, event_attrs, timestamp=_ns(at))
             s.end(end_time=_ns(max(start, stop)))
 
         child("queue", m.arrival_time, scheduled or end)
         if scheduled is not None:
-            child("prefill", scheduled, first or end, **{
+            # one event per prompt chunk: several under chunked prefill
+            chunks = [("prefill_chunk", at, {"conveyor.chunk_tokens": n}) for at, n in m.prefill_chunks]
+            child("prefill", scheduled, first or end, events=chunks, **{
                 "conveyor.prefill_tokens": max(0, len(out.prompt_token_ids) - out.num_cached_tokens),
                 "conveyor.cached_tokens": out.num_cached_tokens})
         if first is not None:

@@ -255,3 +255,17 @@ def test_failure_while_building_outputs_keeps_outputs_already_made(checkpoints):
     assert outs["breaks"].finished and outs["breaks"].outputs[0].finish_reason == "error"
     assert not engine.has_unfinished_requests() and engine.kv.num_free_blocks == 64
     engine.check_integrity()
+
+
+def test_prefill_chunks_are_recorded_per_request(checkpoints):
+    """Under chunked prefill each step that feeds a prompt is one entry of the request's
+    metrics (tracing shows them as events); the entries add up to the prompt."""
+    llm = LLM(checkpoints["llama"], dtype="float32", num_blocks=64, max_num_batched_tokens=16,
+              attention_backend="torch", enable_prefix_caching=False)
+    prompts = random_prompts()[5:7]  # 48 and 70 tokens
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        chunks = out.metrics.prefill_chunks
+        assert len(chunks) >= len(prompt) // 16 and sum(n for _, n in chunks) == len(prompt)
+        assert [t for t, _ in chunks] == sorted(t for t, _ in chunks)
+        assert out.metrics.first_token_time >= chunks[-1][0]

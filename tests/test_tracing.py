@@ -126,6 +126,8 @@ def test_streamed_request_span_continues_the_callers_trace_and_logs_one_summary(
     by_name = {c.name: c for c in children}
     assert by_name["queue"].end_time <= by_name["prefill"].start_time + 1000  # in order (ns)
     assert by_name["prefill"].end_time <= by_name["decode"].start_time + 1000
+    chunks = [e for e in by_name["prefill"].events if e.name == "prefill_chunk"]
+    assert chunks and sum(e.attributes["conveyor.chunk_tokens"] for e in chunks) == a["gen_ai.usage.input_tokens"]
     assert root.start_time <= by_name["queue"].start_time and by_name["settle"].end_time <= root.end_time
     assert any(e.name == "first_token" for e in root.events)
     summary = summary_line(json_out, "trace-stream-1")
