@@ -22,6 +22,7 @@ from server.recorded import RecordedResponse
 from server.routing import Router, complexity
 from server.store import MemoryStore, StoreUnavailable
 from server.usage import UsageLog, UsageRecord
+from tests.test_prod_harness import FlakyStore
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "conveyor.example.toml"
 
@@ -192,28 +193,6 @@ def test_idempotency_join_in_flight_waits_for_the_first():
 
 
 # ---- outages: leases, settlement, fail open/closed, key hints ----------------------------
-class FlakyStore:
-    """A MemoryStore that raises StoreUnavailable from every call while `down`."""
-
-    def __init__(self) -> None:
-        self.inner = MemoryStore()
-        self.observer = self.inner.observer
-        self.down = False
-
-    @property
-    def healthy(self) -> bool:
-        return not self.down
-
-    def __getattr__(self, name):
-        method = getattr(self.inner, name)
-
-        async def call(*args, **kwargs):
-            if self.down:
-                raise StoreUnavailable(name)
-            return await method(*args, **kwargs)
-        return call
-
-
 def test_concurrency_leases_lapse_after_a_crash_and_never_go_negative():
     async def run() -> None:
         store = MemoryStore()
