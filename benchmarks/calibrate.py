@@ -157,16 +157,23 @@ def host_info(engine=None) -> dict:
 
 
 def reference_matmul_s(n: int = 384, repeats: int = 7) -> float:
-    """Median seconds of one n x n float32 matmul: the machine's speed right now."""
+    """Median seconds of one n x n float32 matmul on one thread: the machine's speed right now.
+    One thread always, because the engine changes torch's thread count between the before and
+    after measurements (a 2-thread "before" against a 1-thread "after" read as +94 % drift)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        times.append((time.perf_counter() - t0) / 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            times.append((time.perf_counter() - t0) / 4)
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(times))
 
 
