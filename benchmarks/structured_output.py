@@ -1,6 +1,7 @@
 """Structured-output cost: decode throughput of a batch where half the requests carry a JSON
 schema vs the same batch unconstrained, and the time to first token of a request whose schema
-was never seen (compiled on the worker thread while it waits) vs a cached schema vs none.
+was never seen (compiled on the worker thread while it waits) vs a cached schema vs none, and
+the TTFT of an unconstrained request sent beside a cold vs a cached schema.
 
     python -m benchmarks.structured_output              # default model, float32, 16 x 64 tokens
     python -m benchmarks.structured_output --requests 8 --max-tokens 32 --rounds 1
@@ -52,6 +53,16 @@ def ttft(llm: LLM, schema: dict | None) -> float:
     return out.metrics.first_token_time - out.metrics.arrival_time
 
 
+def neighbour_ttft(llm: LLM, schema: dict) -> float:
+    """TTFT of an unconstrained request submitted in the same call as one carrying `schema`:
+    with a cold schema, what the compilation costs everyone else."""
+    spec = StructuredOutputsParams(json=schema)
+    outs = llm.generate(["Say something.", "Describe a person as JSON."],
+                        [SamplingParams(max_tokens=1, temperature=0),
+                         SamplingParams(max_tokens=1, temperature=0, structured_outputs=spec)], use_tqdm=False)
+    return outs[0].metrics.first_token_time - outs[0].metrics.arrival_time
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
@@ -69,7 +80,7 @@ def main() -> None:
     for _ in range(0 if args.skip_throughput else args.rounds):
         free.append(throughput(llm, args.requests, args.max_tokens, False))
         mixed.append(throughput(llm, args.requests, args.max_tokens, True))
-    cold, cached, plain, compile_s = [], [], [], []
+    cold, cached, plain, compile_s, beside_cold, beside_cached = [], [], [], [], [], []
     for _ in range(args.ttft_samples):
         start = time.perf_counter()  # the compilation alone, on the worker thread
         llm.engine.structured.submit(StructuredOutputsParams(json=_cold_schema())).result()
@@ -78,6 +89,9 @@ def main() -> None:
         cold.append(ttft(llm, schema))
         cached.append(ttft(llm, schema))
         plain.append(ttft(llm, None))
+        schema = _cold_schema()
+        beside_cold.append(neighbour_ttft(llm, schema))
+        beside_cached.append(neighbour_ttft(llm, schema))
     result: dict = {"requests": args.requests, "max_tokens": args.max_tokens, "dtype": args.dtype}
     if free:
         f, m = statistics.median(free), statistics.median(mixed)
@@ -88,6 +102,9 @@ def main() -> None:
         "ttft_cached_schema_ms": round(statistics.median(cached) * 1e3, 1),
         "ttft_cold_schema_ms": round(statistics.median(cold) * 1e3, 1),
         "cold_minus_cached_ms": round((statistics.median(cold) - statistics.median(cached)) * 1e3, 1),
+        # an unconstrained request's TTFT beside a cold vs a cached schema: the cold compile's cost to others
+        "neighbour_ttft_beside_cold_ms": round(statistics.median(beside_cold) * 1e3, 1),
+        "neighbour_ttft_beside_cached_ms": round(statistics.median(beside_cached) * 1e3, 1),
     })
     print(json.dumps(result, indent=2))
 
