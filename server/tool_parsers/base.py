@@ -75,6 +75,14 @@ def finish(text: str, content: str, calls: list[ToolCall], final: bool, ok: bool
     return ParsedOutput(content, calls)
 
 
+def before_marker(text: str, marker: str, final: bool) -> ParsedOutput:
+    """The parse of text with no `marker` yet: all of it is content, except (while streaming) a
+    suffix that may still become the marker, which is held back until it is known."""
+    if final:
+        return ParsedOutput(text)
+    return ParsedOutput(text[:len(text) - held_back(text, marker)].rstrip())
+
+
 def held_back(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker` (text that
     may turn out to be the start of a tool call, so it is not streamed as content yet)."""

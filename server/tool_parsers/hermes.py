@@ -2,7 +2,7 @@
 per call; text before the first block is content, text between or after blocks is ignored."""
 from __future__ import annotations
 
-from server.tool_parsers.base import ParsedOutput, call_from_object, finish, held_back
+from server.tool_parsers.base import ParsedOutput, before_marker, call_from_object, finish
 from server.tool_parsers.json_scan import skip_ws
 
 START, END = "<tool_call>", "</tool_call>"
@@ -14,9 +14,7 @@ class HermesToolParser:
     def parse(self, text: str, final: bool) -> ParsedOutput:
         first = text.find(START)
         if first < 0:
-            if final:
-                return ParsedOutput(text)
-            return ParsedOutput(text[:len(text) - held_back(text, START)].rstrip())
+            return before_marker(text, START, final)
         calls, i = [], first
         while i >= 0:
             call, obj = call_from_object(text, skip_ws(text, i + len(START)))

@@ -2,7 +2,7 @@
 the marker is accepted too); text before the marker is content."""
 from __future__ import annotations
 
-from server.tool_parsers.base import ParsedOutput, finish, held_back, scan_sequence
+from server.tool_parsers.base import ParsedOutput, before_marker, finish, scan_sequence
 from server.tool_parsers.json_scan import skip_ws
 
 START = "[TOOL_CALLS]"
@@ -14,9 +14,7 @@ class MistralToolParser:
     def parse(self, text: str, final: bool) -> ParsedOutput:
         first = text.find(START)
         if first < 0:
-            if final:
-                return ParsedOutput(text)
-            return ParsedOutput(text[:len(text) - held_back(text, START)].rstrip())
+            return before_marker(text, START, final)
         i = skip_ws(text, first + len(START))
         if i < len(text) and text[i] == "[":
             calls, ok, _ = scan_sequence(text, i + 1, ",", "]")
