@@ -43,7 +43,8 @@ setup(
                  "jsonschema",  # tests/test_openapi_doc.py checks requests against the document
                  "kubernetes-validate==1.37.0",  # tests/test_deploy_manifests.py (pinned: bundles the k8s schemas)
                  "opentelemetry-api>=1.27", "opentelemetry-sdk>=1.27",  # tests/test_tracing.py
-                 "nvidia-ml-py"],  # server/gpu_metrics.py's NVML path is imported (no GPU needed)
+                 "nvidia-ml-py",  # server/gpu_metrics.py's NVML path is imported (no GPU needed)
+                 "peft>=0.17"],  # tests/test_lora.py: the reference for LoRA adapters
         "bench": ["matplotlib", "httpx", "psutil"],
         # OpenTelemetry tracing (--otlp-traces-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT)
         "otel": ["opentelemetry-api>=1.27", "opentelemetry-sdk>=1.27", "opentelemetry-exporter-otlp-proto-http>=1.27"],
