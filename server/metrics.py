@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.outputs import EngineStats, RequestOutput
+from engine.progress import ProgressSnapshot
 from server.gpu_metrics import GpuCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,6 +41,7 @@ class ModelMetrics:
     name: Callable[[], str]
     get_stats: Callable[[], EngineStats]
     prefix_caching: bool
+    progress: Callable[[], ProgressSnapshot] | None = None  # the engine's step-loop progress
     _window: collections.deque = field(default_factory=collections.deque)
     _steps_seen: int = 0  # the engine's step count at the last observed step
 
@@ -138,6 +140,17 @@ class _EngineCollector:
         yield gauge("conveyor_generation_tokens_per_second",
                     f"Generated tokens per second over the last {_TOKENS_PER_SECOND_WINDOW:g}s.",
                     lambda m, s: m.tokens_per_second())
+        progress = [(model, m.progress()) for m, model, _ in snapshots if m.progress is not None]
+        age = GaugeMetricFamily("conveyor_engine_last_step_age_seconds",
+                                "Seconds since the engine last completed a step (or started).", labels=["model_name"])
+        stall = GaugeMetricFamily("conveyor_engine_stall_seconds", "Seconds work has been pending with no "
+                                  "engine step completing (0 when idle); /health answers 503 above "
+                                  "--health-stall-seconds.", labels=["model_name"])
+        for model, p in progress:
+            age.add_metric([model], p.last_step_age)
+            stall.add_metric([model], p.stall_seconds)
+        yield age
+        yield stall
 
 
 class ServerMetrics:
@@ -178,9 +191,10 @@ class ServerMetrics:
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
 
     def for_model(self, name: Callable[[], str], get_stats: Callable[[], EngineStats],
-                  prefix_caching: bool = True) -> ModelMetrics:
+                  prefix_caching: bool = True,
+                  progress: Callable[[], ProgressSnapshot] | None = None) -> ModelMetrics:
         """The metrics of one more served model; its engine series appear at the next scrape."""
-        model = ModelMetrics(self, name, get_stats, prefix_caching)
+        model = ModelMetrics(self, name, get_stats, prefix_caching, progress)
         self._models.append(model)
         return model
 

@@ -20,12 +20,19 @@ class ServerSettings:
     log_prompts: bool = False  # summary log lines carry prompt and output text (off: never logged)
     trace_file: str | None = None  # append one JSON line per finished request (server/trace_file.py)
     tool_call_parser: str | None = None  # server/tool_parsers/ name; None: chosen from the chat template
+    # /health answers 503 when work has been pending this long with no engine step completing
+    # (0: never). 60 s is many times the slowest healthy step of the default model on CPU (a
+    # full 2048-token prefill chunk) and ages on a GPU; docs/server.md says when to raise it.
+    health_stall_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if not self.health_stall_seconds >= 0:
+            raise ValueError(f"health_stall_seconds must be >= 0 seconds (0 disables the check), "
+                             f"got {self.health_stall_seconds}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         for name in ("max_waiting_requests", "max_body_bytes", "retry_after_seconds"):
