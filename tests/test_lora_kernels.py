@@ -39,6 +39,8 @@ CASES = {
     "one_slot_all": Case((3,) * 5, 64, 32, (0, 0, 0, 16)),
     "all_base": Case((-1,) * 4, 16, 16, (8, 8)),
     "empty_slot_used": Case((0, 1, 1), 16, 20, (0, 4)),  # slot 0 empty: scaling 0, zero weights
+    # > 256 tokens (the 64-row tiles) and rank > 64 (several rank tiles), in a repeating pattern
+    "many_tokens_big_rank": Case((0, 0, 1, -1, 1, 0, 1) * 43, 24, 20, (80, 3), fused_offset=5),
 }
 
 
@@ -127,3 +129,59 @@ def test_bad_shapes_name_the_argument():
         lora_ops.add_lora(y_full, x, a, b, slots[:-1], scaling)
     with pytest.raises(ValueError, match="scaling"):
         lora_ops.add_lora(y_full, x, a, b, slots, scaling[:1])
+
+
+TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+
+
+@pytest.fixture
+def triton_lora():
+    """The Triton module; only its own tests skip when Triton is not installed."""
+    return pytest.importorskip("engine.kernels.triton_lora", reason="Triton is not installed")
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_triton_add_lora_matches_reference_and_torch_path(triton_lora, name, dtype):
+    case = CASES[name]
+    check(case, triton_lora.add_lora, dtype)
+    # and the torch path on the same inputs and device (it runs anywhere)
+    y_full, x, a, b, slots, scaling = make_inputs(case, dtype)
+    y_torch = y_full.clone()
+    triton_lora.add_lora(y_view(case, y_full), x, a, b, slots, scaling)
+    lora_ops.add_lora_torch(y_view(case, y_torch), x, a, b, slots, scaling)
+    assert_close(y_full, y_torch.double(), dtype)
+
+
+def test_triton_shrink_and_expand_separately(triton_lora):
+    case = CASES["interleaved_odd"]
+    y_full, x, a, b, slots, scaling = make_inputs(case)
+    v = triton_lora.lora_shrink(x, a, slots)
+    expected_v = torch.zeros(v.shape, dtype=torch.float64)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected_v[t] = a[s].double() @ x[t].double()
+    assert v.dtype == torch.float32 and v.shape == (len(case.slots), a.shape[1])
+    assert_close(v.cpu(), expected_v, torch.float32)  # slot -1 rows are exactly zero
+    assert torch.equal(v[slots < 0], torch.zeros_like(v[slots < 0]))
+    expected = naive_reference(y_view(case, y_full), x, a, b, slots, scaling)
+    triton_lora.lora_expand(y_view(case, y_full), v, b, slots, scaling)
+    assert_close(y_view(case, y_full).cpu(), expected.cpu(), torch.float32)
+
+
+def test_segments_group_tokens_by_slot_without_slot_minus_one(triton_lora):
+    seg = triton_lora.make_segments(torch.tensor([2, -1, 0, 2, 0, -1, 2], device=DEVICE), 4)
+    assert seg.seg_len.tolist() == [2, 0, 3, 0]
+    starts, order = seg.seg_start.tolist(), seg.order.tolist()
+    assert order[starts[0]:starts[0] + 2] == [2, 4] and order[starts[2]:starts[2] + 3] == [0, 3, 6]
+
+
+def test_lora_ops_shrink_expand_public_functions():
+    """lora_ops.lora_shrink / lora_expand (torch path on CPU) compose to add_lora."""
+    case = CASES["decode_mixed"]
+    y_full, x, a, b, slots, scaling = make_inputs(case, device="cpu")
+    expected = naive_reference(y_full, x, a, b, slots, scaling)
+    v = lora_ops.lora_shrink(x, a, slots)
+    assert torch.equal(v[slots < 0], torch.zeros_like(v[slots < 0]))
+    lora_ops.lora_expand(y_full, v, b, slots, scaling)
+    assert_close(y_full, expected, torch.float32)
