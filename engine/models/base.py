@@ -15,6 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.kernels.ops import rms_norm
 from engine.models.spec import KVCacheSpec
+from engine.models.tensor_parallel import materialize
 
 # (our parameter name, first row it fills or None for the whole tensor, tensor to copy)
 MappedWeight = tuple[str, "int | None", torch.Tensor]
@@ -76,6 +77,7 @@ class CausalLM(nn.Module):
                 if target not in params:
                     raise ValueError(f"checkpoint weight {hf_name!r} maps to unknown parameter {target!r}")
                 param = params[target]
+                value = materialize(value)  # a lazily-read safetensors slice (tensor parallel)
                 dst = param.data if row is None else param.data.narrow(0, row, value.shape[0])
                 if dst.shape != value.shape:
                     raise ValueError(

@@ -2,6 +2,10 @@
 
 HF stores GPT-2's projections as `Conv1D` with weights shaped [in, out] (transposed compared
 with nn.Linear); they are transposed once at load time.
+
+Tensor parallelism (`TPContext`, size > 1): c_attn and mlp.c_fc are column-parallel (each rank
+its share of the heads and of the inner features), both c_proj row-parallel (their bias added
+once after the all-reduce); token and position embeddings and the LM head are replicated.
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.kernels.backend import AttentionBackend
 from engine.models.base import CausalLM, MappedWeight
+from engine.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from engine.models.spec import KVCacheSpec
+from engine.models.tensor_parallel import Shard, TPContext, head_shards, split, take
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -26,13 +32,15 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, scale: float, backend: AttentionBackend):
+    def __init__(self, hidden: int, num_heads: int, scale: float, backend: AttentionBackend, tp: TPContext):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden // num_heads
+        self.head_dim = hidden // num_heads
+        heads, _ = head_shards(num_heads, num_heads, self.head_dim, tp)
+        self.num_heads = heads.size // self.head_dim  # this rank's
         self.scale = scale
         self.backend = backend
-        self.c_attn = nn.Linear(hidden, 3 * hidden)
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.c_attn = ColumnParallelLinear(hidden, [heads] * 3, bias=True)
+        self.c_proj = RowParallelLinear(heads, hidden, bias=True, tp=tp)
 
     def forward(self, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.c_attn(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
@@ -41,10 +49,11 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int, activation: str):
+    def __init__(self, hidden: int, inner: int, activation: str, tp: TPContext):
         super().__init__()
-        self.c_fc = nn.Linear(hidden, inner)
-        self.c_proj = nn.Linear(inner, hidden)
+        shard = split(inner, tp, "n_inner")
+        self.c_fc = ColumnParallelLinear(hidden, [shard], bias=True)
+        self.c_proj = RowParallelLinear(shard, hidden, bias=True, tp=tp)
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +61,7 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int, backend: AttentionBackend):
+    def __init__(self, config, layer_idx: int, backend: AttentionBackend, tp: TPContext):
         super().__init__()
         hidden, heads = config.n_embd, config.n_head
         scale = (hidden // heads) ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
@@ -60,9 +69,9 @@ class GPT2Block(nn.Module):
             scale /= layer_idx + 1
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(hidden, eps=eps)
-        self.attn = GPT2Attention(hidden, heads, scale, backend)
+        self.attn = GPT2Attention(hidden, heads, scale, backend, tp)
         self.ln_2 = nn.LayerNorm(hidden, eps=eps)
-        self.mlp = GPT2MLP(hidden, config.n_inner or 4 * hidden, config.activation_function)
+        self.mlp = GPT2MLP(hidden, config.n_inner or 4 * hidden, config.activation_function, tp)
 
     def forward(self, x, kv_cache, meta):
         x = x + self.attn(self.ln_1(x), kv_cache, meta)
@@ -70,18 +79,19 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Transformer(nn.Module):
-    def __init__(self, config, backend: AttentionBackend):
+    def __init__(self, config, backend: AttentionBackend, tp: TPContext):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(GPT2Block(config, i, backend) for i in range(config.n_layer))
+        self.h = nn.ModuleList(GPT2Block(config, i, backend, tp) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 with the output projection tied to the token embedding unless the config says not."""
 
-    def __init__(self, config, backend: AttentionBackend, device: torch.device | str):
+    def __init__(self, config, backend: AttentionBackend, device: torch.device | str,
+                 tp: TPContext = TPContext()):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
@@ -91,8 +101,8 @@ class GPT2LMHeadModel(CausalLM):
             )
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
         self.max_model_len = int(config.n_positions)
-        self.kv_spec = KVCacheSpec(config.n_layer, config.n_head, config.n_embd // config.n_head)
-        self.transformer = GPT2Transformer(config, backend)
+        self.transformer = GPT2Transformer(config, backend, tp)
+        self.kv_spec = KVCacheSpec(config.n_layer, self.transformer.h[0].attn.num_heads, config.n_embd // config.n_head)
         if not self.tied:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
@@ -115,6 +125,21 @@ class GPT2LMHeadModel(CausalLM):
         module, _, kind = name.rpartition(".")
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
             return []
-        if kind == "weight" and module.endswith(_CONV1D):
-            tensor = tensor.t()
+        if module.endswith(_CONV1D):
+            layer = self.get_submodule(module)
+            if isinstance(layer, ColumnParallelLinear):
+                return self._column_blocks(name, kind, tensor, layer)
+            return [(name, None, layer.shard(kind, tensor, transposed=True))]
         return [(name, None, tensor)]
+
+    @staticmethod
+    def _column_blocks(name: str, kind: str, tensor, layer: ColumnParallelLinear) -> list[MappedWeight]:
+        """This rank's rows of each block of a fused Conv1D (c_attn: q, k, v side by side in
+        the checkpoint's output columns), read straight from the fused tensor."""
+        out, row = [], 0
+        for i, b in enumerate(layer.blocks):
+            fused = Shard(i * b.full + b.start, b.size, len(layer.blocks) * b.full)
+            part = take(tensor, 1 if kind == "weight" else 0, fused)
+            out.append((name, row, part.t() if kind == "weight" else part))
+            row += b.size
+        return out

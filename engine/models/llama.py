@@ -5,6 +5,12 @@ before rope, an explicit `head_dim`, tied embeddings and rope scaling (see `rota
 
 q/k/v are one Linear and gate/up are one Linear (fused at load time), so a layer runs four
 matmuls. Attention goes only through the paged KV cache via the attention backend.
+
+Tensor parallelism (`TPContext`, size > 1): q/k/v and gate/up are column-parallel, o and down
+row-parallel (one all-reduce each per layer); each rank runs its share of the query heads and
+the KV heads they read (KV heads replicated when there are fewer than ranks), and its KV cache
+holds only those. Qwen3's per-head q/k norms apply per head, so they work unchanged on a shard.
+The embedding and the LM head are replicated on every rank (docs/scaling.md says why).
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from engine.attention_metadata import AttentionMetadata
 from engine.kernels.backend import AttentionBackend
 from engine.kernels.ops import apply_rotary, silu_and_mul
 from engine.models.base import CausalLM, MappedWeight, RMSNorm
+from engine.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from engine.models.tensor_parallel import TPContext, head_shards, split
 from engine.models.rotary import RotaryTables, rope_config_from_hf
 from engine.models.spec import KVCacheSpec
 
@@ -65,13 +73,16 @@ class LlamaDims:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend, tp: TPContext):
         super().__init__()
         self.d = d
         self.backend = backend
         self.scale = d.head_dim**-0.5
-        self.qkv_proj = nn.Linear(d.hidden_size, d.q_size + 2 * d.kv_size, bias=d.qkv_bias)
-        self.o_proj = nn.Linear(d.q_size, d.hidden_size, bias=d.o_bias)
+        q, kv = head_shards(d.num_heads, d.num_kv_heads, d.head_dim, tp)
+        self.q_size, self.kv_size = q.size, kv.size  # this rank's
+        self.num_heads, self.num_kv_heads = q.size // d.head_dim, kv.size // d.head_dim
+        self.qkv_proj = ColumnParallelLinear(d.hidden_size, [q, kv, kv], bias=d.qkv_bias)
+        self.o_proj = RowParallelLinear(q, d.hidden_size, bias=d.o_bias, tp=tp)
         if d.qk_norm:
             self.q_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
             self.k_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
@@ -79,35 +90,36 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         d = self.d
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([d.q_size, d.kv_size, d.kv_size], dim=-1)
-        q = q.view(-1, d.num_heads, d.head_dim)
-        k = k.view(-1, d.num_kv_heads, d.head_dim)
-        v = v.view(-1, d.num_kv_heads, d.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, d.head_dim)
+        k = k.view(-1, self.num_kv_heads, d.head_dim)
+        v = v.view(-1, self.num_kv_heads, d.head_dim)
         if d.qk_norm:
             q = self.q_norm(q.reshape(-1, d.head_dim))[0].view(q.shape)
             k = self.k_norm(k.reshape(-1, d.head_dim))[0].view(k.shape)
         apply_rotary(q, k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, d.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, d: LlamaDims):
+    def __init__(self, d: LlamaDims, tp: TPContext):
         super().__init__()
-        self.gate_up_proj = nn.Linear(d.hidden_size, 2 * d.intermediate_size, bias=d.mlp_bias)
-        self.down_proj = nn.Linear(d.intermediate_size, d.hidden_size, bias=d.mlp_bias)
+        inner = split(d.intermediate_size, tp, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(d.hidden_size, [inner, inner], bias=d.mlp_bias)
+        self.down_proj = RowParallelLinear(inner, d.hidden_size, bias=d.mlp_bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend, tp: TPContext):
         super().__init__()
         self.input_layernorm = RMSNorm(d.hidden_size, d.rms_norm_eps)
-        self.self_attn = LlamaAttention(d, backend)
+        self.self_attn = LlamaAttention(d, backend, tp)
         self.post_attention_layernorm = RMSNorm(d.hidden_size, d.rms_norm_eps)
-        self.mlp = LlamaMLP(d)
+        self.mlp = LlamaMLP(d, tp)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         # The residual stream is carried separately so each norm can fuse the residual add.
@@ -118,10 +130,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, d: LlamaDims, backend: AttentionBackend):
+    def __init__(self, d: LlamaDims, backend: AttentionBackend, tp: TPContext):
         super().__init__()
         self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(d, backend) for _ in range(d.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(d, backend, tp) for _ in range(d.num_layers))
         self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
 
 
@@ -133,7 +145,8 @@ class LlamaForCausalLM(CausalLM):
         bias = bool(getattr(config, "attention_bias", False))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=False)
 
-    def __init__(self, config, backend: AttentionBackend, device: torch.device | str):
+    def __init__(self, config, backend: AttentionBackend, device: torch.device | str,
+                 tp: TPContext = TPContext()):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act must be 'silu' for {type(self).__name__}, got {config.hidden_act!r}")
@@ -152,8 +165,8 @@ class LlamaForCausalLM(CausalLM):
         )
         self.dims = d
         self.max_model_len = self.context_limit(config)
-        self.kv_spec = KVCacheSpec(d.num_layers, d.num_kv_heads, d.head_dim)
-        self.model = LlamaModel(d, backend)
+        self.model = LlamaModel(d, backend, tp)
+        self.kv_spec = KVCacheSpec(d.num_layers, self.model.layers[0].self_attn.num_kv_heads, d.head_dim)
         if not d.tie_word_embeddings:
             self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
         rc = rope_config_from_hf(config, d.head_dim, config.max_position_embeddings)
@@ -182,12 +195,13 @@ class LlamaForCausalLM(CausalLM):
             return []
         module, _, kind = name.rpartition(".")
         prefix, _, proj = module.rpartition(".")
+        if proj in ("o_proj", "down_proj"):
+            return [(name, None, self.get_submodule(module).shard(kind, tensor))]
         if proj not in _FUSED:
             return [(name, None, tensor)]
         fused, index = _FUSED[proj]
-        d = self.dims
-        sizes = [d.q_size, d.kv_size, d.kv_size] if fused == "qkv_proj" else [d.intermediate_size] * 2
-        return [(f"{prefix}.{fused}.{kind}", sum(sizes[:index]), tensor)]
+        row, value = self.get_submodule(f"{prefix}.{fused}").shard(kind, tensor, index)
+        return [(f"{prefix}.{fused}.{kind}", row, value)]
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -20,6 +20,7 @@ from engine.kernels.backend import get_attention_backend
 from engine.models.base import CausalLM
 from engine.models.default_model import default_gguf_path
 from engine.models.registry import model_class
+from engine.models.tensor_parallel import TPContext
 from engine.models.gguf_weights import iter_gguf
 from engine.models.weights import iter_safetensors
 from engine.startup import choose_cpu_dtype
@@ -170,10 +171,13 @@ def load_model(
     attention_backend: str = "auto",
     load_format: str = "auto",
     seed: int = 0,
+    tp: TPContext = TPContext(),
 ) -> CausalLM:
     """Builds the model for `hf_config`'s architecture on `device` in `dtype`, in eval mode with
     gradients off. load_format "dummy" fills deterministic random weights (from `seed`) and
-    reads no weight files."""
+    reads no weight files. With a tensor-parallel `tp` of size > 1 the model is this rank's
+    shard: safetensors are opened lazily and only the rank's rows/columns of each sharded matrix
+    are read (a GGUF tensor is dequantized whole, one tensor at a time, then sliced)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -189,14 +193,14 @@ def load_model(
     logger.info("loading weights: %s %s from %s (%s, %s)", cls.__name__, what, src.path,
                 str(dtype).removeprefix("torch."), device)
     with torch.device("meta"):
-        model = cls(hf_config, backend, device)
+        model = cls(hf_config, backend, device, tp=tp) if tp.size > 1 else cls(hf_config, backend, device)
     model = model.to(dtype=dtype).to_empty(device=device)
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif src.is_gguf:
         model.load_weights(iter_gguf(os.path.join(src.path, src.gguf_file), hf_config, dtype))
     else:
-        model.load_weights(iter_safetensors(src.path))
+        model.load_weights(iter_safetensors(src.path, lazy=tp.size > 1))
     model.eval()
     model.requires_grad_(False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -35,10 +35,13 @@ def safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(directory: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor; with `lazy`, (name, safetensors slice) instead, valid
+    until the next item: indexing it reads only the indexed part (a tensor-parallel rank reads
+    its shard; `engine.models.tensor_parallel.take`)."""
     from safetensors import safe_open
 
     for path in safetensors_files(directory):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
