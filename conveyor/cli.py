@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the OTEL_EXPORTER_OTLP_ENDPOINT variable; unset: no tracing)")
     serve.add_argument("--log-prompts", action="store_true",
                        help="put prompt and output text in the per-request summary log line (off: never logged)")
+    lora = serve.add_argument_group("LoRA adapters", "serve PEFT adapters by name in `model` (docs/lora.md)")
+    lora.add_argument("--enable-lora", action="store_true",
+                      help="serve LoRA adapters (loaded at start or by POST /v1/load_lora_adapter)")
+    lora.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                      help="adapters loaded at start (implies --enable-lora): name=path, or vLLM's JSON "
+                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    lora.add_argument("--max-loras", type=int, default=None, help="most adapters in one batch (default: the engine's)")
+    lora.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank accepted")
+    lora.add_argument("--max-cpu-loras", type=int, default=None, help="most adapters kept in CPU memory")
     serve.add_argument("--trace-file", default=None, metavar="PATH",
                        help="append one JSON line per finished request (arrival, lengths, tenant, priority, "
                             "TTFT, finish; never text) for benchmarks/replay.py and the simulator")

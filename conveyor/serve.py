@@ -3,8 +3,9 @@
 Guarantees: the port opens only after every model has loaded and answered one warm-up request;
 a model that fails to load ends the command with a non-zero exit and the reason, unless the
 config marks it `optional = true`, in which case it is reported unavailable (logs, /health) and
-the others are served; one `ready: ...` line names what is served once the port accepts
-connections."""
+the others are served; LoRA adapters of `--lora-modules` (or the config's `lora` tables) are
+loaded before the port opens, and one that fails to load ends the command the same way; one
+`ready: ...` line names what is served once the port accepts connections."""
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,52 @@ class Loading:
     error: str | None = None
 
 
-def _start_engines(args: argparse.Namespace, production) -> list[Loading]:
+def _lora(args: argparse.Namespace, production):
+    """The single model's LoRA settings: the config's `[lora]` with the flags on top (None:
+    off). With the config's [[models]], LoRA is set per model and the flags are refused."""
+    from server.lora_modules import merge
+
+    flags = dict(enable_lora=args.enable_lora, modules=args.lora_modules, max_loras=args.max_loras,
+                 max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+    if production.models:
+        if any(v not in (None, False) for v in flags.values()):
+            raise ValueError("--enable-lora, --lora-modules and --max-*lora* apply to --model; with the "
+                             "config's [[models]], set LoRA in each model's `lora` table (docs/lora.md)")
+        return None
+    return merge(production.lora, **flags)
+
+
+def _adapters_to_load(production, lora) -> list[tuple[str, str, str | None]]:
+    """(name, path, base model name or None for the default) of every start-up adapter."""
+    if not production.models:
+        return [(a.name, a.path, a.base_model_name) for a in (lora.lora_modules if lora else [])]
+    return [(a.name, a.path, a.base_model_name or m.name) for m in production.models if m.lora is not None
+            for a in m.lora.lora_modules]
+
+
+def _load_adapters(app, adapters: list[tuple[str, str, str | None]], unavailable: dict[str, str]) -> str | None:
+    """Loads the start-up adapters through the server's own LoRAAdmin; the first failure's reason."""
+    from server.errors import APIError
+
+    for name, path, base in adapters:
+        if base in unavailable:
+            logger.warning("LoRA adapter %s is not served: its model %s is unavailable", name, base)
+            continue
+        try:
+            asyncio.run(app.state.lora.load(name, path, base))
+        except APIError as exc:
+            return f"LoRA adapter {name} ({path}): {exc.message}"
+        logger.info("LoRA adapter %s loaded from %s", name, path)
+    return None
+
+
+def _start_engines(args: argparse.Namespace, production, lora=None) -> list[Loading]:
     """Checks every model's path and options (ValueError naming the model, before any loading,
     unless it is optional), then starts one AsyncEngine per model: each loads on its own thread,
     concurrently."""
     from engine.async_engine import AsyncEngine
     from engine.models.loader import resolve_model
+    from server.lora_modules import engine_overrides
 
     # Import the engine and resolve transformers' lazy names here, once: engines built on
     # several threads at once raced in transformers' lazy module.
@@ -52,13 +93,13 @@ def _start_engines(args: argparse.Namespace, production) -> list[Loading]:
         except RuntimeError as exc:  # the default model's package is missing: says how to install it
             raise ValueError(str(exc)) from None
         logger.info("loading model %s", args.model or "SmolLM2-135M-Instruct (default)")
-        return [Loading(None, False, AsyncEngine(engine_config(args)))]
+        return [Loading(None, False, AsyncEngine(engine_config(args, **engine_overrides(lora))))]
     loads, configs = [], []
     for i, m in enumerate(production.models):
         load, config = Loading(m.name, m.optional), None
         try:
             resolve_model(m.path)
-            config = engine_config(args, model=m.path, dtype=m.dtype, **m.engine)
+            config = engine_config(args, model=m.path, dtype=m.dtype, **{**engine_overrides(m.lora), **m.engine})
         except (ValueError, RuntimeError) as exc:
             if not m.optional:
                 raise ValueError(f"models[{i}] ({m.name}): {exc}") from None
@@ -159,8 +200,9 @@ def serve(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, health_stall_seconds=stall)
     if args.redis_url:
         production.redis_url = args.redis_url
+    lora = _lora(args, production)
     _check_port_free(args.host, args.port)
-    loads = _start_engines(args, production)
+    loads = _start_engines(args, production, lora)
     for load in loads:
         _wait_and_warm_up(load)
     failed = [ld for ld in loads if ld.error and not ld.optional]
@@ -183,8 +225,17 @@ def serve(args: argparse.Namespace) -> int:
     first, rest = available[0], available[1:]
     app = build_app(first.engine, settings, production=production,
                     engines={ld.name: ld.engine for ld in rest}, unavailable_models=unavailable)
+    lora_error = _load_adapters(app, _adapters_to_load(production, lora), unavailable)
+    if lora_error is not None:
+        logger.error("%s", lora_error)
+        for ld in loads:
+            if ld.engine is not None:
+                ld.engine.shutdown()
+        return 1
     parts = "; ".join(_describe(ld, args.served_model_name) for ld in available)
     skipped = f"; unavailable: {', '.join(unavailable)}" if unavailable else ""
+    if app.state.models.adapters:
+        skipped += f"; LoRA adapters: {', '.join(app.state.models.adapters)}"
     _announce_when_listening(args.host, args.port,
                              f"ready: {parts}{skipped}, listening on http://{args.host}:{args.port}")
     run_server(app, host=args.host, port=args.port, log_level=args.log_level,

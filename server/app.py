@@ -34,6 +34,8 @@ from server.embeddings_api import EmbeddingsAPI
 from server.errors import APIError, internal_error
 from server.gateway import Gateway
 from server.limits import Admission
+from server.lora_api import LoRAAdmin, LoRARoutes, lora_enabled
+from server.lora_metrics import LoRAMetrics
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.openapi import build_openapi
 from server.pages import page_routes
@@ -52,7 +54,7 @@ logger = logging.getLogger("conveyor.server")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
            "/tokenize", "/detokenize", "/health", "/ready", "/version", "/metrics", "/admin/metrics",
-           "/openapi.json", "/docs", "/v1/usage", "/")
+           "/openapi.json", "/docs", "/v1/usage", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/")
 
 
 def version() -> str:
@@ -110,6 +112,19 @@ def _model_handle(config: ModelConfig | None, engine: AsyncEngine, settings: Ser
     return ModelHandle(config, engine, service, model_metrics)
 
 
+def _watch_loras(models: ModelSet, metrics: ServerMetrics) -> None:
+    """LoRA metrics (server/lora_metrics.py) for the models with LoRA enabled, if any."""
+    enabled = [m for m in models if lora_enabled(m)]
+    if not enabled:
+        return
+    lora_metrics = LoRAMetrics(metrics.registry)
+    for m in enabled:
+        m.service.lora_metrics = lora_metrics
+        observe = lora_metrics.watch(m.engine.get_stats, m.engine.config.max_loras)
+        on_step = m.engine.on_step
+        m.engine.on_step = lambda info, on_step=on_step, observe=observe: (on_step(info), observe(info.stats))
+
+
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
               shutdown_engine: bool = True, *, production: ProductionConfig | None = None,
               engines: dict[str, AsyncEngine] | None = None, store: Store | None = None,
@@ -132,6 +147,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     admission = Admission(settings)
     pairs = list(zip(configs, [engine, *(engines[m.name] for m in configs[1:])])) or [(None, engine)]
     models = ModelSet([_model_handle(c, e, settings, metrics, admission) for c, e in pairs], unavailable)
+    lora_admin = LoRAAdmin(models)
+    _watch_loras(models, metrics)
     owns_store = store is None
     store = store if store is not None else open_store(production.redis_url)
     prod_metrics = ProductionMetrics(metrics.registry, metrics.tenant_registry)
@@ -165,13 +182,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         return await gateway.handle(request, chat=True)
 
     async def models_route(request: Request) -> Response:
-        allowed = models.allowed(gateway.tenant(request))
+        """Served models, then LoRA adapters (`parent`: the base model, `root`: the adapter's
+        path as it was loaded, as vLLM lists them)."""
+        allowed = models.allowed(gateway.tenant(request), adapters=True)
         ready = [m for m in allowed if m.engine.is_ready]
         if allowed and not ready:
             allowed[0].service.require_ready()
         return JSONResponse({"object": "list", "data": [{
             "id": m.name, "object": "model", "created": int(time.time()), "owned_by": "conveyor",
-            "root": m.name, "max_model_len": m.engine.max_model_len} for m in ready]})
+            "root": m.lora.lora_path if m.lora is not None else m.name,
+            "parent": m.base.name if m.lora is not None else None,
+            "max_model_len": m.engine.max_model_len} for m in ready]})
 
     async def model_request(request: Request, parse: Any) -> tuple[Any, ModelHandle]:
         """The parsed body of a /tokenize or /detokenize request and its (ready) model."""
@@ -275,6 +296,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         if owns_store:
             await store.close()
 
+    lora_routes = LoRARoutes(lora_admin, gateway)
     routes = [
         Route("/v1/completions", api(completions), methods=["POST"]),
         Route("/v1/chat/completions", api(chat_completions), methods=["POST"]),
@@ -290,6 +312,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
         Route("/metrics", api(metrics_route), methods=["GET"]),
         Route("/admin/metrics", api(admin_metrics), methods=["GET"]),
         Route("/openapi.json", api(openapi_route), methods=["GET"]),
+        Route("/v1/load_lora_adapter", api(lora_routes.load), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", api(lora_routes.unload), methods=["POST"]),
         *page_routes(),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
@@ -301,4 +325,5 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None,
     app.state.admission = admission
     app.state.gateway = gateway
     app.state.drain = drain
+    app.state.lora = lora_admin
     return app

@@ -144,6 +144,9 @@ class EmbeddingsAPI:
         model = g.models.lookup(tenant, req.model)
         model.service.require_ready()
         log.extra["model"] = model.name
+        if model.lora is not None:  # pooling does not apply adapters: the vector would be the base model's
+            raise bad_request(f"The model `{model.name}` is a LoRA adapter; embeddings are served by base "
+                              "models only.", "model", code="unsupported")
         engine = model.engine.engine
         if getattr(engine, "hf_config", None) is None:  # an engine without a model (a stand-in) cannot pool
             raise bad_request(f"The model `{model.name}` does not serve embeddings.", "model", code="unsupported")

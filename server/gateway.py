@@ -264,6 +264,7 @@ class Gateway:
                 model, reason, prompt_ids = self._route(tenant, req)
                 run.model = model
                 trace.model = run.log.extra["model"] = model.name
+                trace.base_model = model.base.name
                 trace.route = reason
                 prep = model.service.prepare(req, prompt_ids)
             trace.max_tokens = prep.max_tokens
@@ -293,7 +294,7 @@ class Gateway:
             outputs = model.service.generate(
                 prep, f"{prefix}-{rid}-{uuid.uuid4().hex[:8]}",  # unique even if a client reuses ids
                 cache_salt=f"tenant:{tenant.name}", tenant=tenant.name,
-                priority=trace.priority,
+                priority=trace.priority, lora_request=model.lora,
                 output_filter=guards.wrap if guards is not None else None)
             self._running.add(run)
             async with contextlib.aclosing(outputs):
@@ -341,7 +342,8 @@ class Gateway:
         prompt_ids = probe.service.prompt_ids(req)
         max_tokens = req.max_tokens if req.max_tokens is not None else \
             default_max_tokens(len(prompt_ids), probe.engine.max_model_len, self.settings)
-        router = Router(self.config.routing, [m.priced for m in self.models])
+        router = Router(self.config.routing, [m.priced for m in self.models],
+                        {name: a.priced for name, a in self.models.adapters.items()})
         decision = router.choose(tenant, len(prompt_ids), max_tokens, _text_of(req))
         model = self.models.get(decision.model)
         model.service.require_ready()
@@ -442,7 +444,8 @@ class Gateway:
             rec = UsageRecord(time.time(), run.request.scope["state"]["request_id"], tenant,
                               run.req.user or run.request.headers.get("x-user-id"), _feature(run), m.name,
                               m.priced.version, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
-                              u["completion_tokens"], _cost(m, u) if from_engine else 0.0, run.source)
+                              u["completion_tokens"], _cost(m, u) if from_engine else 0.0, run.source,
+                              m.base.name)
             await self._quietly(run, "usage", self._account(rec))
         if from_engine and run.answer is not None and self.cache is not None and run.cache_fp is not None:
             await self._quietly(run, "cache", self.cache.put(tenant, run.cache_fp, run.answer))

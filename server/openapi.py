@@ -197,7 +197,7 @@ _SCHEMAS: dict[str, Any] = {
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {
         "type": "array", "items": {"type": "object", "properties": {
             "id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR,
-            "max_model_len": _INT}}}}},
+            "root": _STR, "parent": _or_null(_STR), "max_model_len": _INT}}}}},
     "TokenizeRequest": {
         "type": "object",
         "description": "Exactly one of prompt or messages.",
@@ -211,6 +211,9 @@ _SCHEMAS: dict[str, Any] = {
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
         "model": _or_null(_STR), "tokens": {"type": "array", "items": _TOKEN_ID}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
+    "LoadLoRAAdapterRequest": {"type": "object", "required": ["lora_name", "lora_path"], "properties": {
+        "lora_name": _STR, "lora_path": _STR, "base_model_name": _or_null(_STR)}},
+    "UnloadLoRAAdapterRequest": {"type": "object", "required": ["lora_name"], "properties": {"lora_name": _STR}},
     "ResponsesRequest": {"type": "object", "required": ["input"], "properties": {
         **{k: _or_null(_SAMPLING[k]) for k in ("model", "temperature", "top_p", "user", "stream")},
         "input": {"oneOf": [_NONEMPTY_STR, {"type": "array", "minItems": 1, "items": {"oneOf": [
@@ -359,6 +362,12 @@ def build_openapi(version: str) -> dict:
                                  _json(_ref("TokenizeResponse"), "Token ids"), "TokenizeRequest"),
             "/detokenize": _simple("post", "Token ids to text",
                                    _json(_ref("DetokenizeResponse"), "Text"), "DetokenizeRequest"),
+            "/v1/load_lora_adapter": _simple(
+                "post", "Load a LoRA adapter, served by its name in `model` (admin keys only; 404 when "
+                "LoRA is not enabled)", text, "LoadLoRAAdapterRequest"),
+            "/v1/unload_lora_adapter": _simple(
+                "post", "Unload a LoRA adapter (admin keys only; 404 for an unknown name or when LoRA "
+                "is not enabled)", text, "UnloadLoRAAdapterRequest"),
             "/health": _simple("get", "Liveness: 503 only when an engine stopped (restart the process)",
                                _json({"type": "object"}, "Healthy")),
             "/ready": _simple("get", "Readiness: 200 when every model can serve, 503 otherwise",

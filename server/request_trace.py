@@ -41,7 +41,8 @@ class RequestTrace:
     log_prompts: bool = False
     start: float = field(default_factory=time.time)
     tenant: str | None = None
-    model: str | None = None
+    model: str | None = None  # the served name: a model's or a LoRA adapter's
+    base_model: str | None = None  # the model whose engine ran it (a LoRA adapter's base)
     route: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None

@@ -2,15 +2,16 @@
 
 Rules are tried in order; the first whose every set bound holds (prompt tokens, requested
 max_tokens, complexity) wins, else `routing.default` (or the last model, by convention the
-largest). A tenant's `max_cost_per_request` then caps the choice: if the estimated cost of
-the chosen model (prompt + max_tokens at its prices) is above it, the most capable model
+largest); a rule or the default may name a LoRA adapter as it names a model. A tenant's
+`max_cost_per_request` then caps the choice: if the estimated cost of the chosen model
+(prompt + max_tokens at its prices) is above it, the most capable model
 that fits is used instead (models are listed from small to large), and if none fits, the
 cheapest. So small requests go to the small model and heavy ones escalate, within budget.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.config_file import ModelConfig, RoutingConfig, TenantConfig
 from server.usage import cost
@@ -40,6 +41,7 @@ class Decision:
 class Router:
     config: RoutingConfig
     models: list[ModelConfig]  # small to large
+    adapters: dict[str, ModelConfig] = field(default_factory=dict)  # LoRA adapters (priced) by name
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -62,11 +64,13 @@ class Router:
                 break
         if decision is None:
             decision = Decision(self.config.default or self.models[-1].name, "default")
-        if decision.model not in [m.name for m in allowed]:
+        # an adapter is chosen only when a rule or the default names it; fallbacks pick base models
+        adapters = {n: a for n, a in self.adapters.items() if tenant.models is None or n in tenant.models}
+        if decision.model not in [m.name for m in allowed] and decision.model not in adapters:
             decision = Decision(allowed[-1].name, "tenant models")
         ceiling = tenant.max_cost_per_request
         if ceiling is not None:
-            by_name = {m.name: m for m in allowed}
+            by_name = {**{m.name: m for m in allowed}, **adapters}
             if self._estimate(by_name[decision.model], prompt_tokens, max_tokens) > ceiling:
                 fits = [m for m in allowed if self._estimate(m, prompt_tokens, max_tokens) <= ceiling]
                 best = fits[-1] if fits else min(

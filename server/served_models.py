@@ -1,5 +1,8 @@
 """The models a server serves: one `ModelHandle` per model (its config, engine, service and
-metrics), and `ModelSet`, the one place where a request's model name is resolved.
+metrics), and `ModelSet`, the one place where a request's model name is resolved. A LoRA
+adapter is served like a model: its handle is its base model's with `lora` set (the engine's
+`LoRARequest`) and `parent` pointing at the base; it is named, allowed and priced on its own
+name (at the base model's prices and version).
 
 Guarantees: `ModelSet.lookup` answers 404 for an unknown name, 403 for a model the tenant may
 not use and 503 for an optional model that failed to load, and nothing else ever resolves a name; models keep the config's order (small to
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from engine.async_engine import AsyncEngine
 from server.config_file import ModelConfig, TenantConfig
@@ -28,15 +32,31 @@ class ModelHandle:
     service: ModelService
     metrics: ModelMetrics
     _tokenizer_fp: str | None = field(default=None, repr=False)
+    lora: Any = None  # engine.lora LoRARequest: this handle serves that adapter on `parent`'s engine
+    parent: "ModelHandle | None" = None
 
     @property
     def name(self) -> str:
+        if self.lora is not None:
+            return self.lora.lora_name
         return self.config.name if self.config is not None else self.service.served_name()
 
     @property
+    def base(self) -> "ModelHandle":
+        """The model whose engine runs this handle's requests (itself, unless an adapter)."""
+        return self.parent if self.parent is not None else self
+
+    @property
     def priced(self) -> ModelConfig:
-        """The config with its price table and version (defaults for an unconfigured model)."""
+        """The config with its price table and version (defaults for an unconfigured model);
+        an adapter's is its base model's, under the adapter's name."""
+        if self.lora is not None:
+            return replace(self.base.priced, name=self.name, lora=None)
         return self.config if self.config is not None else ModelConfig(name=self.name)
+
+    def adapter(self, lora: Any) -> "ModelHandle":
+        """The handle of the LoRA adapter `lora` (a LoRARequest) served on this model."""
+        return replace(self, lora=lora, parent=self.base, _tokenizer_fp=None)
 
     def state(self) -> str:
         """`ready`, `loading`, or `failed` (its engine thread died or was shut down)."""
@@ -65,30 +85,44 @@ class ModelHandle:
 class ModelSet:
     handles: list[ModelHandle]  # small to large; the first is the default
     unavailable: dict[str, str] = field(default_factory=dict)  # optional models that failed to load: why
+    adapters: dict[str, ModelHandle] = field(default_factory=dict)  # LoRA adapter name -> its handle
 
     def __iter__(self):
         return iter(self.handles)
 
     def get(self, name: str) -> ModelHandle:
-        return next(m for m in self.handles if m.name == name)
+        """The model or adapter of that served name (404 if an adapter was unloaded since)."""
+        m = self.adapters.get(name) or next((m for m in self.handles if m.name == name), None)
+        if m is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        return m
 
-    def allowed(self, tenant: TenantConfig) -> list[ModelHandle]:
-        return [m for m in self.handles if tenant.models is None or m.name in tenant.models]
+    def allowed(self, tenant: TenantConfig, adapters: bool = False) -> list[ModelHandle]:
+        """The models the tenant may use, in order; with `adapters`, its adapters after them."""
+        served = [*self.handles, *(self.adapters.values() if adapters else ())]
+        return [m for m in served if tenant.models is None or m.name in tenant.models]
+
+    def named(self, name: str) -> ModelHandle | None:
+        """The model or adapter served under `name` (a served name or an engine's model name)."""
+        if name in self.adapters:
+            return self.adapters[name]
+        return next((m for m in self.handles if name == m.name or (
+            m.engine.engine is not None and name == m.engine.model_name)), None)
 
     def lookup(self, tenant: TenantConfig, name: str | None) -> ModelHandle:
         """The model a request names (None: the tenant's first allowed one); a name is a
-        served name or the engine's own model name. 404 / 403 otherwise."""
+        served name, an adapter's name or the engine's own model name. 404 / 403 otherwise."""
         if name is None:
             allowed = self.allowed(tenant)
             if not allowed:
                 raise APIError(403, f"Tenant {tenant.name} may not use any model.", code="model_not_allowed")
             return allowed[0]
-        for m in self.handles:
-            if name == m.name or (m.engine.engine is not None and name == m.engine.model_name):
-                if tenant.models is not None and m.name not in tenant.models:
-                    raise APIError(403, f"Tenant {tenant.name} may not use the model `{name}`.",
-                                   param="model", code="model_not_allowed")
-                return m
+        m = self.named(name)
+        if m is not None:
+            if tenant.models is not None and m.name not in tenant.models:
+                raise APIError(403, f"Tenant {tenant.name} may not use the model `{name}`.",
+                               param="model", code="model_not_allowed")
+            return m
         if name in self.unavailable:
             raise APIError(503, f"The model `{name}` is unavailable on this server.", param="model",
                            code="model_unavailable")

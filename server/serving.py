@@ -117,6 +117,7 @@ class ModelService:
     settings: ServerSettings
     metrics: ModelMetrics
     admission: Admission  # shared by every model of the server
+    lora_metrics: Any = None  # server.lora_metrics.LoRAMetrics when LoRA is enabled on this model
 
     def served_name(self) -> str:
         """The model name clients use: --served-model-name, else the model's file or folder
@@ -177,10 +178,10 @@ class ModelService:
         return lambda: tools.parser(name)
 
     async def generate(self, prep: Prepared, request_id: str, *, cache_salt: str | None,
-                       priority: int, tenant: str | None,
+                       priority: int, tenant: str | None, lora_request: Any = None,
                        output_filter: OutputFilter | None = None) -> AsyncIterator[RequestOutput]:
         """The request's cumulative outputs, passed through `output_filter` (the tenant's
-        output guards) when given. Raises APIError 503 when the waiting budget is full,
+        output guards) when given; `lora_request` (a LoRARequest) runs it on that adapter. Raises APIError 503 when the waiting budget is full,
         ValueError when the engine refuses the request, EngineDeadError when it died."""
         structured = getattr(self.engine.engine, "structured", None)
         if structured is not None and prep.params.structured_outputs is not None:
@@ -191,8 +192,9 @@ class ModelService:
         except APIError:
             self.metrics.rejected("queue_full")
             raise
+        lora = {"lora_request": lora_request} if lora_request is not None else {}
         outputs = self.engine.generate(prep.prompt_ids, prep.params, request_id, cache_salt=cache_salt,
-                                       priority=priority, tenant=tenant)
+                                       priority=priority, tenant=tenant, **lora)
         if output_filter is not None:
             outputs = output_filter(outputs)
         last: RequestOutput | None = None
@@ -209,7 +211,7 @@ class ModelService:
                     last_time, last_tokens = now, tokens
                 last = out
                 if out.finished:
-                    self.metrics.observe_finished(out, out.outputs[0].finish_reason or ABORT)
+                    self._finished(out, out.outputs[0].finish_reason or ABORT, lora_request)
                 yield out
                 if out.finished:
                     return
@@ -220,7 +222,12 @@ class ModelService:
             ticket.release()
             await outputs.aclose()  # aborts the engine request if it is still running
             if not refused and (last is None or not last.finished):
-                self.metrics.observe_finished(last, ABORT)
+                self._finished(last, ABORT, lora_request)
+
+    def _finished(self, out: RequestOutput | None, reason: str, lora_request: Any) -> None:
+        self.metrics.observe_finished(out, reason)
+        if lora_request is not None and self.lora_metrics is not None:
+            self.lora_metrics.observe_finished(self.served_name(), lora_request.lora_name, out, reason)
 
 
 def output_headers(out: RequestOutput, generated: bool = False) -> dict[str, str]:

@@ -4,10 +4,11 @@ generation request, in the format the simulator (`engine.scheduler.traces.load_t
 
 Each line holds when the request arrived (``arrival_time``, Unix seconds), its prompt and output
 lengths (``prompt_len``, ``output_len``), ``cached_tokens``, ``tenant``, ``priority``, ``model``,
-``ttft_s``, ``finished_time``, ``finish_reason``, ``status`` and ``request_id``. It never holds
-prompt or output text, whatever ``--log-prompts`` says. Requests answered without the engine
-(response cache, dedup, replay) and refused ones are written too, marked by ``source`` /
-``status``, so a replay can choose to skip them (their ``output_len`` is what was sent).
+``ttft_s``, ``finished_time``, ``finish_reason``, ``status`` and ``request_id``; ``model`` is the
+name the request was served under (a LoRA adapter's name) and ``base_model`` the model that ran
+it. It never holds prompt or output text, whatever ``--log-prompts`` says. Requests answered
+without the engine (response cache, dedup, replay) and refused ones are written too, marked by
+``source`` / ``status``, so a replay can choose to skip them (their ``output_len`` is what was sent).
 
 Each line is appended with one ``write`` on a file opened with ``O_APPEND``, so lines of
 concurrent writers (several server processes sharing a path) do not interleave.
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 TRACE_FIELDS = ("request_id", "arrival_time", "prompt_len", "output_len", "cached_tokens", "tenant",
                 "priority", "model", "ttft_s", "finished_time", "finish_reason", "status", "source",
-                "preemptions", "stream")
+                "preemptions", "stream", "base_model")
 
 
 def trace_line(trace: "RequestTrace", now: float) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def trace_line(trace: "RequestTrace", now: float) -> dict[str, Any]:
         "source": trace.source,
         "preemptions": out.num_preemptions if out is not None else 0,
         "stream": trace.stream,
+        "base_model": trace.base_model,
     }
 
 

@@ -46,6 +46,7 @@ class UsageRecord:
     completion_tokens: int
     cost: float
     source: str = "engine"  # engine | response (the cache) | dedup; the last two cost nothing
+    base_model: str | None = None  # the model that ran it: `model` itself, or a LoRA adapter's base
 
 
 @dataclass
