@@ -39,6 +39,10 @@ CASES = {
     "one_slot_all": Case((3,) * 5, 64, 32, (0, 0, 0, 16)),
     "all_base": Case((-1,) * 4, 16, 16, (8, 8)),
     "empty_slot_used": Case((0, 1, 1), 16, 20, (0, 4)),  # slot 0 empty: scaling 0, zero weights
+    # slots 1 and 3 of 4 in use (the padded layout gathers their weights), a padded short slot
+    "gap_slots": Case((3, 1, 3, 1, -1, 3), 20, 12, (4, 6, 2, 4)),
+    # one long prefill next to two decodes: too unbalanced for the padded layout
+    "unbalanced": Case((1,) + (0,) * 20 + (2, -1), 16, 24, (4, 8, 2)),
     # > 256 tokens (the 64-row tiles) and rank > 64 (several rank tiles), in a repeating pattern
     "many_tokens_big_rank": Case((0, 0, 1, -1, 1, 0, 1) * 43, 24, 20, (80, 3), fused_offset=5),
 }
@@ -98,9 +102,29 @@ def check(case: Case, impl, dtype=torch.float32, device=DEVICE):
     assert torch.equal(y_full[:, off + out:], before[:, off + out:])
 
 
+def with_mapping(impl):
+    """impl called with the step's LoRAMapping instead of the raw token_slots tensor."""
+    def call(y, x, a, b, slots, scaling):
+        impl(y, x, a, b, lora_ops.lora_mapping(slots, a.shape[0]), scaling)
+    return call
+
+
+@pytest.mark.parametrize("slots_as", ["tensor", "mapping"])
 @pytest.mark.parametrize("name", CASES)
-def test_torch_path_matches_naive_reference(name):
-    check(CASES[name], lora_ops.add_lora_torch, device="cpu")
+def test_torch_path_matches_naive_reference(name, slots_as):
+    impl = lora_ops.add_lora_torch if slots_as == "tensor" else with_mapping(lora_ops.add_lora_torch)
+    check(CASES[name], impl, device="cpu")
+
+
+def test_mapping_picks_padded_bmm_only_for_balanced_slots():
+    def padded(name):
+        return lora_ops.lora_mapping(torch.tensor(CASES[name].slots), len(CASES[name].ranks)).padded
+    assert padded("decode_mixed").row_mask is not None and padded("decode_mixed").present is None
+    assert padded("gap_slots").present.tolist() == [1, 3] and padded("gap_slots").max_rows == 3
+    assert padded("many_tokens_big_rank").row_mask is None  # 129 tokens each: nothing padded
+    assert padded("unbalanced") is None and padded("one_slot_all") is None and padded("all_base") is None
+    with pytest.raises(ValueError, match="slot 5"):
+        lora_ops.lora_mapping(torch.tensor([0, 5]), 2)
 
 
 @pytest.mark.parametrize("slots_dtype", [torch.int32, torch.int64])
@@ -145,6 +169,7 @@ def triton_lora():
 def test_triton_add_lora_matches_reference_and_torch_path(triton_lora, name, dtype):
     case = CASES[name]
     check(case, triton_lora.add_lora, dtype)
+    check(case, with_mapping(triton_lora.add_lora), dtype)
     # and the torch path on the same inputs and device (it runs anywhere)
     y_full, x, a, b, slots, scaling = make_inputs(case, dtype)
     y_torch = y_full.clone()

@@ -19,6 +19,10 @@ import functools
 
 import torch
 
+from engine.kernels.lora_mapping import LoRAMapping, lora_mapping, slot_groups
+
+__all__ = ["LoRAMapping", "add_lora", "add_lora_torch", "lora_expand", "lora_mapping", "lora_shrink", "slot_groups"]
+
 
 @functools.lru_cache(maxsize=1)
 def _triton_lora():
@@ -42,6 +46,11 @@ def check_lora_args(y, x, lora_a, lora_b, token_slots, scaling) -> None:
     num_slots, rank = lora_a.shape[:2]
     if tuple(lora_b.shape) != (num_slots, y.shape[1], rank):
         raise ValueError(f"lora_b must be [{num_slots}, {y.shape[1]}, {rank}], got {tuple(lora_b.shape)}")
+    if isinstance(token_slots, LoRAMapping):
+        if token_slots.num_tokens != x.shape[0] or token_slots.num_slots != lora_a.shape[0]:
+            raise ValueError(f"token_slots mapping is for {token_slots.num_tokens} tokens and {token_slots.num_slots} "
+                             f"slots, the tensors for {x.shape[0]} and {lora_a.shape[0]}")
+        token_slots = token_slots.token_slots
     if token_slots.shape != (x.shape[0],) or token_slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"token_slots must be int32/int64 [{x.shape[0]}], got {token_slots.dtype} {tuple(token_slots.shape)}")
     if scaling.shape != (num_slots,):
@@ -56,12 +65,15 @@ def add_lora(
     x: torch.Tensor,  # [T, in]
     lora_a: torch.Tensor,  # [S, R, in]
     lora_b: torch.Tensor,  # [S, out, R]
-    token_slots: torch.Tensor,  # [T] int32/int64, -1 = no adapter
+    token_slots: torch.Tensor | LoRAMapping,  # [T] int32/int64, -1 = no adapter
     scaling: torch.Tensor,  # [S] float32 (alpha / r; 0 for an empty slot)
 ) -> None:
     """y[t] += scaling[s] * (lora_b[s] @ (lora_a[s] @ x[t])) for every t with s = token_slots[t]
     >= 0; rows of slot -1 are left untouched. Computed in x's dtype, accumulating in float32
-    where the matmul does (CPU bf16/fp16 matmuls and the Triton kernels do)."""
+    where the matmul does (CPU bf16/fp16 matmuls and the Triton kernels do).
+
+    token_slots may be a `LoRAMapping` (`lora_mapping(token_slots, S)`) built once per step:
+    every call of the step then skips the grouping (a sort and, on CPU, a host copy)."""
     check_lora_args(y, x, lora_a, lora_b, token_slots, scaling)
     if x.shape[0] == 0 or lora_a.shape[0] == 0:
         return
@@ -71,30 +83,21 @@ def add_lora(
     add_lora_torch(y, x, lora_a, lora_b, token_slots, scaling)
 
 
-def slot_groups(token_slots: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """(slot, rows) for each slot >= 0 present in token_slots, ascending. rows is a slice when the
-    slot's tokens are contiguous, else an int64 index tensor in ascending token order.
-    Synchronises with the device once (the slot list must reach the host)."""
-    slots = token_slots.long()
-    order = torch.argsort(slots, stable=True)
-    present, counts = torch.unique_consecutive(slots[order], return_counts=True)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    # a slot's tokens are contiguous when its last index minus its first is count - 1
-    firsts, lasts = order[starts], order[ends - 1]
-    info = torch.stack([present, starts, ends, firsts, lasts, counts]).tolist()
-    groups: list[tuple[int, slice | torch.Tensor]] = []
-    for slot, start, end, first, last, count in zip(*info):
-        if slot < 0:
-            continue
-        rows = slice(first, last + 1) if last - first == count - 1 else order[start:end]
-        groups.append((slot, rows))
-    return groups
-
-
 def add_lora_torch(y, x, lora_a, lora_b, token_slots, scaling) -> None:
-    """The plain-torch path of `add_lora`: one (shrink, expand) matmul pair per slot present."""
-    for slot, rows in slot_groups(token_slots):
+    """The plain-torch path of `add_lora`: two bmm calls over all slots when the mapping has a
+    padded layout (balanced slots), else one (shrink, expand) matmul pair per slot present."""
+    mapping = token_slots if isinstance(token_slots, LoRAMapping) else None
+    if mapping is not None and mapping.padded is not None:
+        _add_lora_padded(y, x, lora_a, lora_b, mapping.padded, scaling)
+        return
+    groups = mapping.groups if mapping is not None and mapping.groups is not None else None
+    if groups is None:
+        groups = slot_groups(mapping.token_slots if mapping is not None else token_slots)
+    _add_lora_grouped(y, x, lora_a, lora_b, groups, scaling)
+
+
+def _add_lora_grouped(y, x, lora_a, lora_b, groups, scaling) -> None:
+    for slot, rows in groups:
         xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
         a, b = lora_a[slot].to(x.dtype), lora_b[slot].to(x.dtype)
         # scaling goes on the [n, R] intermediate, R << out, so it costs almost nothing
@@ -104,6 +107,21 @@ def add_lora_torch(y, x, lora_a, lora_b, token_slots, scaling) -> None:
             y[rows].add_(delta)
         else:
             y.index_add_(0, rows, delta)
+
+
+def _add_lora_padded(y, x, lora_a, lora_b, padded, scaling) -> None:
+    """All slots at once: gather the LoRA tokens into [P, max_rows, in], two bmm, scatter back.
+    Pad rows get a zero scale, so they add exactly zero to the token they repeat."""
+    a, b, scale = lora_a, lora_b, scaling
+    if padded.present is not None:
+        a, b, scale = a.index_select(0, padded.present), b.index_select(0, padded.present), scale.index_select(0, padded.present)
+    num_present = a.shape[0]
+    xs = x.index_select(0, padded.gather).view(num_present, padded.max_rows, x.shape[1])
+    v = torch.bmm(xs, a.to(x.dtype).transpose(1, 2))  # [P, max_rows, R]
+    row_scale = scale.to(x.dtype).view(-1, 1, 1)
+    v.mul_(row_scale if padded.row_mask is None else row_scale * padded.row_mask.to(x.dtype))
+    delta = torch.bmm(v, b.to(x.dtype).transpose(1, 2))  # [P, max_rows, out]
+    y.index_add_(0, padded.gather, delta.view(-1, y.shape[1]).to(y.dtype))
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:

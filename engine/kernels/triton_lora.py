@@ -182,7 +182,11 @@ def lora_expand(
 
 
 def add_lora(y, x, lora_a, lora_b, token_slots, scaling) -> None:
-    """`lora_ops.add_lora` on the device: shrink then expand, sharing one segment grouping."""
-    seg = make_segments(token_slots, lora_a.shape[0])
+    """`lora_ops.add_lora` on the device: shrink then expand, sharing one segment grouping
+    (the step's, when token_slots is a `LoRAMapping` that carries one)."""
+    seg = getattr(token_slots, "segments", None)
+    token_slots = getattr(token_slots, "token_slots", token_slots)
+    if seg is None:
+        seg = make_segments(token_slots, lora_a.shape[0])
     v = lora_shrink(x, lora_a, token_slots, seg)
     lora_expand(y, v, lora_b, token_slots, scaling, seg)
