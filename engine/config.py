@@ -31,6 +31,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton | cpu
     enforce_eager: bool = False
     num_threads: int | None = None
+    # Tensor parallelism (engine/distributed/, docs/scaling.md): the model split over this many
+    # processes, one per device; rank 0 runs the engine, the others only forward passes
+    tensor_parallel_size: int = 1
     # Requests: where unset sampling fields take their defaults (auto | vllm: the model's
     # generation_config; none: neutral values; or a folder holding generation_config.json),
     # and the bounds on stop strings (engine/generation_config.py, engine/sampling_params.py)
@@ -54,3 +57,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be auto, torch, triton or cpu, got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if tp > 1 and getattr(self, "enable_lora", False):
+            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")

@@ -21,7 +21,10 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.distributed.launcher import WorkerGroup
+from engine.executor import TensorParallelExecutor
 from engine.model_runner import ModelRunner
+from engine.models.tensor_parallel import TPContext
 from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model
 from engine.output_processor import OutputProcessor
 from engine.pooling import PoolingParams, PoolingState
@@ -50,6 +53,10 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         configure_threads(config.num_threads, self.device)
+        # Tensor parallel: the workers start first, so they load their shards while we load ours.
+        self.workers = WorkerGroup.start(config, self.device) if config.tensor_parallel_size > 1 else None
+        if self.workers is not None:
+            self.device = self.workers.device
         source = resolve_model(config.model)
         self.hf_config = load_hf_config(source)
         self.sampling_defaults = load_generation_defaults(source, config.generation_config)
@@ -58,12 +65,15 @@ class LLMEngine:
         self.model = load_model(
             source, self.hf_config, self.dtype, self.device,
             attention_backend=config.attention_backend, load_format=config.load_format, seed=config.seed,
+            tp=self.workers.comm.tp_context() if self.workers is not None else TPContext(),
         )
         self.model_name = config.model or "SmolLM2-135M-Instruct"
         self.max_model_len = min(config.max_model_len or self.model.max_model_len, self.model.max_model_len)
         block_size = config.block_size
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
         self.num_blocks = choose_num_blocks(config, bytes_per_block, self.device)
+        if self.workers is not None:  # every rank's cache has the same number of blocks
+            self.num_blocks = self.workers.comm.min_int(self.num_blocks)
         self.kv = KVCacheManager(self.num_blocks, block_size, config.enable_prefix_caching)
         self.policy = make_policy(config.scheduling_policy)
         self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer)
@@ -75,18 +85,26 @@ class LLMEngine:
             eos_token_ids=frozenset(self.eos_token_ids),
         )
         self.scheduler = Scheduler(sched_config, self.kv, self.policy)
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None
                       and config.attention_backend in ("auto", "triton"))
         self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, self.dtype,
                                   Sampler(self.eos_token_ids),
                                   cuda_graph_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH) if use_graphs else 0,
                                   max_model_len=self.max_model_len)
+        if self.workers is not None:  # broadcasts each step to the workers, then runs ours
+            self.runner = TensorParallelExecutor(self.runner, self.workers)
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)
         self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
         self._failed_steps = 0  # consecutive
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do with one process). The engine
+        cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close()
 
     def _load_tokenizer(self, source):
         try:
