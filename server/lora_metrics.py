@@ -34,7 +34,7 @@ class _Watched:
     updated: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # hashable: the registry keys collectors by identity
 class LoRAMetrics:
     registry: CollectorRegistry
     _watched: list[_Watched] = field(default_factory=list)
