@@ -61,6 +61,15 @@ class _Abort:
 
 
 @dataclass
+class _Call:
+    """An engine method to run on the engine thread between steps (LoRA load / unload)."""
+
+    method: str
+    args: tuple
+    done: asyncio.Future  # resolved on the caller's loop: (result, error or None)
+
+
+@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # RequestOutput items, or an exception to raise
@@ -172,10 +181,12 @@ class AsyncEngine:
         cache_salt: str | None = None,
         tenant: str | None = None,
         arrival_time: float | None = None,
+        lora_request: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative outputs as steps produce them, ending with the one
-        whose `finished` is True. Raises ValueError (before the first yield) when the engine
-        rejects the request, RequestFailedError when the engine failed while running it,
+        whose `finished` is True. ``lora_request`` (a loaded `LoRARequest`) runs it with that
+        adapter. Raises ValueError (before the first yield) when the engine rejects the request,
+        RequestFailedError when the engine failed while running it,
         EngineDeadError when the engine thread has died."""
         if self.errored is not None:
             raise EngineDeadError("the engine stopped after an error")
@@ -190,6 +201,8 @@ class AsyncEngine:
         accepted = loop.create_future()
         kwargs = {"priority": priority, "cache_salt": cache_salt, "tenant": tenant,
                   "arrival_time": time.time() if arrival_time is None else arrival_time}
+        if lora_request is not None:
+            kwargs["lora_request"] = lora_request
         self._submit(_Add(request_id, prompt, params, kwargs, accepted))
         if not self._thread.is_alive():  # it died between our check and the submit
             _resolve(accepted, EngineDeadError("the engine stopped after an internal error"))
@@ -214,11 +227,39 @@ class AsyncEngine:
             if not stream.finished and self.errored is None:
                 self._submit(_Abort(request_id))
 
+    # ---- LoRA adapters ------------------------------------------------------------------
+    async def add_lora(self, lora: Any) -> None:
+        """Loads an adapter on the engine thread, between steps (`LLMEngine.add_lora`); raises
+        its `LoRAError` (a ValueError naming the field) when the adapter is refused."""
+        await self._call("add_lora", lora)
+
+    async def remove_lora(self, lora_name: str) -> bool:
+        """Unloads an adapter on the engine thread (`LLMEngine.remove_lora`); False if unknown."""
+        return await self._call("remove_lora", lora_name)
+
+    def list_loras(self) -> list:
+        """The loaded adapters' `LoRARequest`s (a snapshot; safe from any thread)."""
+        return [] if self.engine is None else self.engine.list_loras()
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.errored is not None:
+            raise EngineDeadError("the engine stopped after an error")
+        if not self._ready.is_set():
+            raise EngineDeadError("the engine is not ready yet")
+        done = asyncio.get_running_loop().create_future()
+        self._submit(_Call(method, args, done))
+        if not self._thread.is_alive():
+            _resolve(done, (None, EngineDeadError("the engine stopped after an internal error")))
+        result, error = await done
+        if error is not None:
+            raise error
+        return result
+
     def abort(self, request_id: str) -> None:
         """Aborts a request from any thread; a no-op for unknown or finished ones."""
         self._submit(_Abort(request_id))
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def _submit(self, command: _Add | _Abort | _Call) -> None:
         self._commands.put(command)
         if isinstance(command, _Add):  # after the put: see StepProgress.idle_if
             self._progress.work_arrived()
@@ -259,6 +300,9 @@ class AsyncEngine:
             except queue.Empty:
                 break
             changed = True
+            if isinstance(command, _Call):
+                self._run_call(command)
+                continue
             if isinstance(command, _Abort):
                 try:
                     self.engine.abort_request(command.request_id)
@@ -283,6 +327,20 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(_resolve, command.accepted, error)
         if changed:
             self._publish_stats()
+
+    def _run_call(self, command: _Call) -> None:
+        result, error = None, None
+        try:
+            result = getattr(self.engine, command.method)(*command.args)
+        except ValueError as exc:  # LoRAError: the caller's bad input
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - a failed load must not stop the engine
+            logger.exception("%s failed", command.method)
+            error = RuntimeError(f"{command.method} failed ({type(exc).__name__})")
+        try:
+            command.done.get_loop().call_soon_threadsafe(_resolve, command.done, (result, error))
+        except RuntimeError:  # the caller's loop is closed
+            pass
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -328,17 +386,18 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(command, _Add):
-                loop = command.accepted.get_loop()
+            if isinstance(command, (_Add, _Call)):
+                future = command.accepted if isinstance(command, _Add) else command.done
+                value = error if isinstance(command, _Add) else (None, error)
                 try:
-                    loop.call_soon_threadsafe(_resolve, command.accepted, error)
+                    future.get_loop().call_soon_threadsafe(_resolve, future, value)
                 except RuntimeError:
                     pass
 
 
-def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future, value: Any) -> None:
     if not future.done():
-        future.set_result(error)
+        future.set_result(value)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, _Item]]) -> None:

@@ -40,6 +40,12 @@ class EngineConfig:
     generation_config: str = "auto"
     max_stop_strings: int = 16
     max_stop_chars: int = 4096
+    # LoRA adapters (engine/lora/): max_loras adapters on the device at once (slots), of rank up
+    # to max_lora_rank; max_cpu_loras loaded in CPU memory (None: unbounded; past it loading is refused)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,4 +67,16 @@ class EngineConfig:
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
         if tp > 1 and getattr(self, "enable_lora", False):
+            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")
+        if self.enable_lora:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < 1):
+            raise ValueError(f"max_cpu_loras must be a positive integer or None, got {self.max_cpu_loras!r}")
+        if getattr(self, "tensor_parallel_size", 1) > 1:
             raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from engine.config import EngineConfig
+from engine.lora.request import LoRARequest
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.pooling import PoolingParams
@@ -16,7 +17,8 @@ Prompt = str | list[int]
 
 class LLM:
     """``LLM(model=None, **engine_options)``: ``model`` is a HF checkpoint directory or a GGUF
-    file (None: the default SmolLM2-135M-Instruct); options are `EngineConfig` fields."""
+    file (None: the default SmolLM2-135M-Instruct); options are `EngineConfig` fields
+    (``enable_lora=True, max_loras=..., max_lora_rank=...`` for LoRA adapters)."""
 
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
@@ -31,10 +33,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt (strings or token-id lists) and returns one
         `RequestOutput` per prompt, in input order. One `SamplingParams` applies to all prompts;
-        a list gives one per prompt."""
+        a list gives one per prompt. ``lora_request`` likewise: one adapter for all prompts, or
+        one per prompt (None: the base model); adapters not loaded yet are loaded first."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -48,13 +52,27 @@ class LLM:
             )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
+        loras = self._lora_per_prompt(lora_request, len(prompts))
         ids = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             rid = f"llm-{self._counter}"
             self._counter += 1
-            self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+            self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
+                                    lora_request=loras[i])
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def _lora_per_prompt(self, lora_request, num_prompts: int) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * num_prompts
+        else:
+            loras = list(lora_request)
+            if len(loras) != num_prompts:
+                raise ValueError(f"lora_request has {len(loras)} entries but there are {num_prompts} prompts")
+        for lora in dict.fromkeys(loras):  # distinct, in order
+            if lora is not None:
+                self.engine.add_lora(lora)  # a no-op when already loaded from that path
+        return loras
 
     def embed(self, texts: Prompt | Sequence[Prompt], pooling: str = "mean", normalize: bool = True,
               use_tqdm: bool = False) -> list[list[float]]:

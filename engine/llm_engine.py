@@ -21,6 +21,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
+from engine.lora.adapter import check_request
+from engine.lora.errors import LoRAError
+from engine.lora.request import LoRARequest
 from engine.distributed.launcher import WorkerGroup
 from engine.executor import TensorParallelExecutor
 from engine.model_runner import ModelRunner
@@ -68,6 +71,7 @@ class LLMEngine:
             tp=self.workers.comm.tp_context() if self.workers is not None else TPContext(),
         )
         self.model_name = config.model or "SmolLM2-135M-Instruct"
+        self.lora = self._make_lora() if config.enable_lora else None  # wraps the model's projections
         self.max_model_len = min(config.max_model_len or self.model.max_model_len, self.model.max_model_len)
         block_size = config.block_size
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
@@ -83,22 +87,31 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             static_batching=config.static_batching,
             eos_token_ids=frozenset(self.eos_token_ids),
+            max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.scheduler = Scheduler(sched_config, self.kv, self.policy)
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None and not config.enable_lora
                       and config.attention_backend in ("auto", "triton"))
         self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, self.dtype,
                                   Sampler(self.eos_token_ids),
                                   cuda_graph_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH) if use_graphs else 0,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, lora=self.lora)
         if self.workers is not None:  # broadcasts each step to the workers, then runs ours
             self.runner = TensorParallelExecutor(self.runner, self.workers)
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
-        self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size)
+        self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size,
+                                 max_loras=config.max_loras if config.enable_lora else 0)
         self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
         self._failed_steps = 0  # consecutive
+
+    def _make_lora(self):
+        from engine.lora.manager import LoRAManager
+
+        c = self.config
+        return LoRAManager(self.model, self.hf_config.to_dict(), max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
+                           max_cpu_loras=c.max_cpu_loras, dtype=self.dtype, device=self.device)
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (nothing to do with one process). The engine
@@ -125,11 +138,15 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         tenant: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queues a request. Raises ValueError (naming the problem) if it can never run. With
-        `PoolingParams` it is an embedding request: its final output carries ``embedding``."""
+        `PoolingParams` it is an embedding request: its final output carries ``embedding``.
+        ``lora_request`` runs it with that loaded adapter (found by ``lora_name``; `LoRAError`
+        with param "model" when none of that name is loaded)."""
+        lora = self._resolve_lora(lora_request)
         if isinstance(params, PoolingParams):
-            self._add_pooling_request(request_id, prompt, params, arrival_time, priority, cache_salt, tenant)
+            self._add_pooling_request(request_id, prompt, params, arrival_time, priority, cache_salt, tenant, lora)
             return
         params = self.sampling_defaults.prepare(params, self.hf_config.vocab_size, self.config)
         if not isinstance(request_id, str) or not request_id:
@@ -150,7 +167,7 @@ class LLMEngine:
             if child_id in self.scheduler.requests:
                 raise ValueError(f"request_id {request_id!r} clashes with the running request {child_id!r}")
             children.append(Request(child_id, prompt_ids, params, max_tokens, arrival, priority,
-                                    cache_salt, tenant, generator))
+                                    cache_salt, tenant, generator, lora_name=lora[0], lora_id=lora[1]))
         self.structured.attach(params.structured_outputs, children)  # compiles off the step loop
         self.outputs.add(request_id, prompt_text, children, arrival)
         for child in children:
@@ -158,7 +175,7 @@ class LLMEngine:
 
     def _add_pooling_request(self, request_id: str, prompt: str | list[int], params: PoolingParams,
                              arrival_time: float | None, priority: int, cache_salt: str | None,
-                             tenant: str | None) -> None:
+                             tenant: str | None, lora: tuple[str | None, int | None] = (None, None)) -> None:
         """An embedding request: prefill only (engine/pooling.py), then it finishes."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
@@ -174,9 +191,46 @@ class LLMEngine:
                              f"input ({len(prompt_ids)} tokens) exceeds the KV cache capacity of {capacity} tokens")
         arrival = time.time() if arrival_time is None else arrival_time
         request = Request(request_id, prompt_ids, SamplingParams(max_tokens=1), 0, arrival, priority,
-                          cache_salt, tenant, pooling=PoolingState(params))
+                          cache_salt, tenant, pooling=PoolingState(params), lora_name=lora[0], lora_id=lora[1])
         self.outputs.add(request_id, prompt_text, [request], arrival)
         self.scheduler.add_request(request)
+
+    def _resolve_lora(self, lora_request: LoRARequest | None) -> tuple[str | None, int | None]:
+        """(adapter name, engine uid) of a request's adapter, (None, None) for the base model."""
+        if lora_request is None:
+            return None, None
+        if self.lora is None:
+            raise LoRAError("model", "model: LoRA adapters are not enabled on this engine (enable_lora=False)")
+        check_request(lora_request)
+        adapter = self.lora.get(lora_request.lora_name)
+        if adapter is None:
+            raise LoRAError("model", f"model: no LoRA adapter named {lora_request.lora_name!r} is loaded")
+        return adapter.name, adapter.uid
+
+    # -- LoRA adapters ------------------------------------------------------------------------
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Loads an adapter into CPU memory after validating it (`LoRAError` naming the field
+        otherwise). Loading a name again from the same path is a no-op; from another path it is
+        refused. It reaches a device slot when a step first needs it."""
+        if self.lora is None:
+            raise LoRAError("lora_name", "lora_name: LoRA adapters are not enabled on this engine (enable_lora=False)")
+        self.lora.add(lora)
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Unloads an adapter: new requests naming it are refused at once; requests already
+        queued or running on it finish on it, then its weights are freed. False if unknown."""
+        if self.lora is None or not self.lora.remove(lora_name):
+            return False
+        self._purge_loras()
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The loaded adapters, in load order."""
+        return [] if self.lora is None else self.lora.list()
+
+    def _purge_loras(self) -> None:
+        if self.lora is not None and self.lora.has_retired:
+            self.lora.purge({r.lora_id for r in self.scheduler.requests.values()})
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -239,6 +293,7 @@ class LLMEngine:
         """Runs one step; returns an output for every request that progressed or ended. Raises
         `EngineFatalError` only when the engine cannot continue."""
         results, self._pending = self._pending, []
+        self._purge_loras()  # unloaded adapters whose last request has left
         if self.structured.has_pending:
             results.extend(self._fail_bad_grammars())
         p0 = time.perf_counter()  # p0..p3: the step's phases, for the schedule/execute split
@@ -340,6 +395,9 @@ class LLMEngine:
         s.prefix_cache_queries = self.kv.prefix_cache_queries
         s.prefix_cache_hits = self.kv.prefix_cache_hits
         s.num_preemptions = self.scheduler.num_preemptions
+        if self.lora is not None:
+            s.running_lora_adapters = sorted({r.lora_name for r in self.scheduler.running if r.lora_name})
+            s.waiting_lora_adapters = sorted({r.lora_name for r in self.scheduler.waiting_requests() if r.lora_name})
         return s
 
     def check_integrity(self) -> None:

@@ -29,10 +29,13 @@ def reads_only_written_slots(model: torch.nn.Module, device: torch.device) -> bo
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, cuda_graph_batch: int = 0,
-                 max_model_len: int = 0):
+                 max_model_len: int = 0, lora=None):
         """``cuda_graph_batch`` > 0 captures CUDA graphs for decode steps of up to that many
-        sequences (CUDA with the Triton backend only)."""
+        sequences (CUDA with the Triton backend only). ``lora`` is the model's `LoRAManager`
+        (engine/lora/) when LoRA is enabled: each step's sequences' adapters are set on it
+        before the forward pass."""
         self.model = model
+        self.lora = lora
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
@@ -76,6 +79,8 @@ class ModelRunner:
         table = self.block_tables.rows([s.request_id for s in items], block_tables)
         meta = AttentionMetadata.build(query_lens, seq_lens, block_tables, self.block_size, self.device, table)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if self.lora is not None:  # token -> adapter slot mapping, in the flat batch's order
+            self.lora.set_step([(s.lora_id, len(s.token_ids)) for s in items])
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(ids, meta)
         else:

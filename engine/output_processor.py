@@ -164,6 +164,7 @@ class OutputProcessor:
             metrics=group.metrics,
             num_cached_tokens=max(0, group.seqs[0].request.num_cached_tokens),
             num_preemptions=sum(seq.request.num_preemptions for seq in group.seqs),
+            lora_name=group.seqs[0].request.lora_name,
             error=group.error,
         )
 

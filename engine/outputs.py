@@ -123,6 +123,7 @@ class RequestOutput:
     error: str | None = None
     num_preemptions: int = 0  # times the request's sequences were preempted (recomputed) so far
     embedding: list[float] | None = None  # an embedding request's pooled vector (engine/pooling.py)
+    lora_name: str | None = None  # the LoRA adapter it ran with (engine/lora/); None = base model
 
 
 @dataclass
@@ -147,4 +148,8 @@ class EngineStats:
     last_schedule_time: float = 0.0  # seconds of the last step in schedule() + update_from_output()
     last_execute_time: float = 0.0  # seconds of the last step in the model runner (forward + sample)
     last_output_time: float = 0.0  # seconds of the last step building outputs (detokenize, stops)
+    # LoRA (GIE's vllm:lora_requests_info): adapters of running / waiting requests, sorted names
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0  # 0 when LoRA is disabled
     extra: dict = field(default_factory=dict)

@@ -56,6 +56,9 @@ class Request:
     generator: "torch.Generator | None" = None
     # set for an embedding request: prefill only, never samples, finishes with its pooled vector
     pooling: "PoolingState | None" = None
+    # the LoRA adapter it runs with (engine/lora/): its name, and the engine's uid of that load
+    lora_name: str | None = None
+    lora_id: int | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -67,6 +70,7 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     seq_no: int = 0  # admission tie-breaker, set by the scheduler
+    lora_passed: int = 0  # times later requests were admitted past it while its adapter had no slot
     # structured output: this sequence's grammar state (engine/structured_output/), else None
     grammar: "GrammarState | None" = None
 
@@ -89,6 +93,13 @@ class Request:
     def remaining_tokens(self) -> int:
         """Tokens still to be processed or generated: a simple size estimate for policies."""
         return self.num_tokens - self.num_computed_tokens + self.max_tokens - self.num_output_tokens
+
+    @property
+    def prefix_salt(self) -> object:
+        """What its KV blocks' hashes are salted with: the cache salt (tenant) and, with an
+        adapter, the adapter's uid, so KV computed under one adapter is never reused under
+        another (or under the base model)."""
+        return self.cache_salt if self.lora_id is None else (self.cache_salt, "lora", self.lora_id)
 
     def is_ready(self) -> bool:
         """False while the request's grammar is still compiling: the scheduler does not admit it

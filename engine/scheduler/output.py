@@ -39,6 +39,7 @@ class ScheduledRequest:
     generator: "torch.Generator | None" = None
     pooling: str | None = None  # an embedding request's pooling method: pool, never sample
     grammar: Any = None  # the sequence's GrammarState when its output is constrained (structured output)
+    lora_id: int | None = None  # the engine uid of its LoRA adapter (engine/lora/); None = base model
 
     @property
     def num_new_tokens(self) -> int:

@@ -7,7 +7,8 @@ A step is ``schedule()`` -> runner -> ``update_from_output()``:
   budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences. Running requests
   are served first (in admission order, so decode latency stays steady), then waiting requests
   are admitted in the policy's order, each taking as much of the remaining budget as it needs
-  (chunked prefill). When KV blocks run out for a running request, the policy picks a victim
+  (chunked prefill); with ``max_loras`` the running requests never use more distinct LoRA
+  adapters than that (see ``_admit``). When KV blocks run out for a running request, the policy picks a victim
   among the running requests not yet scheduled this step; the victim's blocks are freed and it
   goes back to the waiting queue with ``num_computed_tokens = 0`` (it will recompute, with
   prefix-cache help).
@@ -43,6 +44,8 @@ class SchedulerConfig:
     max_model_len: int = 2048
     static_batching: bool = False  # admit a new batch only when the running one has finished
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    # LoRA: at most this many distinct adapters among the running requests (0: no limit, LoRA off)
+    max_loras: int = 0
 
 
 class Scheduler:
@@ -115,7 +118,7 @@ class Scheduler:
             if num_new <= 0:
                 continue
             while not self.kv.allocate_slots(request.request_id, request.all_token_ids,
-                                             request.num_computed_tokens, num_new, salt=request.cache_salt):
+                                             request.num_computed_tokens, num_new, salt=request.prefix_salt):
                 candidates = [r for r in self.running if r.request_id not in scheduled_ids]
                 victim = max(candidates, key=lambda r: self.policy.preemption_key(r, now))
                 self._preempt(victim)
@@ -139,8 +142,15 @@ class Scheduler:
         return out
 
     def _admit(self, now: float, budget: int, chosen: list[tuple[Request, int]]) -> int:
-        """Admits waiting requests in policy order while budget, seats and blocks last."""
-        self._waiting.rerank(now)  # keys that move with time or accounts (see waiting_queue.py)
+        """Admits waiting requests in policy order while budget, seats and blocks last.
+
+        With ``max_loras``, a request whose adapter would be one too many among the running
+        requests waits, and later requests (of the base model or of a running adapter) may pass
+        it, but only ``max_num_seqs`` times in all: after that nothing passes it, the running
+        adapters drain, and it gets a slot, so no adapter starves."""
+        self._waiting.rerank(now)
+        adapters = self._running_adapters() if self.config.max_loras else None
+        blocked: list[Request] = []  # waiting for an adapter slot: pushed back after the loop  # keys that move with time or accounts (see waiting_queue.py)
         if self.config.static_batching and not self._batch:
             # the next batch: the first max_num_seqs waiting requests, fixed until all finish
             self._batch = {r.request_id for r in self._waiting.smallest(self.config.max_num_seqs, now)}
@@ -157,7 +167,13 @@ class Scheduler:
                 if not best:
                     break
                 request = best[0]
-            rid, tokens, salt = request.request_id, request.all_token_ids, request.cache_salt
+            if adapters is not None and not self._adapter_fits(request, adapters):
+                if request.lora_passed >= self.config.max_num_seqs:
+                    break  # passed often enough: admit nothing until its adapter fits
+                self._waiting.pop(request)
+                blocked.append(request)
+                continue
+            rid, tokens, salt = request.request_id, request.all_token_ids, request.prefix_salt
             # a mean-pooled embedding needs every position's hidden state: no prefix-cache reuse
             reuse = request.pooling is None or not request.pooling.params.needs_all_positions
             cached = self.kv.find_cached_prefix(rid, tokens, salt) if reuse else []
@@ -174,9 +190,25 @@ class Scheduler:
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
-        for request in deferred:
+            if adapters is not None:
+                request.lora_passed = 0
+                if request.lora_id is not None:
+                    adapters.add(request.lora_id)
+                for waiting in blocked:
+                    waiting.lora_passed += 1
+                if any(w.lora_passed >= self.config.max_num_seqs for w in blocked):
+                    break
+        for request in deferred + blocked:
             self._waiting.push(request, now)
         return budget
+
+    def _running_adapters(self) -> set[int]:
+        return {r.lora_id for r in self.running if r.lora_id is not None}
+
+    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
+        """True when admitting ``request`` keeps the running adapters within ``max_loras``."""
+        lora = request.lora_id
+        return lora is None or lora in adapters or len(adapters) < self.config.max_loras
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -185,7 +217,7 @@ class Scheduler:
             request.request_id, request.all_token_ids[start:start + n], start,
             self.kv.block_ids(request.request_id), start + n == request.num_tokens and pooling is None,
             request.sampling_params, request.prompt_token_ids, request.output_token_ids, request.generator,
-            pooling, request.grammar,
+            pooling, request.grammar, request.lora_id,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -268,6 +300,8 @@ class Scheduler:
         assert all(r.status == RequestStatus.RUNNING for r in self.running), "a running request has another status"
         assert all(r.status == RequestStatus.WAITING for r in waiting), "a waiting request has another status"
         assert len(self.running) <= self.config.max_num_seqs
+        assert not self.config.max_loras or len(self._running_adapters()) <= self.config.max_loras, (
+            "more LoRA adapters running than max_loras")
         for r in self.running:
             assert len(self.kv.block_ids(r.request_id)) * self.kv.block_size >= r.num_computed_tokens, (
                 f"request {r.request_id}: blocks do not cover its {r.num_computed_tokens} computed tokens")
