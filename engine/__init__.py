@@ -3,10 +3,11 @@
     from engine import LLM, SamplingParams      # offline batch generation
     from engine import LLMEngine, EngineConfig  # step-level control
     from engine import AsyncEngine              # asyncio front (used by the server)
+    from engine import LoRARequest              # a LoRA adapter (engine/lora/)
 """
 from __future__ import annotations
 
-__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "AsyncEngine", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "AsyncEngine", "RequestOutput", "LoRARequest"]
 
 
 # name -> module; imported lazily so `import engine.kernels...` does not pull in the whole stack
@@ -17,6 +18,7 @@ _EXPORTS = {
     "EngineConfig": "engine.config",
     "AsyncEngine": "engine.async_engine",
     "RequestOutput": "engine.outputs",
+    "LoRARequest": "engine.lora.request",
 }
 
 
