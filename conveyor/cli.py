@@ -63,6 +63,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: one per physical core, less one left to Python and the server)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many processes/devices (spawned here, or the ranks of "
+                        "torchrun for several nodes; docs/scaling.md)")
     p.add_argument("--generation-config", default="auto", metavar="{auto,vllm,none,FOLDER}",
                    help="sampling defaults for fields a request leaves unset: auto takes the model's "
                         "generation_config (vLLM's default), vllm or none use neutral values (temperature 1), "
@@ -83,7 +86,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
         seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager,
-        generation_config=args.generation_config)
+        generation_config=args.generation_config, tensor_parallel_size=args.tensor_parallel_size)
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -185,6 +188,13 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun_worker_rank() -> bool:
+    from engine.distributed.process_group import RankInfo
+
+    info = RankInfo.from_torchrun()
+    return info is not None and info.world_size > 1 and info.rank > 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
@@ -194,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
         use_json_logs()
     try:
+        if args.command in ("serve", "generate") and _torchrun_worker_rank():
+            # torchrun started this command on every rank: ranks > 0 serve the engine's forward
+            # passes only (engine/distributed/worker.py); rank 0 runs the command itself.
+            from engine.distributed.worker import run_torchrun_worker
+
+            return run_torchrun_worker(engine_config(args))
         if args.command == "serve":
             from conveyor.serve import serve
 
