@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running requests get to finish after SIGTERM/Ctrl-C (default 30)")
     serve.add_argument("--health-stall-seconds", type=non_negative_seconds, default=None, metavar="SECONDS",
                        help="/health answers 503 when requests are pending and no engine step has completed "
-                            "for this long (default: the config's health_stall_seconds, else 60; 0: never)")
+                            "for this long (default: the config's health_stall_seconds, else 120; 0: never)")
     serve.add_argument("--config", default=None,
                        help="production config (.toml/.yaml): tenants, limits, models, routing, guards; "
                             "see docs/production.md")

@@ -144,7 +144,7 @@ class ProductionConfig:
     redis_url: str | None = None
     rate_limit_window_seconds: float = 60.0
     lora: LoRAConfig | None = None  # the single model's adapters (no [[models]]; else models[i].lora)
-    health_stall_seconds: float | None = None  # None: --health-stall-seconds or its default (60)
+    health_stall_seconds: float | None = None  # None: --health-stall-seconds or its default (120)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

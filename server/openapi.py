@@ -368,7 +368,7 @@ def build_openapi(version: str) -> dict:
             "/v1/unload_lora_adapter": _simple(
                 "post", "Unload a LoRA adapter (admin keys only; 404 for an unknown name or when LoRA "
                 "is not enabled)", text, "UnloadLoRAAdapterRequest"),
-            "/health": _simple("get", "Liveness: 503 only when an engine stopped (restart the process)",
+            "/health": _simple("get", "Liveness: 503 when an engine stopped or stalled (restart the process)",
                                _json({"type": "object"}, "Healthy")),
             "/ready": _simple("get", "Readiness: 200 when every model can serve, 503 otherwise",
                               _json({"type": "object"}, "Ready")),

@@ -21,9 +21,10 @@ class ServerSettings:
     trace_file: str | None = None  # append one JSON line per finished request (server/trace_file.py)
     tool_call_parser: str | None = None  # server/tool_parsers/ name; None: chosen from the chat template
     # /health answers 503 when work has been pending this long with no engine step completing
-    # (0: never). 60 s is many times the slowest healthy step of the default model on CPU (a
-    # full 2048-token prefill chunk) and ages on a GPU; docs/server.md says when to raise it.
-    health_stall_seconds: float = 60.0
+    # (0: never). 120 s: a healthy step of the default model on CPU is at most one 2048-token
+    # prefill chunk, ~8 s on 2 idle cores but 53-61 s measured on an oversubscribed 2-core box
+    # (benchmarks/RESULTS.md); a false alarm restarts the pod mid-request, so err long.
+    health_stall_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "max_prompt_tokens", "max_waiting_tokens"):
