@@ -40,7 +40,7 @@ def run_system(system: str, model_dir: str, workload: Workload, threads: int, dt
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("system", choices=SYSTEMS)
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="checkpoint dir, or 'default' for the engine's default model (Conveyor only)")
     p.add_argument("workload_json")
     p.add_argument("out_json")
     p.add_argument("--threads", type=int, default=2)
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with open(a.workload_json) as f:
         workload = Workload.from_json(f.read())
-    result = run_system(a.system, a.model_dir, workload, a.threads, a.dtype, json.loads(a.opts))
+    model_dir = None if a.model_dir == "default" else a.model_dir
+    result = run_system(a.system, model_dir, workload, a.threads, a.dtype, json.loads(a.opts))
     result.peak_mem_bytes = peak_rss_bytes()
     with open(a.out_json, "w") as f:
         json.dump(result.to_dict(), f)

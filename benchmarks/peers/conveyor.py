@@ -19,22 +19,28 @@ def kv_bytes_for(model_dir: str, workload: Workload, dtype_bytes: int = 2, block
     return int(blocks * block_size * per_token * 1.25) + (1 << 20)
 
 
-def run(model_dir: str, workload: Workload, threads: int, dtype: str, static: bool,
-        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048) -> RunResult:
+def run(model_dir: str | None, workload: Workload, threads: int, dtype: str, static: bool,
+        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, block_size: int = 16,
+        sized_kv: bool = True) -> RunResult:
     """Generates the whole workload in one `generate` call after a short warm-up. TTFT and
-    end-to-end latency come from the engine's per-request timestamps."""
+    end-to-end latency come from the engine's per-request timestamps. `sized_kv`: a KV cache
+    sized to hold the whole workload (as the peers get); False: the engine's default budget
+    (`model_dir` None means the engine's default model, which needs that)."""
     from engine import LLM, SamplingParams
 
-    kv = kv_bytes_for(model_dir, workload)
+    # The KV cache holds the model's dtype: 4 bytes a value in float32 (2 made the fp32 runs
+    # preempt, since the budget then held 0.625x of the workload)
+    kv = kv_bytes_for(model_dir, workload, 4 if dtype == "float32" else 2, block_size) if sized_kv else None
     llm = LLM(model=model_dir, dtype=dtype, num_threads=threads, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv, static_batching=static)
+              max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv, static_batching=static,
+              block_size=block_size)
     warm = list(workload.requests[0].prompt_ids[:16])
     llm.generate([warm], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
     prompts = [list(r.prompt_ids) for r in workload.requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in workload.requests]
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     records = []
     for req, out in zip(workload.requests, outs):
         m = out.metrics
@@ -45,4 +51,7 @@ def run(model_dir: str, workload: Workload, threads: int, dtype: str, static: bo
     name = "conveyor-static" if static else "conveyor"
     return RunResult(name, workload.name, wall, records,
                      notes={"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-                            "kv_cache_bytes": kv})
+                            "block_size": block_size, "kv_cache_bytes": kv,
+                            # CPU seconds of this process (all threads) over the generate call: on a
+                            # shared machine, work per CPU-second is steadier than per wall-second
+                            "cpu_s": round(cpu, 3)})
