@@ -356,8 +356,10 @@ class Gateway:
         this request may lead its dedup group)."""
         if not is_deterministic(run.req.sampling) or (self.cache is None and self.inflight is None):
             return None
+        # an adapter is keyed by its path too: a name reloaded from another folder is another model
+        adapter = run.model.lora.lora_path if run.model.lora is not None else None
         run.cache_fp = fingerprint({**{k: v for k, v in run.canonical.items() if k not in ("user", "priority")},
-                                    "model": run.model.name})
+                                    "model": run.model.name, **({"lora_path": adapter} if adapter else {})})
         hit, source = None, ""
         if self.cache is not None:
             hit, source = await self.cache.get(run.tenant.name, run.cache_fp), "response"
@@ -393,6 +395,10 @@ class Gateway:
                            param="timeout", code="timeout") from None
         except ValueError as exc:
             param = getattr(exc, "param", None) or param_from_message(str(exc), PARAM_NAMES)
+            if param == "model" and run.model is not None and run.model.lora is not None:
+                # the adapter was unloaded between routing and the engine: as if already gone
+                raise APIError(404, f"The model `{run.model.name}` does not exist.", param="model",
+                               code="model_not_found") from None
             raise bad_request(str(exc), param) from None
         except EngineDeadError as exc:
             run.log.error("engine unavailable: %s", exc)

@@ -18,7 +18,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from server.auth import hash_key
-from server.config_file import ProductionConfig, RoutingConfig, TenantConfig, config_from_dict
+from server.config_file import CacheConfig, ProductionConfig, RoutingConfig, TenantConfig, config_from_dict
 from tests.test_prod_harness import ProdServer, echo_engine
 from tests.test_server_harness import tiny_config
 
@@ -56,7 +56,7 @@ def env(tmp_path_factory):
     production = ProductionConfig(
         tenants=[TenantConfig("ops", [hash_key(ADMIN)], admin=True),
                  TenantConfig("acme", [hash_key(USER)], models=["tiny", "sql"])],
-        routing=RoutingConfig(default="sql"))
+        routing=RoutingConfig(default="sql"), cache=CacheConfig(response_cache=True))
     from server.settings import ServerSettings
 
     trace = str(root / "trace.jsonl")
@@ -156,8 +156,14 @@ def test_load_and_unload_at_run_time_with_every_refusal(env):
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     r = _unload(server, "chat")
     assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"
+    # the name reloaded from another folder is another adapter, for the engine and the response cache
+    assert _load(server, {"lora_name": "chat", "lora_path": paths["sql"]}).status_code == 200
+    swapped = _complete(server, "chat")
+    assert "X-Conveyor-Cache" not in swapped.headers
+    assert swapped.json()["choices"] == _complete(server, "sql").json()["choices"] != first.json()["choices"]
+    assert _unload(server, "chat").status_code == 200
     assert _load(server, {"lora_name": "chat", "lora_path": paths["chat"]}).status_code == 200
-    assert _complete(server, "chat").json()["choices"] == first.json()["choices"]  # reloaded: same output
+    assert _complete(server, "chat").json()["choices"] == first.json()["choices"]
 
 
 def test_tenant_allow_list_and_auto_routing_treat_adapters_as_models(env):
