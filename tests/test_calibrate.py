@@ -1,12 +1,13 @@
-"""benchmarks/calibrate.py: medians over repeated shapes, the host record, the load rule that
-refuses validation on a busy machine, and the validation path end to end on a tiny model."""
+"""benchmarks/calibrate.py and benchmarks/validate.py: medians over repeated shapes, staggered
+bursts that drain through every batch size, the host record, the load rule that refuses
+validation on a busy machine, and the validation path end to end on a tiny model."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from benchmarks import calibrate
+from benchmarks import calibrate, validate
 from engine.scheduler.cost_model import CostModel, StepSample
 from tests.checkpoints import make_tiny_checkpoint
 
@@ -28,9 +29,9 @@ def test_median_per_shape():
 
 
 def test_validation_refuses_on_a_loaded_machine(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(calibrate.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
-    monkeypatch.setattr(calibrate, "make_engine", lambda args: pytest.fail("an engine was started"))
-    calibrate.main(["--validate", "--report", str(tmp_path / "v.json")])
+    monkeypatch.setattr(validate.os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    monkeypatch.setattr(validate, "make_engine", lambda *a, **k: pytest.fail("an engine was started"))
+    calibrate.main(["--validate", "--report", str(tmp_path / "v.json")])  # the old spelling forwards
     report = json.loads((tmp_path / "v.json").read_text())
     assert "load average 40.0" in report["refused"] and report["results"] == {}
     assert report["host"]["nproc"] >= 1 and "torch_cpu_capability" in report["host"]
@@ -50,18 +51,24 @@ def test_calibration_fits_medians_and_records_the_host(tiny, tmp_path):
                     "--prompt-lens", "8,40", "--max-tokens", "3", "--repeats", "2", "--out", str(out)])
     model = CostModel.from_json(out)
     info = model.fit_info
-    assert info["repeats"] == 2 and info["num_steps_measured"] > info["num_samples"] >= 4
-    assert info["host"]["dtype"] == "torch.float32" and info["host"]["torch_threads"] >= 1
+    assert info["repeats"] == 2 and info["num_steps_measured"] > info["num_samples"] >= 5
+    assert info["host"]["dtype"] == "torch.float32" and info["host"]["torch_threads"] == 1
+    assert 0 < info["python_share_of_step"] < 1 and info["matmul_after_s"] > 0 and info["machine"]
+    samples = json.loads(out.with_suffix(".samples.json").read_text())
+    decode_batches = {s["num_seqs"] for s in samples if s["num_batched_tokens"] == s["num_seqs"]}
+    assert {1, 2, 3} <= decode_batches  # the 3-request burst drains through 2 and 1
 
 
 def test_forced_validation_reports_every_metric_for_each_workload_and_policy(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(calibrate, "WORKLOADS", {"short-chat": ("uniform:4:12", "uniform:2:4", 50.0),
-                                                 "mixed": ("uniform:4:40", "uniform:1:4", 50.0)})
-    calibrate.main(["--validate", "--force", "--model", tiny, "--dtype", "float32", "--num-blocks", "64",
-                    "--num-requests", "4", "--policies", "fcfs,slo", "--report", str(tmp_path / "v.json")])
+    monkeypatch.setattr(validate, "WORKLOADS", {"short-chat": ("uniform:4:12", "uniform:2:4", 50.0, 1.0),
+                                                "bursty": ("uniform:4:40", "uniform:1:4", 50.0, 3.0)})
+    validate.main(["--force", "--model", tiny, "--dtype", "float32", "--num-blocks", "64",
+                   "--num-requests", "4", "--policies", "fcfs,slo", "--report", str(tmp_path / "v.json")])
     report = json.loads((tmp_path / "v.json").read_text())
-    assert sorted(report["results"]) == ["mixed/fcfs", "mixed/slo", "short-chat/fcfs", "short-chat/slo"]
+    assert sorted(report["results"]) == ["bursty/fcfs", "bursty/slo", "short-chat/fcfs", "short-chat/slo"]
     for res in report["results"].values():
-        assert set(res) == set(calibrate.METRICS)
-        assert all(v["real"] > 0 and v["sim"] > 0 for v in res.values())
-    assert report["matmul_after_s"] > 0
+        assert all(res[k]["real"] > 0 and res[k]["sim"] > 0 for k in validate.METRICS)
+        assert 0 <= res["goodput"]["real"] <= 1 and 0 <= res["goodput"]["sim"] <= 1
+        diag = res["diagnostics"]
+        assert diag["steps"]["real"] > 0 and diag["outside_step_ms_per_iteration"] >= 0
+    assert report["matmul_after_s"] > 0 and report["num_threads"] == 1 and report["max_abs_rel_error"] >= 0

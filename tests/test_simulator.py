@@ -115,16 +115,27 @@ def test_2000_requests_simulate_quickly():
 # -- cost model ---------------------------------------------------------------------------------
 def test_cost_model_fit_recovers_coefficients():
     rng = np.random.default_rng(0)
-    truth = CostModel(base_s=0.02, per_token_s=3e-4, per_context_token_s=2e-6, per_seq_s=1e-3)
+    truth = CostModel(base_s=0.02, per_token_s=3e-4, per_context_token_s=2e-6, per_seq_s=1e-3, multi_row_s=0.015)
     samples = []
     for _ in range(200):
-        tokens, ctx, seqs = int(rng.integers(1, 512)), int(rng.integers(1, 8000)), int(rng.integers(1, 32))
+        seqs, ctx = int(rng.integers(1, 32)), int(rng.integers(1, 8000))
+        tokens = 1 if rng.random() < 0.2 else int(rng.integers(seqs, 512))  # batch-1 decodes, then bigger steps
+        seqs = 1 if tokens == 1 else seqs
         noise = 1 + 0.01 * rng.standard_normal()
         samples.append(StepSample(tokens, ctx, seqs, truth.step_time(tokens, ctx, seqs) * noise))
     fit = CostModel.fit(samples)
-    for name in ("base_s", "per_token_s", "per_context_token_s", "per_seq_s"):
+    for name in ("base_s", "per_token_s", "per_context_token_s", "per_seq_s", "multi_row_s"):
         assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=0.1), name
     assert fit.fit_info["mean_abs_rel_error"] < 0.02
+    assert truth.step_time(2, 10, 2) - truth.step_time(1, 10, 1) == pytest.approx(0.015 + 3e-4 + 1e-3)
+
+
+def test_cost_model_fit_weighs_relative_error():
+    """A few slow prefills must not buy their fit with a large relative error on many fast decodes."""
+    decodes = [StepSample(1, 100 + i, 1, 0.050) for i in range(30)] + [StepSample(4, 400 + i, 4, 0.080) for i in range(30)]
+    prefills = [StepSample(512, 512, 1, 2.0), StepSample(256, 256, 1, 1.0), StepSample(128, 128, 1, 0.55)]
+    fit = CostModel.fit(decodes + prefills)
+    assert fit.fit_info["decode_mean_abs_rel_error"] < 0.05
 
 
 def test_cost_model_fit_keeps_coefficients_non_negative():
@@ -138,9 +149,12 @@ def test_cost_model_fit_keeps_coefficients_non_negative():
 
 
 def test_cost_model_json_round_trip_and_validation(tmp_path):
-    model = CostModel(0.1, 0.2, 0.3, 0.4, source="test")
+    model = CostModel(0.1, 0.2, 0.3, 0.4, source="test", multi_row_s=0.5)
     model.to_json(tmp_path / "m.json")
     assert load_cost_model(tmp_path / "m.json") == model
+    (tmp_path / "old.json").write_text(json.dumps({"base_s": 1.0, "per_token_s": 0.0, "per_context_token_s": 0.0,
+                                                   "per_seq_s": 0.0}))  # written before multi_row_s existed
+    assert load_cost_model(tmp_path / "old.json").multi_row_s == 0.0
     assert load_cost_model(None) == CostModel()
     with pytest.raises(ValueError, match="per_seq_s"):
         CostModel(per_seq_s=-1.0)

@@ -4,11 +4,28 @@ The simulator replaces the model with this formula:
 
     step_seconds = base_s + per_token_s * num_batched_tokens
                           + per_context_token_s * sum_context + per_seq_s * num_seqs
+                          + multi_row_s * (num_batched_tokens > 1)
 
-``num_batched_tokens`` are the new tokens fed this step (prefill chunks + one per decode),
-``sum_context`` is the sum over scheduled sequences of their length after the step (what
-attention reads), and ``num_seqs`` is the batch size. ``fit`` finds the four coefficients by
-least squares from steps measured on the real engine (``benchmarks/calibrate.py``), keeping them
+What each term stands for (the calibration times whole ``LLMEngine.step()`` calls, so Python
+scheduling, metadata, sampling and output processing are inside the terms, not beside them):
+
+- ``base_s``: the fixed cost of any step: reading every weight once (a small model's decode is
+  memory-bound), plus the step's Python (schedule, metadata, detokenize; under 1 ms measured).
+- ``per_token_s``: each new token fed this step (prefill chunks + one per decode) through the
+  dense layers; it dominates prefill.
+- ``per_context_token_s``: attention, which reads every scheduled sequence's whole context
+  (``sum_context`` = sum of lengths after the step), so a long conversation's decode costs more.
+- ``per_seq_s``: per sequence in the batch: its logits row (a vocabulary-wide matmul row),
+  sampling, its attention call and output processing.
+- ``multi_row_s``: the jump from one row to several. With one token every linear layer is a
+  matrix-vector product; with two or more it is a matrix-matrix product, which a CPU BLAS pays
+  a fixed price for (packing the weights); measured on the 2-core AVX2 host: a batch-2 decode
+  costs ~1.8x a batch-1 decode, then each further sequence adds a few ms. A linear model
+  without this term, fitted to batch sizes 1, 4 and 16 (the BLAS kernels' best row counts),
+  underpredicted the decodes of batch 2-7 that real traces run by 15-30 % (issue 17).
+
+``fit`` finds the coefficients by least squares on relative error (each step weighted by
+1 / its time, so hundreds of 60 ms decodes are not drowned by a few 2 s prefills), keeping them
 non-negative so a fitted model never predicts a step that gets faster as it grows.
 """
 from __future__ import annotations
@@ -19,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-_COEFFS = ("base_s", "per_token_s", "per_context_token_s", "per_seq_s")
+_COEFFS = ("base_s", "per_token_s", "per_context_token_s", "per_seq_s", "multi_row_s")
+_REQUIRED = _COEFFS[:4]  # files written before multi_row_s existed still load (it reads as 0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,10 @@ class StepSample:
     seconds: float
 
 
+def _features(num_batched_tokens: int, sum_context: int, num_seqs: int) -> list[float]:
+    return [1.0, num_batched_tokens, sum_context, num_seqs, float(num_batched_tokens > 1)]
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Step time in seconds; all coefficients are >= 0 (checked at construction)."""
@@ -42,6 +64,7 @@ class CostModel:
     per_seq_s: float = 0.002
     source: str = "built-in default (illustrative numbers, not a measurement: calibrate for predictions)"
     fit_info: dict = field(default_factory=dict, compare=False)
+    multi_row_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in _COEFFS:
@@ -51,34 +74,38 @@ class CostModel:
 
     def step_time(self, num_batched_tokens: int, sum_context: int, num_seqs: int) -> float:
         return (self.base_s + self.per_token_s * num_batched_tokens
-                + self.per_context_token_s * sum_context + self.per_seq_s * num_seqs)
+                + self.per_context_token_s * sum_context + self.per_seq_s * num_seqs
+                + (self.multi_row_s if num_batched_tokens > 1 else 0.0))
 
     # -- fitting ------------------------------------------------------------------------------
     @classmethod
     def fit(cls, samples: list[StepSample], source: str = "fitted") -> "CostModel":
-        """Non-negative least squares over the samples (needs at least 4 of them).
+        """Non-negative least squares on relative error (needs at least 5 samples).
 
         The fit drops any coefficient that comes out negative and refits the rest (a tiny
-        active-set NNLS; four unknowns make it exact enough). ``fit_info`` records the number
-        of samples and the mean absolute relative error of the fit on them.
+        active-set NNLS; five unknowns make it exact enough). ``fit_info`` records the number
+        of samples and the mean absolute relative error of the fit on them, overall and on
+        decode-only steps (one new token per sequence).
         """
         if len(samples) < len(_COEFFS):
             raise ValueError(f"samples must hold at least {len(_COEFFS)} steps, got {len(samples)}")
-        x = np.array([[1.0, s.num_batched_tokens, s.sum_context, s.num_seqs] for s in samples])
+        x = np.array([_features(s.num_batched_tokens, s.sum_context, s.num_seqs) for s in samples])
         y = np.array([s.seconds for s in samples])
+        w = 1.0 / np.maximum(y, 1e-9)  # relative error: each step counts the same
         active = list(range(len(_COEFFS)))
         coef = np.zeros(len(_COEFFS))
         while active:
-            sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
             if (sol >= 0).all():
                 coef[:] = 0
                 coef[active] = sol
                 break
             active.pop(int(np.argmin(sol)))  # drop the most negative term and refit
-        pred = x @ coef
-        rel_err = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
-        info = {"num_samples": len(samples), "mean_abs_rel_error": rel_err}
-        return cls(*(float(c) for c in coef), source=source, fit_info=info)
+        rel = np.abs(x @ coef - y) * w
+        decode = np.array([s.num_batched_tokens == s.num_seqs for s in samples])
+        info = {"num_samples": len(samples), "mean_abs_rel_error": float(rel.mean()),
+                "decode_mean_abs_rel_error": float(rel[decode].mean()) if decode.any() else None}
+        return cls(**dict(zip(_COEFFS, (float(c) for c in coef))), source=source, fit_info=info)
 
     # -- files --------------------------------------------------------------------------------
     def to_json(self, path: str | Path) -> None:
@@ -87,7 +114,7 @@ class CostModel:
     @classmethod
     def from_json(cls, path: str | Path) -> "CostModel":
         data = json.loads(Path(path).read_text())
-        missing = [k for k in _COEFFS if k not in data]
+        missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise ValueError(f"cost model file {path} lacks the field {missing[0]!r}")
         return cls(**{k: data[k] for k in (*_COEFFS, "source", "fit_info") if k in data})
