@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.kernels.lora_mapping import LoRAMapping
 from engine.kernels.lora_ops import add_lora
 from engine.lora.slots import LoRASlots, SiteSlots
 from engine.lora.targets import ModelTargets
@@ -22,10 +23,11 @@ from engine.lora.targets import ModelTargets
 class LoRAStep:
     """The current step's token -> slot mapping, shared by all wrappers of one model.
 
-    ``token_slots`` [T] (int64, on the model's device; -1 = base model) or None when no token
-    of the step uses an adapter; ``slots`` the distinct slots present."""
+    ``token_slots`` the step's `LoRAMapping` (token -> slot, -1 = base model, grouped by slot
+    once per step; engine/kernels/lora_mapping.py), or None when no token of the step uses an
+    adapter; ``slots`` the distinct slots present."""
 
-    token_slots: torch.Tensor | None = None
+    token_slots: LoRAMapping | None = None
     slots: list[int] = field(default_factory=list)
 
 

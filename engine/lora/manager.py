@@ -13,6 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from engine.kernels.lora_ops import lora_mapping
 from engine.lora.adapter import LoRAAdapter, load_adapter
 from engine.lora.layers import LoRAStep, install_lora_layers
 from engine.lora.registry import LoRARegistry
@@ -70,5 +71,7 @@ class LoRAManager:
         slot_of = self.slots.activate(uids, self.registry.by_uid)
         per_seq = torch.tensor([-1 if uid is None else slot_of[uid] for uid, _ in sequences], dtype=torch.long)
         counts = torch.tensor([n for _, n in sequences], dtype=torch.long)
-        self.step.token_slots = torch.repeat_interleave(per_seq, counts).to(self.device, non_blocking=True)
+        token_slots = torch.repeat_interleave(per_seq, counts).to(self.device, non_blocking=True)
+        # grouped by slot once here, not in each of the step's 7 x num_layers add_lora calls
+        self.step.token_slots = lora_mapping(token_slots, self.max_loras)
         self.step.slots = sorted(slot_of.values())
