@@ -44,8 +44,9 @@ def test_tp2_matches_tp1(tmp_path, arch):
     ref, ref_preempted = _generate(LLM(path, **ENGINE))
     llm = LLM(path, tensor_parallel_size=2, **ENGINE)
     try:
-        # each rank's KV cache holds one KV head: llama's only one (replicated), the others' half of 2
-        assert llm.engine.runner.runner.model.kv_spec.num_kv_heads == 1
+        # each rank's KV cache holds only its KV heads: llama's one (replicated), half of the
+        # others' 2, half of GPT-2's 4
+        assert llm.engine.runner.runner.model.kv_spec.num_kv_heads == (2 if arch == "gpt2" else 1)
         outs, preempted = _generate(llm)
     finally:
         llm.engine.close()
