@@ -78,5 +78,3 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int) or self.max_cpu_loras < 1):
             raise ValueError(f"max_cpu_loras must be a positive integer or None, got {self.max_cpu_loras!r}")
-        if getattr(self, "tensor_parallel_size", 1) > 1:
-            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")

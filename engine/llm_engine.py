@@ -90,7 +90,8 @@ class LLMEngine:
             max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.scheduler = Scheduler(sched_config, self.kv, self.policy)
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None and not config.enable_lora
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None
+                      and not config.enable_lora  # the LoRA layers' step mapping is not captured
                       and config.attention_backend in ("auto", "triton"))
         self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, self.dtype,
                                   Sampler(self.eos_token_ids),
