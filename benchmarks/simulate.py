@@ -10,7 +10,7 @@ served) and per priority class (with the share that met ``--ttft-targets``); wri
 ``simulate_summary.json`` and ``simulate.png`` to ``--out-dir``. ``--trace`` reads a JSON-lines
 trace, e.g. one written by ``conveyor serve --trace-file``. The ``slo`` policy is built with
 the ``--ttft-slo`` / ``--tpot-slo`` given here. ``--validate`` replays the trace on the real engine under
-the first policy (refused on a loaded machine); the full check is ``benchmarks/calibrate.py --validate``.
+the first policy (refused on a loaded machine); the full check is ``benchmarks/validate.py``.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def validate(args: argparse.Namespace, trace) -> dict:
 
     quiet, why = machine_is_quiet(os.getloadavg()[0], os.cpu_count() or 1)
     if not quiet:
-        print(f"refusing to validate: {why} (see benchmarks/calibrate.py --validate)")
+        print(f"refusing to validate: {why} (see benchmarks/validate.py)")
         return {"refused": why}
     args.policy = args.policies.split(",")[0]
     engine = make_engine(args)

@@ -140,7 +140,7 @@ def test_slo_policy_beats_fcfs_on_goodput_on_a_bursty_trace():
     config = SimConfig(num_blocks=2048, max_num_batched_tokens=512, max_num_seqs=32)
     fcfs = simulate(trace, "fcfs", config).goodput(3.0, 0.3)
     slo = simulate(trace, SLOPolicy(ttft_slo_s=3.0, tpot_slo_s=0.3), config).goodput(3.0, 0.3)
-    assert (fcfs, slo) == (0.35, 0.66)  # fixed seed, deterministic simulator: 35 vs 66 of 100 on target
+    assert (fcfs, slo) == (0.34, 0.64)  # fixed seed, deterministic simulator: 34 vs 64 of 100 on target
 
 
 def test_slo_policy_admits_shortest_prefill_first_among_those_on_time_and_late_requests_last():

@@ -257,3 +257,22 @@ def test_server_trace_lines_load_and_skip_requests_the_engine_did_not_run(tmp_pa
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_trace(tmp_path / "s.jsonl")
     assert [(t.arrival_time, t.prompt_len, t.priority, t.tenant) for t in loaded] == [(0.0, 7, 0, "t"), (1.5, 7, 1, "t")]
+
+
+def test_docs_step_3_compares_policies_on_a_server_trace_with_a_fitted_cost_model(tmp_path):
+    """docs/scheduling.md, "five commands", step 3: the file `conveyor serve --trace-file` writes,
+    a cost model JSON as `benchmarks.calibrate` writes it, three policies, goodput, a plot."""
+    row = {"request_id": "r", "arrival_time": 1700000000.0, "prompt_len": 40, "output_len": 12, "cached_tokens": 0,
+           "tenant": "a", "priority": None, "model": "m", "ttft_s": 0.1, "finished_time": 1700000001.0,
+           "finish_reason": "length", "status": 200, "source": "engine", "preemptions": 0, "stream": False}
+    rows = [{**row, "request_id": f"r{i}", "arrival_time": row["arrival_time"] + 0.05 * i,
+             "prompt_len": 8 + 7 * (i % 5), "tenant": "ab"[i % 2]} for i in range(40)]
+    (tmp_path / "prod-trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    CostModel(0.02, 1e-3, 1e-6, 1e-3, source="test", multi_row_s=0.01).to_json(tmp_path / "cm.json")
+    simulate_cli.main(["--trace", str(tmp_path / "prod-trace.jsonl"), "--policies", "fcfs,fair,slo",
+                       "--ttft-slo", "2", "--tpot-slo", "0.1", "--cost-model", str(tmp_path / "cm.json"),
+                       "--num-blocks", "256", "--out-dir", str(tmp_path / "prod")])
+    summary = json.loads((tmp_path / "prod" / "simulate_summary.json").read_text())
+    assert [s["policy"] for s in summary["summaries"]] == ["fcfs", "fair", "slo"]
+    assert all(s["num_requests"] == 40 and 0 <= s["goodput"] <= 1 for s in summary["summaries"])
+    assert (tmp_path / "prod" / "simulate.png").stat().st_size > 10_000
