@@ -67,7 +67,6 @@ def _load_adapters(app, adapters: list[tuple[str, str, str | None]], unavailable
             asyncio.run(app.state.lora.load(name, path, base))
         except APIError as exc:
             return f"LoRA adapter {name} ({path}): {exc.message}"
-        logger.info("LoRA adapter %s loaded from %s", name, path)
     return None
 
 
