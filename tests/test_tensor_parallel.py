@@ -127,22 +127,33 @@ def test_server_streams_with_tp2_then_a_killed_worker_takes_it_down(tmp_path):
         srv.stop()
 
 
-def test_workers_exit_when_the_engine_process_is_killed(tmp_path):
-    path = make_tiny_checkpoint(str(tmp_path / "m"), "llama", with_tokenizer=False)
-    script = textwrap.dedent(f"""
-        from engine.llm import LLM
+def test_a_spawned_worker_exits_when_the_engine_process_is_killed():
+    """The engine process spawns a worker through the real entry point (here it waits at the
+    rendezvous: no rank 0 ever opens the store), then dies by SIGKILL, so no cleanup code of its
+    own runs: the worker notices it was orphaned and exits."""
+    script = textwrap.dedent("""
+        import os, time
+        import torch.multiprocessing as mp
+        from engine.config import EngineConfig
+        from engine.distributed.process_group import RankInfo
+        from engine.distributed.worker import run_spawned_worker
         if __name__ == "__main__":
-            llm = LLM({path!r}, tensor_parallel_size=2, load_format="dummy", **{ENGINE!r})
-            print(llm.engine.workers.processes[0].pid, flush=True)
-            import time; time.sleep(600)
+            info = RankInfo(1, 2, 1, "127.0.0.1", 9, spawned=True)  # port 9: nobody listens
+            p = mp.get_context("spawn").Process(target=run_spawned_worker, daemon=True,
+                                                args=(EngineConfig(tensor_parallel_size=2), info, os.getpid()))
+            p.start()
+            print(p.pid, flush=True)
+            time.sleep(600)
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         worker_pid = int(parent.stdout.readline())
+        time.sleep(1.0)  # let the worker get past its imports and into the rendezvous
+        assert _alive(worker_pid)
         parent.kill()
         parent.wait(10)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         while _alive(worker_pid):
             assert time.monotonic() < deadline, "the worker outlived its engine"
             time.sleep(0.1)
