@@ -248,3 +248,33 @@ def test_a_bad_start_up_adapter_is_the_reason_serve_fails(env):
     server, _, paths, _ = env
     reason = _load_adapters(server.app, [("huge", paths["big"], None)], {})
     assert reason is not None and "huge" in reason and "rank" in reason
+
+
+def test_lora_info_gauge_one_sample_per_label_set_updated_on_change():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from engine.outputs import EngineStats
+    from server.lora_metrics import LoRAMetrics
+
+    stats = {"a": EngineStats(running_lora_adapters=["sql", "chat"], waiting_lora_adapters=["x"], max_loras=2),
+             "b": EngineStats()}  # LoRA stats not reported: max_lora from the config, empty lists
+    metrics = LoRAMetrics(CollectorRegistry())
+    metrics.watch(lambda: stats["a"], 2)
+    metrics.watch(lambda: stats["b"], 3)
+    metrics.watch(lambda: stats["b"], 3)  # the same label set twice: one sample
+
+    def samples() -> dict[str, float]:
+        lines = generate_latest(metrics.registry).decode().splitlines()
+        return {k: float(v) for k, _, v in (x.rpartition(" ") for x in lines if x.startswith("vllm:lora_requests_info{"))}
+
+    first = samples()
+    assert set(first) == {
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql,chat",waiting_lora_adapters="x"}',
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",waiting_lora_adapters=""}'}
+    assert all(abs(v - time.time()) < 60 for v in first.values())
+    time.sleep(0.01)
+    assert samples() == first  # nothing changed: same update times
+    stats["a"] = EngineStats(running_lora_adapters=["sql"], max_loras=2)
+    changed = samples()
+    key = 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql",waiting_lora_adapters=""}'
+    assert changed[key] > max(first.values())
