@@ -144,9 +144,6 @@ class EmbeddingsAPI:
         model = g.models.lookup(tenant, req.model)
         model.service.require_ready()
         log.extra["model"] = model.name
-        if model.lora is not None:  # pooling does not apply adapters: the vector would be the base model's
-            raise bad_request(f"The model `{model.name}` is a LoRA adapter; embeddings are served by base "
-                              "models only.", "model", code="unsupported")
         engine = model.engine.engine
         if getattr(engine, "hf_config", None) is None:  # an engine without a model (a stand-in) cannot pool
             raise bad_request(f"The model `{model.name}` does not serve embeddings.", "model", code="unsupported")
@@ -215,8 +212,9 @@ class EmbeddingsAPI:
                    outs: list[RequestOutput | None]) -> None:
         """Runs every input on the engine at once; the first failure cancels (aborts) the rest."""
         async def one(i: int) -> None:
+            lora = {"lora_request": model.lora} if model.lora is not None else {}  # a LoRA adapter's hidden states
             stream = model.engine.generate(prompts[i], params, f"{prefix}-{i}", cache_salt=f"tenant:{tenant.name}",
-                                           tenant=tenant.name, priority=tenant.priority)
+                                           tenant=tenant.name, priority=tenant.priority, **lora)
             try:
                 async with contextlib.aclosing(stream):
                     async for out in stream:
@@ -250,7 +248,7 @@ class EmbeddingsAPI:
                 rec = UsageRecord(time.time(), request.scope["state"]["request_id"], tenant.name,
                                   req.user or request.headers.get("x-user-id"), request.headers.get("x-feature-id"),
                                   model.name, model.priced.version, tokens, cached, 0,
-                                  cost(model.priced.price, tokens, cached, 0))
+                                  cost(model.priced.price, tokens, cached, 0), base_model=model.base.name)
                 await g._account(rec)  # the gateway's own accounting (metrics + usage log)
         except Exception:  # noqa: BLE001 - settling must never break the response
             log.exception("settling embeddings usage failed")

@@ -120,6 +120,29 @@ def test_chat_streamed_and_responses_on_an_adapter(env):
     assert resp["model"] == "sql" and resp["output"][0]["content"][0]["text"] == text
 
 
+def test_embeddings_of_an_adapter_are_peft_models_hidden_states(env):
+    import torch
+    from peft import PeftModel
+
+    from tests.checkpoints import load_reference
+
+    server, base, paths, _ = env
+
+    def embed(model: str) -> torch.Tensor:
+        r = httpx.post(server.base_url + "/v1/embeddings", headers=_auth(ADMIN), timeout=60,
+                       json={"model": model, "input": [PROMPT]})
+        assert r.status_code == 200 and r.json()["model"] == model, r.text
+        return torch.tensor(r.json()["data"][0]["embedding"])
+
+    peft_model = PeftModel.from_pretrained(load_reference(base), paths["sql"]).eval()
+    with torch.no_grad():  # the adapted decoder's final (normed) hidden states, mean-pooled
+        hidden = peft_model.base_model.model.model(torch.tensor([PROMPT])).last_hidden_state[0]
+    ref = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+    lora, plain = embed("sql"), embed("tiny")
+    assert torch.nn.functional.cosine_similarity(lora, ref, dim=0) > 0.9999
+    assert torch.nn.functional.cosine_similarity(plain, ref, dim=0) < 0.999  # the adapter changed it
+
+
 def test_models_lists_adapters_with_their_parent_per_tenant(env):
     server, _, paths, _ = env
     listed = {m["id"]: m for m in httpx.get(server.base_url + "/v1/models", headers=_auth(ADMIN)).json()["data"]}
