@@ -168,6 +168,10 @@ class ProductionConfig:
                 raise ValueError(f"guards.{name}.kinds: unknown {bad}; known: {PII_KINDS}")
         if self.lora is not None and self.models:
             raise ValueError("lora: with [[models]], set LoRA per model (models[i].lora)")
+        for i, m in enumerate(self.models):
+            if m.lora is not None and not m.lora.enabled and (m.lora.max_loras or m.lora.max_lora_rank
+                                                              or m.lora.max_cpu_loras):
+                raise ValueError(f"models[{i}].lora: limits need enable_lora = true or lora_modules")
         adapters = [a.name for lora in [self.lora, *(m.lora for m in self.models)] if lora is not None
                     for a in lora.lora_modules]
         if len(set(adapters)) != len(adapters) or set(adapters) & set(names):

@@ -53,6 +53,8 @@ def merge(config: LoRAConfig | None, *, enable_lora: bool = False, modules: list
         if set_limits:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in set_limits)} need "
                              "--enable-lora or --lora-modules")
+        if any(getattr(base, k) is not None for k in ENGINE_FIELDS):
+            raise ValueError("lora: max_loras, max_lora_rank and max_cpu_loras need enable_lora = true or lora_modules")
         return None
     return merged
 

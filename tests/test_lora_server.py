@@ -259,8 +259,12 @@ def test_flags_and_config_file_set_lora(tmp_path):
     for bad in (["serve", "--lora-modules", "nopath"], ["serve", "--max-loras", "2"]):
         with pytest.raises(ValueError, match="lora"):
             _lora(build_parser().parse_args(bad), ProductionConfig())
+    with pytest.raises(ValueError, match="enable_lora"):
+        _lora(build_parser().parse_args(["serve"]), config_from_dict({"lora": {"max_loras": 2}}))
     with pytest.raises(ValueError, match="models"):
         _lora(build_parser().parse_args(["serve", "--enable-lora"]), multi)
+    with pytest.raises(ValueError, match="enable_lora"):
+        config_from_dict({"models": [{"name": "m", "lora": {"max_loras": 2}}]})
     with pytest.raises(ValueError, match="unique"):
         config_from_dict({"models": [{"name": "m", "lora": {"lora_modules": [{"name": "m", "path": "/d"}]}}]})
 
