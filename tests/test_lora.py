@@ -57,9 +57,9 @@ def setup(request, tmp_path_factory):
     return arch, base, loras
 
 
-def prompts(n: int, seed: int) -> list[list[int]]:
+def prompts(n: int, seed: int, lengths=(5, 19, 33, 12)) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, 49152) for _ in range(length)] for length in (5, 19, 33, 12)[:n]]
+    return [[rng.randrange(3, 49152) for _ in range(length)] for length in lengths[:n]]
 
 
 def reference(base: str, lora: LoRARequest | None, prompt_list, merged: bool = False):
@@ -279,3 +279,30 @@ def test_async_engine_lora(setup):
     finally:
         engine.shutdown()
     check([final], reference(base, loras[1], ps))
+
+
+def test_unload_while_running_and_preempted(setup):
+    """A request keeps its adapter when the adapter is unloaded mid-generation (its weights go
+    when it ends), and when it is preempted and recomputed."""
+    arch, base, loras = setup
+    ps = prompts(4, seed=5, lengths=(14, 15, 30, 12))
+    # the prompts take 5 blocks of 16, and each needs one more while decoding: with 6 blocks
+    # some are preempted and recomputed
+    llm = LLM(base, dtype="float32", num_blocks=6, enable_lora=True, max_loras=2, max_lora_rank=16)
+    engine = llm.engine
+    plan = list(zip(ps, [loras[0], loras[1], loras[0], None]))
+    for lora in (loras[0], loras[1]):
+        engine.add_lora(lora)
+    for i, (p, lora) in enumerate(plan):
+        engine.add_request(f"p{i}", p, PARAMS, lora_request=lora)
+    engine.step()
+    assert engine.remove_lora(loras[1].lora_name)  # p1 is running on it
+    assert engine.lora.has_retired
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.get_stats().num_preemptions > 0
+    assert not engine.lora.has_retired and engine.lora.slots.slot_of(2) is None  # freed once p1 ended
+    for lora in (loras[0], loras[1], None):
+        ids = [f"p{i}" for i, (_, lr) in enumerate(plan) if lr is lora]
+        check([final[i] for i in ids], reference(base, lora, [p for p, lr in plan if lr is lora]))
