@@ -46,7 +46,9 @@ def test_tp2_matches_tp1(tmp_path, arch):
     try:
         # each rank's KV cache holds only its KV heads: llama's one (replicated), half of the
         # others' 2, half of GPT-2's 4
-        assert llm.engine.runner.runner.model.kv_spec.num_kv_heads == (2 if arch == "gpt2" else 1)
+        model = llm.engine.runner.runner.model
+        assert model.kv_spec.num_kv_heads == (2 if arch == "gpt2" else 1)
+        assert model.lm_head_weight().shape[0] == 49152 // 2  # vocab-parallel head (tied or not)
         outs, preempted = _generate(llm)
     finally:
         llm.engine.close()
@@ -68,13 +70,15 @@ def test_config_refuses_bad_sizes(tmp_path):
 
 
 def test_head_counts_that_do_not_split_are_refused():
-    from engine.models.tensor_parallel import TPContext, head_shards
+    from engine.models.tensor_parallel import Shard, TPContext, head_shards, vocab_shard
 
     tp = TPContext(rank=1, size=3, group=object())
     with pytest.raises(ValueError, match="num_attention_heads"):
         head_shards(4, 2, 16, tp)
     q, kv = head_shards(6, 1, 16, tp)  # one KV head, replicated on all three ranks
     assert (q.start, q.size, kv.start, kv.size) == (32, 32, 0, 16)
+    assert vocab_shard(50257, tp) is None  # does not split evenly: the LM head stays whole
+    assert vocab_shard(49152, tp) == Shard(16384, 16384, 49152)
 
 
 def test_cli_flag_sets_the_config():

@@ -22,6 +22,7 @@ from engine.config import EngineConfig
 from engine.distributed.communicator import Communicator
 from engine.distributed.process_group import STARTUP_TIMEOUT, RankInfo, connect, open_store, rank_device
 from engine.distributed.step_message import StepMessage
+from engine.startup import default_num_threads
 from engine.step_failure import EngineFatalError
 
 logger = logging.getLogger("conveyor.engine")
@@ -51,6 +52,8 @@ class WorkerGroup:
             device = rank_device(device, info)
             return cls(connect(info, store, device), [], device)
         info = RankInfo(0, size, 0, "127.0.0.1", 0, spawned=True)
+        if device.type == "cpu" and config.num_threads is None:  # the ranks share this machine's cores
+            torch.set_num_threads(spawned_rank_threads(size))
         store = open_store(info)  # port 0: the OS picks a free one, no race with other engines
         info = replace(info, master_port=store.port)
         from engine.distributed.worker import run_spawned_worker
@@ -117,3 +120,9 @@ def _stop_processes(processes: list, timeout: float = 5.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
+
+
+def spawned_rank_threads(size: int) -> int:
+    """CPU threads of each of `size` ranks spawned on one machine when none were asked for:
+    the engine's default, shared out, at least one each."""
+    return max(1, default_num_threads() // size)

@@ -2,7 +2,8 @@
 (its share of every layer, joining the model's all-reduces), wait for the next one.
 
 Workers never sample and keep no request state: the block tables of the step come in the
-message (`step_message`). They build the same model shard and the same number of KV blocks
+message (`step_message`). They do compute their slice of the sampled rows' logits, which the
+vocab-parallel LM head gathers. They build the same model shard and the same number of KV blocks
 as rank 0 (`Communicator.min_int` over the ranks' budgets), with only their KV heads.
 """
 from __future__ import annotations
@@ -12,11 +13,10 @@ import os
 import threading
 import time
 
+import torch
+
 from engine.config import EngineConfig
 from engine.distributed.process_group import RankInfo, connect, open_store, rank_device
-from engine.model_runner import ModelRunner
-from engine.models.loader import load_hf_config, load_model, resolve_dtype, resolve_model
-from engine.sampler import Sampler
 from engine.startup import choose_num_blocks, configure_threads, resolve_device
 
 logger = logging.getLogger("conveyor.engine")
@@ -46,7 +46,15 @@ def run_torchrun_worker(config: EngineConfig) -> int:
 def run_worker(config: EngineConfig, info: RankInfo, store) -> None:
     device = rank_device(resolve_device(config.device), info)
     configure_threads(config.num_threads, device)
+    if info.spawned and device.type == "cpu" and config.num_threads is None:
+        from engine.distributed.launcher import spawned_rank_threads
+
+        torch.set_num_threads(spawned_rank_threads(info.world_size))
     comm = connect(info, store, device)
+    # Imported after joining the group, so rank 0 is not kept waiting while transformers loads.
+    from engine.model_runner import ModelRunner
+    from engine.models.loader import load_hf_config, load_model, resolve_dtype, resolve_model
+
     source = resolve_model(config.model)
     hf_config = load_hf_config(source)
     dtype = resolve_dtype(config.dtype, hf_config, device)
@@ -54,12 +62,21 @@ def run_worker(config: EngineConfig, info: RankInfo, store) -> None:
                        load_format=config.load_format, seed=config.seed, tp=comm.tp_context())
     bytes_per_block = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
     num_blocks = comm.min_int(choose_num_blocks(config, bytes_per_block, device))
-    runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, Sampler(set()))
+    runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, _NoSampling())
     while True:
         message = comm.broadcast_object()
         if message.shutdown:
             return
-        runner.execute(message)  # every sequence has sample=False: a forward pass, nothing else
+        runner.execute(message)  # the forward pass, and this rank's slice of the sampled rows' logits
+
+
+class _NoSampling:
+    """A worker's sampler: the logits it computed took part in the gather; rank 0 samples."""
+
+    def __call__(self, logits, rows):
+        from engine.sampler import SamplerOutput
+
+        return SamplerOutput([], [], [])
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.kernels.ops import rms_norm
 from engine.models.spec import KVCacheSpec
-from engine.models.tensor_parallel import materialize
+from engine.models.tensor_parallel import Shard, TPContext, materialize
 
 # (our parameter name, first row it fills or None for the whole tensor, tensor to copy)
 MappedWeight = tuple[str, "int | None", torch.Tensor]
@@ -30,6 +30,9 @@ class CausalLM(nn.Module):
 
     kv_spec: KVCacheSpec
     max_model_len: int
+    tp: TPContext = TPContext()
+    # This rank's rows of a vocab-parallel LM head (tensor parallel); None: the head is whole.
+    vocab_shard: Shard | None = None
 
     def forward(
         self,
@@ -43,12 +46,15 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def lm_head_weight(self) -> torch.Tensor:
-        """[vocab, hidden] output projection (the embedding matrix when tied)."""
+        """[vocab, hidden] output projection (the embedding matrix when tied); with a
+        `vocab_shard`, this rank's rows of it."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head_weight()).float()
+        """[N, hidden] -> float32 logits [N, vocab]. With a vocab-parallel head every rank must
+        call it with the same rows: each computes its slice of the vocabulary and all gather."""
+        logits = F.linear(hidden, self.lm_head_weight()).float()
+        return logits if self.vocab_shard is None else self.tp.gather_last_dim(logits)
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:
         """Where one checkpoint tensor goes; an empty list means it is not needed."""

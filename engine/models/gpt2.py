@@ -5,7 +5,8 @@ with nn.Linear); they are transposed once at load time.
 
 Tensor parallelism (`TPContext`, size > 1): c_attn and mlp.c_fc are column-parallel (each rank
 its share of the heads and of the inner features), both c_proj row-parallel (their bias added
-once after the all-reduce); token and position embeddings and the LM head are replicated.
+once after the all-reduce); token and position embeddings are replicated, the LM head is
+vocab-parallel when the vocabulary splits evenly (GPT-2's own 50257 does not: it stays whole).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from engine.kernels.backend import AttentionBackend
 from engine.models.base import CausalLM, MappedWeight
 from engine.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from engine.models.spec import KVCacheSpec
-from engine.models.tensor_parallel import Shard, TPContext, head_shards, split, take
+from engine.models.tensor_parallel import Shard, TPContext, head_shards, split, take, vocab_shard
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -103,11 +104,16 @@ class GPT2LMHeadModel(CausalLM):
         self.max_model_len = int(config.n_positions)
         self.transformer = GPT2Transformer(config, backend, tp)
         self.kv_spec = KVCacheSpec(config.n_layer, self.transformer.h[0].attn.num_heads, config.n_embd // config.n_head)
+        self.tp, self.vocab_shard = tp, vocab_shard(config.vocab_size, tp)
         if not self.tied:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            rows = self.vocab_shard.size if self.vocab_shard else config.vocab_size
+            self.lm_head = nn.Linear(config.n_embd, rows, bias=False)
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.transformer.wte.weight if self.tied else self.lm_head.weight
+        if not self.tied:
+            return self.lm_head.weight
+        w, shard = self.transformer.wte.weight, self.vocab_shard
+        return w if shard is None else w.narrow(0, shard.start, shard.size)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         self.check_inputs(input_ids, positions, kv_caches)
@@ -119,7 +125,9 @@ class GPT2LMHeadModel(CausalLM):
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:
         if name.startswith("lm_head."):
-            return [] if self.tied else [(name, None, tensor)]
+            if self.tied:
+                return []
+            return [(name, None, tensor if self.vocab_shard is None else take(tensor, 0, self.vocab_shard))]
         if not name.startswith("transformer."):  # original OpenAI checkpoints omit the prefix
             name = "transformer." + name
         module, _, kind = name.rpartition(".")

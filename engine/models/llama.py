@@ -10,7 +10,9 @@ Tensor parallelism (`TPContext`, size > 1): q/k/v and gate/up are column-paralle
 row-parallel (one all-reduce each per layer); each rank runs its share of the query heads and
 the KV heads they read (KV heads replicated when there are fewer than ranks), and its KV cache
 holds only those. Qwen3's per-head q/k norms apply per head, so they work unchanged on a shard.
-The embedding and the LM head are replicated on every rank (docs/scaling.md says why).
+The embedding is replicated on every rank; the LM head is vocab-parallel (each rank computes
+its slice of the logits, then all gather: docs/scaling.md has the measurement), reading its rows
+of the embedding when tied.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from engine.kernels.backend import AttentionBackend
 from engine.kernels.ops import apply_rotary, silu_and_mul
 from engine.models.base import CausalLM, MappedWeight, RMSNorm
 from engine.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
-from engine.models.tensor_parallel import TPContext, head_shards, split
+from engine.models.tensor_parallel import TPContext, head_shards, split, take, vocab_shard
 from engine.models.rotary import RotaryTables, rope_config_from_hf
 from engine.models.spec import KVCacheSpec
 
@@ -167,8 +169,10 @@ class LlamaForCausalLM(CausalLM):
         self.max_model_len = self.context_limit(config)
         self.model = LlamaModel(d, backend, tp)
         self.kv_spec = KVCacheSpec(d.num_layers, self.model.layers[0].self_attn.num_kv_heads, d.head_dim)
+        self.tp, self.vocab_shard = tp, vocab_shard(d.vocab_size, tp)
         if not d.tie_word_embeddings:
-            self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
+            rows = self.vocab_shard.size if self.vocab_shard else d.vocab_size
+            self.lm_head = nn.Linear(d.hidden_size, rows, bias=False)
         rc = rope_config_from_hf(config, d.head_dim, config.max_position_embeddings)
         self.rotary = RotaryTables(rc, device)
 
@@ -177,7 +181,10 @@ class LlamaForCausalLM(CausalLM):
         return int(config.max_position_embeddings)
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.dims.tie_word_embeddings else self.lm_head.weight
+        if not self.dims.tie_word_embeddings:
+            return self.lm_head.weight
+        w, shard = self.model.embed_tokens.weight, self.vocab_shard
+        return w if shard is None else w.narrow(0, shard.start, shard.size)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         self.check_inputs(input_ids, positions, kv_caches)
@@ -193,6 +200,8 @@ class LlamaForCausalLM(CausalLM):
             return []
         if name.startswith("lm_head.") and self.dims.tie_word_embeddings:
             return []
+        if name == "lm_head.weight" and self.vocab_shard is not None:
+            return [(name, None, take(tensor, 0, self.vocab_shard))]
         module, _, kind = name.rpartition(".")
         prefix, _, proj = module.rpartition(".")
         if proj in ("o_proj", "down_proj"):

@@ -34,6 +34,12 @@ class TPContext:
         self.group.allreduce([t]).wait()
         return t
 
+    def gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (equal shapes) concatenated along the last dim, in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self.group.allgather([parts], [t.contiguous()]).wait()
+        return torch.cat(parts, dim=-1)
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -67,6 +73,14 @@ def head_shards(num_heads: int, num_kv_heads: int, head_dim: int, tp: TPContext)
         kv = Shard(tp.rank // (tp.size // num_kv_heads), 1, num_kv_heads)
     return (Shard(q.start * head_dim, q.size * head_dim, num_heads * head_dim),
             Shard(kv.start * head_dim, kv.size * head_dim, num_kv_heads * head_dim))
+
+
+def vocab_shard(vocab_size: int, tp: TPContext) -> Shard | None:
+    """This rank's rows of a vocab-parallel LM head, or None where the head stays whole on every
+    rank: at size 1, and when the vocabulary does not split evenly (GPT-2's 50257)."""
+    if tp.size == 1 or vocab_size % tp.size:
+        return None
+    return split(vocab_size, tp, "vocab_size")
 
 
 def shape_of(t: Any) -> list[int]:
