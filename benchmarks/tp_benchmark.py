@@ -70,15 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--runs", default="1x1,1x2,2x1",
+                    help="comma-separated TPxTHREADS runs (1x2: one process, 2 threads; 2x1: TP=2, 1 thread each)")
     ap.add_argument("--out", default="benchmarks/out/tp_benchmark.json")
     args = ap.parse_args(argv)
     shape, n = (LLAMA_TINY, 4) if args.quick else (LLAMA_56M, args.num_requests)
     model = make_random_llama(os.path.join(tempfile.gettempdir(), f"conveyor-tp-bench-{shape['hidden_size']}"), shape)
     prompts = [[(31 * i + 7 * j) % 40000 + 100 for j in range(args.prompt_len)] for i in range(n)]
     info = machine_info()
-    results = [run(model, 1, 1, prompts, args.max_tokens, args.dtype),
-               run(model, 1, 2, prompts, args.max_tokens, args.dtype),
-               run(model, 2, 1, prompts, args.max_tokens, args.dtype)]
+    runs = [tuple(int(x) for x in r.split("x")) for r in args.runs.split(",")]
+    results = [run(model, tp, threads, prompts, args.max_tokens, args.dtype) for tp, threads in runs]
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
     info["load_avg_after"] = os.getloadavg()
     print(f"machine: {info['cpu']} ({info['cores']} CPUs, {info['torch_cpu_capability']}), "
