@@ -21,7 +21,6 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
-from engine.lora.adapter import check_request
 from engine.lora.errors import LoRAError
 from engine.lora.request import LoRARequest
 from engine.distributed.launcher import WorkerGroup
@@ -202,10 +201,7 @@ class LLMEngine:
             return None, None
         if self.lora is None:
             raise LoRAError("model", "model: LoRA adapters are not enabled on this engine (enable_lora=False)")
-        check_request(lora_request)
-        adapter = self.lora.get(lora_request.lora_name)
-        if adapter is None:
-            raise LoRAError("model", f"model: no LoRA adapter named {lora_request.lora_name!r} is loaded")
+        adapter = self.lora.resolve(lora_request)
         return adapter.name, adapter.uid
 
     # -- LoRA adapters ------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from engine.kernels.lora_ops import lora_mapping
-from engine.lora.adapter import LoRAAdapter, load_adapter
+from engine.lora.adapter import LoRAAdapter, check_request, load_adapter
+from engine.lora.errors import LoRAError
 from engine.lora.layers import LoRAStep, install_lora_layers
 from engine.lora.registry import LoRARegistry
 from engine.lora.request import LoRARequest
@@ -46,6 +47,15 @@ class LoRAManager:
 
     def get(self, name: str) -> LoRAAdapter | None:
         return self.registry.get(name)
+
+    def resolve(self, request: LoRARequest) -> LoRAAdapter:
+        """The loaded adapter a request names (by ``lora_name``); `LoRAError` with param
+        "model" when none of that name is loaded."""
+        check_request(request)
+        adapter = self.registry.get(request.lora_name)
+        if adapter is None:
+            raise LoRAError("model", f"model: no LoRA adapter named {request.lora_name!r} is loaded")
+        return adapter
 
     def list(self) -> list[LoRARequest]:
         return self.registry.list()
