@@ -8,7 +8,8 @@ as the burst drains its decode batch passes through every size from the burst's 
 steps cover prefill chunks, mixed steps and decodes of every batch size at several context
 lengths. That matters on a CPU, where BLAS runs some row counts (1, 4, 16) much faster than
 their neighbours (2, 3, 5, 7); a fit to the fast ones alone underpredicted the decodes real
-traces run by 15-30 %. Each step is timed as a whole ``LLMEngine.step()`` call (scheduling,
+traces run by 15-30 %; the cost model also keeps a residual per row count up to the largest
+burst (``--row-table``). Each step is timed as a whole ``LLMEngine.step()`` call (scheduling,
 metadata, forward, sampling, output processing; the Python parts' share is recorded), every step
 shape (new tokens, sum of context lengths, sequences) gets the median of its wall times over the
 repeats, and `CostModel` is fitted to those medians. The JSON records the host: CPU model and
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-lens", default="16,128,384")
     parser.add_argument("--max-tokens", type=int, default=12, help="tokens of a burst's first request (request i: +i)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each burst; each step shape's median is fitted")
+    parser.add_argument("--row-table", type=int, default=None,
+                        help="fit the residual of steps of 1..N new tokens (default: the largest burst; 0: none)")
     parser.add_argument("--out", default="benchmarks/out/cost_model.json")
     args = parser.parse_args(argv)
 
@@ -252,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         samples += measure_steps(engine, [int(b) for b in args.batch_sizes.split(",")],
                                  [int(p) for p in args.prompt_lens.split(",")], args.max_tokens, python_s=python_s)
     medians = median_samples(samples)
+    row_table = args.row_table if args.row_table is not None else max(int(b) for b in args.batch_sizes.split(","))
     model = CostModel.fit(medians, source=f"calibrated: {engine.model_name} dtype={engine.dtype} "
-                                          f"device={engine.device} budget={args.max_num_batched_tokens}")
+                                          f"device={engine.device} budget={args.max_num_batched_tokens}",
+                          row_table=row_table)
     matmul_after = reference_matmul_s()
     quiet, why = machine_is_quiet(host["loadavg_1m"], host["nproc"] or 1, matmul_before, matmul_after)
     model.fit_info.update({

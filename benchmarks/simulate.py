@@ -9,8 +9,9 @@ Prints one row per policy with goodput (the share of requests meeting both ``--t
 served) and per priority class (with the share that met ``--ttft-targets``); writes
 ``simulate_summary.json`` and ``simulate.png`` to ``--out-dir``. ``--trace`` reads a JSON-lines
 trace, e.g. one written by ``conveyor serve --trace-file``. The ``slo`` policy is built with
-the ``--ttft-slo`` / ``--tpot-slo`` given here. ``--validate`` replays the trace on the real engine under
-the first policy (refused on a loaded machine); the full check is ``benchmarks/validate.py``.
+the ``--ttft-slo`` / ``--tpot-slo`` given here and the cost model's prefill speed. ``--validate``
+replays the trace on the real engine under the first policy (refused on a loaded machine); the
+full check is ``benchmarks/validate.py``.
 """
 from __future__ import annotations
 
@@ -207,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                        static_batching=args.static_batching, seed=args.seed)
     cost_model = load_cost_model(args.cost_model)
     print(f"{len(trace)} requests; cost model: {cost_model.source}")
-    results = [simulate(trace, SLOPolicy(args.ttft_slo, args.tpot_slo) if p == "slo" else p, config, cost_model)
-               for p in args.policies.split(",") if p]
+    # slo estimates prefill at the cost model's speed (the built-in model's is its default, 4000 tok/s)
+    slo = SLOPolicy(args.ttft_slo, args.tpot_slo, prefill_tokens_per_s=1.0 / max(cost_model.per_token_s, 1e-9))
+    results = [simulate(trace, slo if p == "slo" else p, config, cost_model) for p in args.policies.split(",") if p]
     targets = parse_shares(args.ttft_targets, "ttft-targets", int)
     summaries = [r.summary(targets, args.ttft_slo, args.tpot_slo) for r in results]
     print_table(summaries)

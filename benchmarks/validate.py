@@ -15,6 +15,10 @@ coefficient shows here) and the wall time per loop iteration outside ``engine.st
 The ``slo`` policy is built with the same targets and with the cost model's prefill speed
 (``1 / per_token_s`` tokens per second), on both sides.
 
+``--rescore REPORT`` re-runs only the simulator side of a stored report with ``--cost-model``
+(the traces are regenerated from the same seed; the real figures are the stored ones): how a
+cost model change would have scored against real runs already taken, without the engine.
+
 It refuses to run on a visibly loaded machine (`benchmarks.calibrate.machine_is_quiet`: load
 average, then a reference matmul timed before and after; a run whose matmul drifted is reported
 as invalid). ``--force`` runs anyway and records the verdict in the report.
@@ -64,10 +68,10 @@ def validate_one(args: argparse.Namespace, trace: list[TraceRequest], policy: st
     records = run_trace_on_engine(engine, trace, seed=args.seed, samples=steps, loop=loop)
     real_result = SimResult(policy, records, Timeline(), len(steps), engine.scheduler.num_preemptions, 0.0)
     real = real_result.summary()
-    config = SimConfig(num_blocks=engine.num_blocks, block_size=args.block_size,
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                       max_model_len=engine.max_model_len, vocab_size=engine.hf_config.vocab_size, seed=args.seed)
+    config = sim_config(args, engine.num_blocks, engine.max_model_len, engine.hf_config.vocab_size)
     sim_result = simulate(trace, make_policy_for(policy, args, cost_model), config, cost_model)
+    out_engine = {"num_blocks": engine.num_blocks, "max_model_len": engine.max_model_len,
+                  "vocab_size": engine.hf_config.vocab_size}
     sim = sim_result.summary()
     out: dict = {}
     for name, get in METRICS.items():
@@ -80,10 +84,46 @@ def validate_one(args: argparse.Namespace, trace: list[TraceRequest], policy: st
     out["diagnostics"] = {
         "steps": {"sim": sim_result.num_steps, "real": len(steps)},
         "cost_model_error_on_real_steps": predicted / measured - 1 if measured else float("nan"),
-        "outside_step_ms_per_iteration": 1e3 * (loop.get("seconds", 0.0) - measured) / max(loop.get("iterations", 1), 1),
+        "outside_step_ms_per_iteration":
+            1e3 * (loop.get("seconds", 0.0) - measured) / max(loop.get("iterations", 1), 1),
         "preemptions": {"sim": sim_result.num_preemptions, "real": real_result.num_preemptions},
     }
+    # the real run's steps (new tokens, sum of contexts, sequences, seconds): to refit or re-check later
+    out["engine"] = out_engine
+    out["real_steps"] = [[x.num_batched_tokens, x.sum_context, x.num_seqs, round(x.seconds, 6)] for x in steps]
     return out
+
+
+def sim_config(args: argparse.Namespace, num_blocks: int, max_model_len: int, vocab_size: int) -> SimConfig:
+    """The engine settings that matter to scheduling, as the simulator takes them."""
+    return SimConfig(num_blocks=num_blocks, block_size=args.block_size,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                     max_model_len=max_model_len, vocab_size=vocab_size, seed=args.seed)
+
+
+def workload_trace(name: str, args: argparse.Namespace) -> list[TraceRequest]:
+    prompt_len, output_len, rate, cv = WORKLOADS[name]
+    return generate_trace(TraceSpec(num_requests=args.num_requests, rate=rate, prompt_len=prompt_len,
+                                    output_len=output_len, arrival="gamma" if cv != 1.0 else "poisson",
+                                    cv=cv, seed=args.seed))
+
+
+def rescore(args: argparse.Namespace) -> dict:
+    """The simulator side of a stored report again, with ``args.cost_model``; real figures kept."""
+    stored = json.loads(Path(args.rescore).read_text())
+    cost_model = CostModel.from_json(args.cost_model) if args.cost_model else CostModel()
+    engine = stored.get("engine", {"num_blocks": args.num_blocks, "max_model_len": 8192, "vocab_size": 49152})
+    config = sim_config(args, engine["num_blocks"], engine["max_model_len"], engine["vocab_size"])
+    report = {"rescored": args.rescore, "cost_model": asdict(cost_model), "results": {}}
+    for key, old in stored["results"].items():
+        name, policy = key.split("/")
+        trace = workload_trace(name, args)
+        sim = simulate(trace, make_policy_for(policy, args, cost_model), config, cost_model).summary()
+        res = {k: {"sim": get(sim), "real": old[k]["real"], "rel_error": (get(sim) - old[k]["real"]) / old[k]["real"]}
+               for k, get in METRICS.items()}
+        report["results"][key] = res
+        print(f"{name:<14}{policy:<6}" + "".join(f"{k} {res[k]['rel_error']:+.0%}  " for k in METRICS), flush=True)
+    return report
 
 
 def validate(args: argparse.Namespace) -> dict:
@@ -91,6 +131,8 @@ def validate(args: argparse.Namespace) -> dict:
     before = reference_matmul_s()
     ok, why = machine_is_quiet(os.getloadavg()[0], os.cpu_count() or 1)
     report = {"host": host_info(), "num_threads": args.num_threads, "cost_model": asdict(cost_model),
+              "settings": {k: getattr(args, k) for k in ("num_requests", "seed", "num_blocks", "block_size",
+                                                          "max_num_batched_tokens", "max_num_seqs")},
               "matmul_before_s": before, "slo_targets": {"ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
               "results": {}}
     if not ok and not args.force:
@@ -102,12 +144,10 @@ def validate(args: argparse.Namespace) -> dict:
     report["load_at_start"] = why
     workloads = args.workloads.split(",") if args.workloads else list(WORKLOADS)
     for name in workloads:
-        prompt_len, output_len, rate, cv = WORKLOADS[name]
-        trace = generate_trace(TraceSpec(num_requests=args.num_requests, rate=rate, prompt_len=prompt_len,
-                                         output_len=output_len, arrival="gamma" if cv != 1.0 else "poisson",
-                                         cv=cv, seed=args.seed))
+        trace = workload_trace(name, args)
         for policy in args.policies.split(","):
             res = validate_one(args, trace, policy, cost_model)
+            report["engine"] = res.pop("engine")
             report["results"][f"{name}/{policy}"] = res
             print(f"{name:<14}{policy:<6}" + "".join(f"{k} {res[k]['rel_error']:+.0%}  " for k in METRICS)
                   + f"goodput sim {res['goodput']['sim']:.0%} real {res['goodput']['real']:.0%}  "
@@ -135,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="run even on a loaded machine (marked 'loaded')")
     parser.add_argument("--report", default="benchmarks/out/validation.json")
+    parser.add_argument("--rescore", metavar="REPORT", help="re-simulate a stored report with --cost-model (no engine)")
     args = parser.parse_args(argv)
-    report = validate(args)
+    report = rescore(args) if args.rescore else validate(args)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.report}")

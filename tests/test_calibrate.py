@@ -57,6 +57,7 @@ def test_calibration_fits_medians_and_records_the_host(tiny, tmp_path):
     samples = json.loads(out.with_suffix(".samples.json").read_text())
     decode_batches = {s["num_seqs"] for s in samples if s["num_batched_tokens"] == s["num_seqs"]}
     assert {1, 2, 3} <= decode_batches  # the 3-request burst drains through 2 and 1
+    assert len(model.row_residual_s) == 3  # the largest burst
 
 
 def test_forced_validation_reports_every_metric_for_each_workload_and_policy(tiny, tmp_path, monkeypatch):
@@ -72,3 +73,11 @@ def test_forced_validation_reports_every_metric_for_each_workload_and_policy(tin
         diag = res["diagnostics"]
         assert diag["steps"]["real"] > 0 and diag["outside_step_ms_per_iteration"] >= 0
     assert report["matmul_after_s"] > 0 and report["num_threads"] == 1 and report["max_abs_rel_error"] >= 0
+    # the simulator side again, without the engine: same traces, the stored real figures
+    monkeypatch.setattr(validate, "make_engine", lambda *a, **k: pytest.fail("an engine was started"))
+    validate.main(["--rescore", str(tmp_path / "v.json"), "--num-requests", "4", "--num-blocks", "64",
+                   "--report", str(tmp_path / "r.json")])
+    again = json.loads((tmp_path / "r.json").read_text())["results"]
+    for key, res in report["results"].items():  # same (default) cost model: the same errors
+        for k in validate.METRICS:
+            assert again[key][k]["rel_error"] == pytest.approx(res[k]["rel_error"]), (key, k)

@@ -138,6 +138,20 @@ def test_cost_model_fit_weighs_relative_error():
     assert fit.fit_info["decode_mean_abs_rel_error"] < 0.05
 
 
+def test_cost_model_row_table_captures_what_the_linear_terms_cannot():
+    """3-row steps slower than 4-row ones (a BLAS kernel effect): the residual table says so."""
+    truth = CostModel(0.05, 3e-3, 0.0, 0.0, multi_row_s=0.01)
+    slow = {3: 0.04}  # seconds a 3-token step takes beyond the linear terms
+    samples = [StepSample(t, 10 * t, min(t, 8), truth.step_time(t, 10 * t, min(t, 8)) + slow.get(t, 0.0))
+               for t in [1, 2, 3, 4, 5, 6, 7, 8, 16, 64, 128, 256, 512] for _ in range(3)]
+    fit = CostModel.fit(samples, row_table=8)
+    assert len(fit.row_residual_s) == 8
+    assert fit.step_time(3, 30, 3) > fit.step_time(4, 40, 4)
+    assert fit.step_time(3, 30, 3) == pytest.approx(truth.step_time(3, 30, 3) + 0.04, rel=0.05)
+    assert fit.fit_info["mean_abs_rel_error"] < fit.fit_info["linear_terms_mean_abs_rel_error"]
+    assert CostModel.fit(samples).row_residual_s == ()  # only when asked for
+
+
 def test_cost_model_fit_keeps_coefficients_non_negative():
     rng = np.random.default_rng(1)
     # step time falls slightly with batch size: an unconstrained fit would go negative
@@ -149,7 +163,7 @@ def test_cost_model_fit_keeps_coefficients_non_negative():
 
 
 def test_cost_model_json_round_trip_and_validation(tmp_path):
-    model = CostModel(0.1, 0.2, 0.3, 0.4, source="test", multi_row_s=0.5)
+    model = CostModel(0.1, 0.2, 0.3, 0.4, source="test", multi_row_s=0.5, row_residual_s=(0.01, -0.02))
     model.to_json(tmp_path / "m.json")
     assert load_cost_model(tmp_path / "m.json") == model
     (tmp_path / "old.json").write_text(json.dumps({"base_s": 1.0, "per_token_s": 0.0, "per_context_token_s": 0.0,

@@ -5,6 +5,7 @@ The simulator replaces the model with this formula:
     step_seconds = base_s + per_token_s * num_batched_tokens
                           + per_context_token_s * sum_context + per_seq_s * num_seqs
                           + multi_row_s * (num_batched_tokens > 1)
+                          + row_residual_s[num_batched_tokens - 1]   (small steps, when fitted)
 
 What each term stands for (the calibration times whole ``LLMEngine.step()`` calls, so Python
 scheduling, metadata, sampling and output processing are inside the terms, not beside them):
@@ -23,6 +24,11 @@ scheduling, metadata, sampling and output processing are inside the terms, not b
   costs ~1.8x a batch-1 decode, then each further sequence adds a few ms. A linear model
   without this term, fitted to batch sizes 1, 4 and 16 (the BLAS kernels' best row counts),
   underpredicted the decodes of batch 2-7 that real traces run by 15-30 % (issue 17).
+- ``row_residual_s``: what no linear term can say: BLAS kernels are tuned for some row counts
+  (a 3-row decode measured ~50 % slower than a 4-row one on the AVX2 host). Entry M-1 is the
+  median of (measured - linear terms) over the calibration steps of M new tokens, for M up to
+  the table's length; larger steps use the linear terms alone. Empty unless fitted with
+  ``row_table=``; it may be negative, and a predicted step is never below 0.
 
 ``fit`` finds the coefficients by least squares on relative error (each step weighted by
 1 / its time, so hundreds of 60 ms decodes are not drowned by a few 2 s prefills), keeping them
@@ -31,7 +37,7 @@ non-negative so a fitted model never predicts a step that gets faster as it grow
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +71,7 @@ class CostModel:
     source: str = "built-in default (illustrative numbers, not a measurement: calibrate for predictions)"
     fit_info: dict = field(default_factory=dict, compare=False)
     multi_row_s: float = 0.0
+    row_residual_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in _COEFFS:
@@ -73,14 +80,19 @@ class CostModel:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
     def step_time(self, num_batched_tokens: int, sum_context: int, num_seqs: int) -> float:
-        return (self.base_s + self.per_token_s * num_batched_tokens
-                + self.per_context_token_s * sum_context + self.per_seq_s * num_seqs
-                + (self.multi_row_s if num_batched_tokens > 1 else 0.0))
+        t = (self.base_s + self.per_token_s * num_batched_tokens
+             + self.per_context_token_s * sum_context + self.per_seq_s * num_seqs
+             + (self.multi_row_s if num_batched_tokens > 1 else 0.0))
+        if 0 < num_batched_tokens <= len(self.row_residual_s):
+            t = max(t + self.row_residual_s[num_batched_tokens - 1], 0.0)
+        return t
 
     # -- fitting ------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, samples: list[StepSample], source: str = "fitted") -> "CostModel":
-        """Non-negative least squares on relative error (needs at least 5 samples).
+    def fit(cls, samples: list[StepSample], source: str = "fitted", row_table: int = 0) -> "CostModel":
+        """Non-negative least squares on relative error (needs at least 5 samples), then, with
+        ``row_table`` > 0, the residual table for steps of 1..``row_table`` new tokens (an entry
+        with no sample stays 0).
 
         The fit drops any coefficient that comes out negative and refits the rest (a tiny
         active-set NNLS; five unknowns make it exact enough). ``fit_info`` records the number
@@ -101,11 +113,18 @@ class CostModel:
                 coef[active] = sol
                 break
             active.pop(int(np.argmin(sol)))  # drop the most negative term and refit
-        rel = np.abs(x @ coef - y) * w
+        linear = cls(**dict(zip(_COEFFS, (float(c) for c in coef))), source=source)
+        tokens = np.array([s.num_batched_tokens for s in samples])
+        table = tuple(float(np.median((y - x @ coef)[tokens == m])) if (tokens == m).any() else 0.0
+                      for m in range(1, row_table + 1))
+        model = replace(linear, row_residual_s=table)
+        pred = np.array([model.step_time(s.num_batched_tokens, s.sum_context, s.num_seqs) for s in samples])
+        rel = np.abs(pred - y) * w
         decode = np.array([s.num_batched_tokens == s.num_seqs for s in samples])
         info = {"num_samples": len(samples), "mean_abs_rel_error": float(rel.mean()),
-                "decode_mean_abs_rel_error": float(rel[decode].mean()) if decode.any() else None}
-        return cls(**dict(zip(_COEFFS, (float(c) for c in coef))), source=source, fit_info=info)
+                "decode_mean_abs_rel_error": float(rel[decode].mean()) if decode.any() else None,
+                "linear_terms_mean_abs_rel_error": float((np.abs(x @ coef - y) * w).mean())}
+        return replace(model, fit_info=info)
 
     # -- files --------------------------------------------------------------------------------
     def to_json(self, path: str | Path) -> None:
@@ -117,7 +136,8 @@ class CostModel:
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise ValueError(f"cost model file {path} lacks the field {missing[0]!r}")
-        return cls(**{k: data[k] for k in (*_COEFFS, "source", "fit_info") if k in data})
+        model = cls(**{k: data[k] for k in (*_COEFFS, "source", "fit_info") if k in data})
+        return replace(model, row_residual_s=tuple(float(v) for v in data.get("row_residual_s", ())))
 
 
 def load_cost_model(path: str | Path | None) -> CostModel:

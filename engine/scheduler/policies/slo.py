@@ -21,8 +21,8 @@ class SLOPolicy(SchedulingPolicy):
 
     def __init__(self, ttft_slo_s: float = 2.0, tpot_slo_s: float = 0.1,
                  prefill_tokens_per_s: float = 4000.0, guard_tokens: int | None = None):
-        self.ttft_slo_s, self.tpot_slo_s, self.rate, self.guard_tokens = ttft_slo_s, tpot_slo_s, prefill_tokens_per_s, guard_tokens
-        self.last_step, self.mean_step = None, 0.0
+        self.ttft_slo_s, self.tpot_slo_s, self.guard_tokens = ttft_slo_s, tpot_slo_s, guard_tokens
+        self.rate, self.last_step, self.mean_step = prefill_tokens_per_s, None, 0.0
 
     def admission_key(self, request: Request, now: float) -> tuple:
         prefill = request.num_tokens - request.num_computed_tokens
