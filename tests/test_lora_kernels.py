@@ -41,6 +41,8 @@ CASES = {
     "empty_slot_used": Case((0, 1, 1), 16, 20, (0, 4)),  # slot 0 empty: scaling 0, zero weights
     # slots 1 and 3 of 4 in use (the padded layout gathers their weights), a padded short slot
     "gap_slots": Case((3, 1, 3, 1, -1, 3), 20, 12, (4, 6, 2, 4)),
+    # every token on an adapter, output a column slice: the padded path's slice-add scatter
+    "all_lora_fused": Case((1, 0, 2, 0, 1, 2, 2), 20, 28, (4, 8, 6), fused_offset=7),
     # one long prefill next to two decodes: too unbalanced for the padded layout
     "unbalanced": Case((1,) + (0,) * 20 + (2, -1), 16, 24, (4, 8, 2)),
     # > 256 tokens (the 64-row tiles) and rank > 64 (several rank tiles), in a repeating pattern
@@ -122,6 +124,10 @@ def test_mapping_picks_padded_bmm_only_for_balanced_slots():
     assert padded("decode_mixed").row_mask is not None and padded("decode_mixed").present is None
     assert padded("gap_slots").present.tolist() == [1, 3] and padded("gap_slots").max_rows == 3
     assert padded("many_tokens_big_rank").row_mask is None  # 129 tokens each: nothing padded
+    assert padded("all_lora_fused").lora_rows == slice(0, 7)
+    assert padded("decode_mixed").lora_rows.tolist() == [0, 2, 3, 4, 6]  # not a slice: tokens 1, 5 are base
+    layout = padded("gap_slots")  # rows: slot 1 -> tokens 1, 3, pad; slot 3 -> tokens 0, 2, 5
+    assert layout.gather[layout.inverse].tolist() == [0, 1, 2, 3, 5]
     assert padded("unbalanced") is None and padded("one_slot_all") is None and padded("all_base") is None
     with pytest.raises(ValueError, match="slot 5"):
         lora_ops.lora_mapping(torch.tensor([0, 5]), 2)

@@ -34,6 +34,10 @@ class PaddedLayout:
     gather: torch.Tensor  # [P * max_rows] int64 token index per padded row
     row_mask: torch.Tensor | None  # [P, max_rows, 1] 1.0 real / 0.0 pad; None when nothing is padded
     max_rows: int
+    # the LoRA tokens in ascending order, as a slice when they are contiguous (e.g. every token),
+    # and the padded row of each: delta rows in token order are delta.index_select(0, inverse)
+    lora_rows: slice | torch.Tensor
+    inverse: torch.Tensor  # [num LoRA tokens] int64
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,15 @@ def _padded_layout(groups, num_slots: int, device) -> PaddedLayout | None:
         row_mask = flags.view(len(groups), max_rows, 1).to(device)
     slots = [s for s, _ in groups]
     present = None if slots == list(range(num_slots)) else torch.tensor(slots, device=device)
-    return PaddedLayout(present, torch.cat(gather), row_mask, max_rows)
+    gather_all = torch.cat(gather)
+    real = torch.arange(len(groups) * max_rows, device=device)
+    if row_mask is not None:
+        real = real[row_mask.view(-1) > 0]
+    tokens = gather_all[real]
+    tokens_sorted, perm = torch.sort(tokens)
+    first, last = tokens_sorted[[0, -1]].tolist()
+    lora_rows = slice(first, last + 1) if last - first + 1 == tokens.shape[0] else tokens_sorted
+    return PaddedLayout(present, gather_all, row_mask, max_rows, lora_rows, real[perm])
 
 
 def lora_mapping(token_slots: torch.Tensor, num_slots: int) -> LoRAMapping:
