@@ -54,11 +54,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
 if [ -z "${SKIP_TESTS:-}" ]; then  # SKIP_TESTS=1 when device time is short and the tests already passed
-  part tests 150 $PY -m pytest tests/test_kernels.py -q -p no:cacheprovider $XDIST || echo FAILED
+  part tests 150 $PY -m pytest tests/test_kernels.py tests/test_lora_kernels.py -q -p no:cacheprovider $XDIST || echo FAILED
 fi
 
 # 3. kernel timings
 part kernels 120 $PY -m benchmarks.gpu_kernels --out "$OUT/gpu_kernels.json" || echo FAILED
+
+# 3b. multi-LoRA kernels: Triton vs torch path, checked against a float32 reference, then timed
+part lora 60 $PY -m benchmarks.gpu_lora --out "$OUT/gpu_lora.json" || echo FAILED
 
 # 4. engine throughput (needs the engine API; fails with a clear message if absent)
 part engine 180 $PY -m benchmarks.gpu_engine --out "$OUT/gpu_engine.json" || echo FAILED
@@ -79,6 +82,12 @@ try:
         print(f"  {r['name']:28s} {r['impl']:20s} {r['ms']:8.3f} ms {r['value']:8.1f} {r['metric']:7s} {100 * r['fraction_of_ceiling']:5.1f}%")
 except Exception as e:
     print("no kernel results:", e)
+try:
+    for r in json.load(open(os.path.join(out, "gpu_lora.json")))["results"]:
+        print(f"  lora {r['name']:18s} triton {r['triton_us']:8.1f} us  torch {r['torch_us']:8.1f} us  "
+              f"{r['triton_GBps']:7.1f} GB/s  err {r['rel_err']:.1e}{'' if r['ok'] else '  MISMATCH'}")
+except Exception as e:
+    print("no lora kernel results:", e)
 try:
     e = json.load(open(os.path.join(out, "gpu_engine.json")))
     for r in e["results"]:
