@@ -308,7 +308,7 @@ def test_unload_while_running_and_preempted(setup):
         check([final[i] for i in ids], reference(base, lora, [p for p, lr in plan if lr is lora]))
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "priority", "sjf", "fair"])
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "sjf", "fair", "static"])
 def test_scheduler_max_loras_fuzz(policy):
     """The scheduler alone (fake model, every policy, preemption): no step ever runs more distinct
     adapters than max_loras, each step's adapters are the ones its sequences carry, and every
@@ -320,8 +320,9 @@ def test_scheduler_max_loras_fuzz(policy):
     from tests.test_scheduler import expected_output, run_to_completion
 
     rng = random.Random(policy)
-    config = SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=6, max_model_len=512, max_loras=2)
-    sched = Scheduler(config, KVCacheManager(12, 8), make_policy(policy))
+    config = SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=6, max_model_len=512, max_loras=2,
+                             static_batching=policy == "static")
+    sched = Scheduler(config, KVCacheManager(12, 8), make_policy("fcfs" if policy == "static" else policy))
     requests = []
     for i in range(40):
         prompt = [rng.randrange(1000) for _ in range(rng.randrange(1, 30))]
