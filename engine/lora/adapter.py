@@ -110,7 +110,8 @@ def _check_target_modules(names, targets: ModelTargets) -> None:
     if not isinstance(names, (list, tuple)):
         raise LoRAError("target_modules", f"target_modules must be a list or a string, got {names!r}")
     known = targets.short_names() | {s.name for s in targets.sites}
-    missing = sorted(str(n) for n in names if n not in known)
+    # PEFT matches an entry against a module's whole name or its dotted suffix
+    missing = sorted(str(n) for n in names if not any(n == k or str(n).endswith("." + k) for k in known))
     if missing:
         raise LoRAError("target_modules", f"target_modules: the model has no {', '.join(missing)} "
                                           f"(LoRA can target {', '.join(sorted(targets.short_names()))})")
