@@ -16,8 +16,6 @@ from engine import LLM, SamplingParams
 from engine.lora import LoRAError, LoRARequest
 from tests.checkpoints import load_reference, make_tiny_checkpoint
 
-peft = pytest.importorskip("peft")
-
 MAX_NEW = 8
 # (name, rank, alpha, Llama-family targets, GPT-2 targets, rsLoRA)
 ADAPTERS = (
