@@ -220,6 +220,15 @@ def test_refused_adapters(setup, tmp_path):
         llm.engine.add_request("r", [5, 6], PARAMS, lora_request=loras[1])
     assert e.value.param == "model"
     assert [lr.lora_name for lr in llm.engine.list_loras()] == [loras[0].lora_name]
+    # weights in adapter_model.bin instead of safetensors: the same adapter
+    from safetensors.torch import load_file
+
+    as_bin = edited("bin")
+    os.remove(os.path.join(as_bin.lora_path, "adapter_model.safetensors"))
+    torch.save(load_file(os.path.join(loras[0].lora_path, "adapter_model.safetensors")),
+               os.path.join(as_bin.lora_path, "adapter_model.bin"))
+    outs = llm.generate([[5, 6, 7]] * 2, PARAMS, use_tqdm=False, lora_request=[loras[0], as_bin])
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
 
 
 def test_no_adapter_starves_under_a_stream_of_another(setup):
