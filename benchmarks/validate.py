@@ -94,6 +94,9 @@ def validate_one(args: argparse.Namespace, trace: list[TraceRequest], policy: st
     return out
 
 
+_SETTINGS = ("num_requests", "rate_scale", "seed", "num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs")
+
+
 def sim_config(args: argparse.Namespace, num_blocks: int, max_model_len: int, vocab_size: int) -> SimConfig:
     """The engine settings that matter to scheduling, as the simulator takes them."""
     return SimConfig(num_blocks=num_blocks, block_size=args.block_size,
@@ -103,7 +106,7 @@ def sim_config(args: argparse.Namespace, num_blocks: int, max_model_len: int, vo
 
 def workload_trace(name: str, args: argparse.Namespace) -> list[TraceRequest]:
     prompt_len, output_len, rate, cv = WORKLOADS[name]
-    return generate_trace(TraceSpec(num_requests=args.num_requests, rate=rate, prompt_len=prompt_len,
+    return generate_trace(TraceSpec(num_requests=args.num_requests, rate=rate * args.rate_scale, prompt_len=prompt_len,
                                     output_len=output_len, arrival="gamma" if cv != 1.0 else "poisson",
                                     cv=cv, seed=args.seed))
 
@@ -111,6 +114,8 @@ def workload_trace(name: str, args: argparse.Namespace) -> list[TraceRequest]:
 def rescore(args: argparse.Namespace) -> dict:
     """The simulator side of a stored report again, with ``args.cost_model``; real figures kept."""
     stored = json.loads(Path(args.rescore).read_text())
+    for k, v in stored.get("settings", {}).items():  # the stored run's settings win over the flags
+        setattr(args, k, v)
     cost_model = CostModel.from_json(args.cost_model) if args.cost_model else CostModel()
     engine = stored.get("engine", {"num_blocks": args.num_blocks, "max_model_len": 8192, "vocab_size": 49152})
     config = sim_config(args, engine["num_blocks"], engine["max_model_len"], engine["vocab_size"])
@@ -131,8 +136,7 @@ def validate(args: argparse.Namespace) -> dict:
     before = reference_matmul_s()
     ok, why = machine_is_quiet(os.getloadavg()[0], os.cpu_count() or 1)
     report = {"host": host_info(), "num_threads": args.num_threads, "cost_model": asdict(cost_model),
-              "settings": {k: getattr(args, k) for k in ("num_requests", "seed", "num_blocks", "block_size",
-                                                          "max_num_batched_tokens", "max_num_seqs")},
+              "settings": {k: getattr(args, k) for k in _SETTINGS},
               "matmul_before_s": before, "slo_targets": {"ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
               "results": {}}
     if not ok and not args.force:
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", default="fcfs,slo")
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     parser.add_argument("--num-requests", type=int, default=40, help="requests per workload")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="multiplies every workload's arrival rate")
     parser.add_argument("--ttft-slo", type=float, default=3.0, help="TTFT target (s) for goodput and slo")
     parser.add_argument("--tpot-slo", type=float, default=0.2, help="TPOT target (s) for goodput and slo")
     parser.add_argument("--seed", type=int, default=0)
