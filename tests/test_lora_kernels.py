@@ -39,6 +39,8 @@ CASES = {
     "one_slot_all": Case((3,) * 5, 64, 32, (0, 0, 0, 16)),
     "all_base": Case((-1,) * 4, 16, 16, (8, 8)),
     "empty_slot_used": Case((0, 1, 1), 16, 20, (0, 4)),  # slot 0 empty: scaling 0, zero weights
+    # slots 1 and 2 of 4 in use: a run of slots, the weights are a view
+    "slot_run": Case((2, 1, -1, 2, 1), 24, 16, (4, 4, 8, 4)),
     # slots 1 and 3 of 4 in use (the padded layout gathers their weights), a padded short slot
     "gap_slots": Case((3, 1, 3, 1, -1, 3), 20, 12, (4, 6, 2, 4)),
     # every token on an adapter, output a column slice: the padded path's slice-add scatter
@@ -123,6 +125,7 @@ def test_mapping_picks_padded_bmm_only_for_balanced_slots():
         return lora_ops.lora_mapping(torch.tensor(CASES[name].slots), len(CASES[name].ranks)).padded
     assert padded("decode_mixed").row_mask is not None and padded("decode_mixed").present is None
     assert padded("gap_slots").present.tolist() == [1, 3] and padded("gap_slots").max_rows == 3
+    assert padded("slot_run").present == slice(1, 3) and padded("interleaved_odd").present is None
     assert padded("many_tokens_big_rank").row_mask is None  # 129 tokens each: nothing padded
     assert padded("all_lora_fused").lora_rows == slice(0, 7)
     assert padded("decode_mixed").lora_rows.tolist() == [0, 2, 3, 4, 6]  # not a slice: tokens 1, 5 are base

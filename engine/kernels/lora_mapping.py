@@ -30,7 +30,9 @@ class PaddedLayout:
     """LoRA tokens laid out as [num_present, max_rows]: row j of slot present[i] is token
     gather[i * max_rows + j]; pad rows repeat a real LoRA token and have row_mask 0."""
 
-    present: torch.Tensor | None  # [P] int64 slot ids; None when every slot 0..S-1 is present
+    # the P slots present: None when every slot 0..S-1 is, a slice for a run of consecutive slots
+    # (the weights are then a view), else [P] int64 slot ids (the weights are gathered per call)
+    present: torch.Tensor | slice | None
     gather: torch.Tensor  # [P * max_rows] int64 token index per padded row
     row_mask: torch.Tensor | None  # [P, max_rows, 1] 1.0 real / 0.0 pad; None when nothing is padded
     max_rows: int
@@ -101,7 +103,12 @@ def _padded_layout(groups, num_slots: int, device) -> PaddedLayout | None:
         flags = torch.repeat_interleave(torch.tensor([1.0, 0.0] * len(groups)), torch.tensor(mask))
         row_mask = flags.view(len(groups), max_rows, 1).to(device)
     slots = [s for s, _ in groups]
-    present = None if slots == list(range(num_slots)) else torch.tensor(slots, device=device)
+    if slots == list(range(num_slots)):
+        present = None
+    elif slots == list(range(slots[0], slots[-1] + 1)):  # a run of slots: a view, no weight copy
+        present = slice(slots[0], slots[-1] + 1)
+    else:
+        present = torch.tensor(slots, device=device)
     gather_all = torch.cat(gather)
     real = torch.arange(len(groups) * max_rows, device=device)
     if row_mask is not None:

@@ -8,10 +8,11 @@ R zero-padded), so one call serves every adapter of the step.
 Paths (same math up to floating-point rounding):
   * CUDA with Triton: the segmented shrink/expand kernels of `triton_lora.py` (no host sync, so
     it is safe under CUDA-graph capture).
-  * otherwise plain torch, grouped by slot: one shrink and one expand matmul per distinct slot
-    present. Rows are gathered with index_select and scattered with index_add_, or taken as a
-    slice when a slot's tokens are contiguous (the usual case: the runner lays a request's
-    tokens out together).
+  * otherwise plain torch. With a `LoRAMapping` whose slots are balanced (decode batches): the
+    LoRA tokens gathered into [slots, rows] and two bmm for all slots. Else grouped by slot:
+    one shrink and one expand matmul per distinct slot present, rows gathered with
+    index_select (or a slice when a slot's tokens are contiguous, as a prefill's are).
+    Scatters avoid index_add_ on column-slice outputs (slow strided path on CPU).
 """
 from __future__ import annotations
 
@@ -111,10 +112,12 @@ def _add_lora_grouped(y, x, lora_a, lora_b, groups, scaling) -> None:
 
 def _add_lora_padded(y, x, lora_a, lora_b, padded, scaling) -> None:
     """All slots at once: gather the LoRA tokens into [P, max_rows, in], two bmm, scatter back.
-    Pad rows get a zero scale, so they add exactly zero to the token they repeat."""
+    Pad rows get a zero scale, so they add exactly zero to the token they repeat (x finite)."""
     a, b, scale = lora_a, lora_b, scaling
-    if padded.present is not None:
-        a, b, scale = a.index_select(0, padded.present), b.index_select(0, padded.present), scale.index_select(0, padded.present)
+    if isinstance(padded.present, slice):
+        a, b, scale = a[padded.present], b[padded.present], scale[padded.present]
+    elif padded.present is not None:
+        a, b, scale = (t.index_select(0, padded.present) for t in (a, b, scale))
     num_present = a.shape[0]
     xs = x.index_select(0, padded.gather).view(num_present, padded.max_rows, x.shape[1])
     v = torch.bmm(xs, a.to(x.dtype).transpose(1, 2))  # [P, max_rows, R]
