@@ -29,8 +29,8 @@ The path of an adapter (one concept per file):
 
 Elsewhere: `ScheduledRequest.lora_id` (the adapter's engine uid) carries a sequence's adapter to
 the runner; the scheduler never runs more distinct adapters at once than ``max_loras`` (a request
-whose adapter has no slot free waits; later requests may pass it only a bounded number of times,
-so none starves); the adapter's uid is part of the prefix-cache salt, so different adapters (and
+whose adapter has no slot free waits; later requests may pass it at most ``max_num_seqs`` times,
+then admission pauses until a running adapter drains, so none starves); the adapter's uid is part of the prefix-cache salt, so different adapters (and
 two loads of one name) never share KV blocks while requests of one adapter do. LoRA with
 tensor parallelism is refused; CUDA graphs are not used when LoRA is enabled.
 """
