@@ -22,6 +22,18 @@ import time
 from benchmarks.throughput import LLAMA_56M, LLAMA_TINY, machine_info, make_random_llama
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by the processes `pids` (all ranks of a run): on a
+    loaded machine a steadier measure of cost than wall time, which depends on the CPU share."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def run(model: str, tp: int, threads: int, prompts: list[list[int]], max_tokens: int, dtype: str) -> dict:
     import torch
 
@@ -34,9 +46,10 @@ def run(model: str, tp: int, threads: int, prompts: list[list[int]], max_tokens:
     start_s = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)  # warm
-    t0 = time.perf_counter()
+    pids = [os.getpid()] + [p.pid for p in (llm.engine.workers.processes if llm.engine.workers else [])]
+    c0, t0 = cpu_seconds(pids), time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - c0
     engine = llm.engine
     # Decode-step time at the full batch, and the LM head's share of it (rank 0 only computes it).
     for i, p in enumerate(prompts):
@@ -59,7 +72,7 @@ def run(model: str, tp: int, threads: int, prompts: list[list[int]], max_tokens:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     steps.sort()
     return {"tp": tp, "threads_per_rank": threads, "start_s": round(start_s, 1), "wall_s": round(wall, 2),
-            "out_tok_s": round(n_out / wall, 1), "decode_step_ms_median": round(steps[len(steps) // 2] * 1000, 1),
+            "out_tok_s": round(n_out / wall, 1), "cpu_ms_per_token": round(cpu / n_out * 1000, 1), "decode_step_ms_median": round(steps[len(steps) // 2] * 1000, 1),
             "lm_head_ms": round(head_ms, 2), "tokens": [list(o.outputs[0].token_ids) for o in outs]}
 
 
@@ -86,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load {info['load_avg']} -> {info['load_avg_after']}, {info['date']}")
     print(f"model: {shape}, {n} requests {args.prompt_len} -> {args.max_tokens}, {args.dtype}; "
           f"greedy tokens identical across runs: {same}")
-    print("| TP | threads/rank | start s | wall s | out tok/s | decode step ms (median) | LM head ms (rank 0) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| TP | threads/rank | start s | wall s | out tok/s | CPU ms/token (all ranks) | decode step ms (median) "
+          "| LM head ms (rank 0) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['tp']} | {r['threads_per_rank']} | {r['start_s']} | {r['wall_s']} | {r['out_tok_s']} | "
-              f"{r['decode_step_ms_median']} | {r['lm_head_ms']} |")
+              f"{r['cpu_ms_per_token']} | {r['decode_step_ms_median']} | {r['lm_head_ms']} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": info, "shape": shape, "identical_tokens": same,
