@@ -64,7 +64,12 @@ def run_worker(config: EngineConfig, info: RankInfo, store) -> None:
     num_blocks = comm.min_int(choose_num_blocks(config, bytes_per_block, device))
     runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, _NoSampling())
     while True:
-        message = comm.broadcast_object()
+        try:
+            message = comm.broadcast_object()
+        except RuntimeError as exc:  # rank 0 exited (its sockets closed): nothing left to serve
+            logger.info("tensor-parallel rank %d: rank 0 is gone, exiting (%s)", info.rank,
+                        str(exc).splitlines()[0][:160])
+            return
         if message.shutdown:
             return
         runner.execute(message)  # the forward pass, and this rank's slice of the sampled rows' logits
