@@ -287,6 +287,9 @@ class AsyncEngine:
                     self._wakeup.wait(self._idle_wait)
                     self._wakeup.clear()
             self._fail_all(EngineDeadError("the engine was shut down"))
+            close = getattr(self.engine, "close", None)  # tensor-parallel workers are told to exit
+            if close is not None:
+                close()
         except BaseException as exc:  # noqa: BLE001 - any death must reach the callers
             logger.exception("engine thread died")
             self.errored = exc
