@@ -151,6 +151,8 @@ def test_unload_reload_and_one_slot(setup):
     llm.engine.add_lora(loras[1]), llm.engine.add_lora(loras[2])
     for i, (p, lora) in enumerate(plan):
         llm.engine.add_request(f"q{i}", p, PARAMS, lora_request=lora)
+    stats = llm.engine.get_stats()
+    assert stats.waiting_lora_adapters == sorted(lr.lora_name for lr in loras) and stats.max_loras == 1
     final = {}
     while llm.engine.has_unfinished_requests():
         for out in llm.engine.step():
