@@ -2,7 +2,9 @@
 
 ``add_request`` queues work, ``step`` runs one scheduled forward pass and returns the outputs of
 requests that progressed, ``abort_request`` stops requests. The engine is single-threaded; the
-asyncio front (`AsyncEngine`) drives it from its own thread.
+asyncio front (`AsyncEngine`) drives it from its own thread. Requests are checked and built by
+`RequestBuilder` (engine/request_builder.py); adapters are kept by `EngineAdapters`
+(engine/lora/engine_adapters.py).
 
 A step is ``Scheduler.schedule`` -> ``ModelRunner.execute`` -> ``Scheduler.update_from_output``
 -> ``OutputProcessor.process`` (docs/architecture.md). If the runner or the update raises, only
@@ -12,16 +14,13 @@ engine becomes idle.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterable
 
-import torch
-
 from engine.config import EngineConfig
 from engine.kv_cache.kv_cache_manager import KVCacheManager
-from engine.lora.errors import LoRAError
+from engine.lora.engine_adapters import EngineAdapters
 from engine.lora.request import LoRARequest
 from engine.distributed.launcher import WorkerGroup
 from engine.executor import TensorParallelExecutor
@@ -29,9 +28,10 @@ from engine.model_runner import ModelRunner
 from engine.models.tensor_parallel import TPContext
 from engine.models.loader import load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_model
 from engine.output_processor import OutputProcessor
-from engine.pooling import PoolingParams, PoolingState
+from engine.pooling import PoolingParams
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
+from engine.request_builder import RequestBuilder
 from engine.sampler import Sampler
 from engine.generation_config import load_generation_defaults
 from engine.sampling_params import SamplingParams
@@ -39,10 +39,8 @@ from engine.scheduler.output import SampledTokens, SchedulerOutput
 from engine.scheduler.policies import make_policy
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
 from engine.startup import choose_num_blocks, configure_threads, eos_token_ids, resolve_device
-from engine.step_failure import MAX_CONSECUTIVE_FAILED_STEPS, EngineFatalError, is_fatal
+from engine.step_failure import StepFailures
 from engine.structured_output.manager import StructuredOutputManager
-
-logger = logging.getLogger("conveyor.engine")
 
 # Decode graphs are captured up to this batch; larger decode steps run eagerly. On an H200
 # (benchmarks/RESULTS.md) graphs gave 5.7x at batch 1 and 3.1x at batch 64, but a captured
@@ -70,7 +68,8 @@ class LLMEngine:
             tp=self.workers.comm.tp_context() if self.workers is not None else TPContext(),
         )
         self.model_name = config.model or "SmolLM2-135M-Instruct"
-        self.lora = self._make_lora() if config.enable_lora else None  # wraps the model's projections
+        self.adapters = EngineAdapters.build(config, self.model, self.hf_config, self.dtype, self.device)
+        self.lora = self.adapters.manager  # LoRAManager or None; it wrapped the model's projections
         self.max_model_len = min(config.max_model_len or self.model.max_model_len, self.model.max_model_len)
         block_size = config.block_size
         bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, block_size, self.dtype)
@@ -99,19 +98,14 @@ class LLMEngine:
         if self.workers is not None:  # broadcasts each step to the workers, then runs ours
             self.runner = TensorParallelExecutor(self.runner, self.workers)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.builder = RequestBuilder(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
+                                      self.num_blocks * block_size, self.device, self.sampling_defaults, config)
         self.structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size,
                                  max_loras=config.max_loras if config.enable_lora else 0)
         self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
-        self._failed_steps = 0  # consecutive
-
-    def _make_lora(self):
-        from engine.lora.manager import LoRAManager
-
-        c = self.config
-        return LoRAManager(self.model, self.hf_config.to_dict(), max_loras=c.max_loras, max_lora_rank=c.max_lora_rank,
-                           max_cpu_loras=c.max_cpu_loras, dtype=self.dtype, device=self.device)
+        self.failures = StepFailures(self.scheduler, self.outputs, self.check_integrity)
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (nothing to do with one process). The engine
@@ -144,130 +138,37 @@ class LLMEngine:
         `PoolingParams` it is an embedding request: its final output carries ``embedding``.
         ``lora_request`` runs it with that loaded adapter (found by ``lora_name``; `LoRAError`
         with param "model" when none of that name is loaded)."""
-        lora = self._resolve_lora(lora_request)
-        if isinstance(params, PoolingParams):
-            self._add_pooling_request(request_id, prompt, params, arrival_time, priority, cache_salt, tenant, lora)
+        lora = self.adapters.resolve(lora_request)
+        where = {"groups": self.outputs, "live": self.scheduler.requests}
+        if isinstance(params, PoolingParams):  # an embedding request: prefill only, then it finishes
+            prompt_text, request = self.builder.pooling(request_id, prompt, params, arrival_time, priority,
+                                                        cache_salt, tenant, lora, **where)
+            self.outputs.add(request_id, prompt_text, [request], request.arrival_time)
+            self.scheduler.add_request(request)
             return
-        params = self.sampling_defaults.prepare(params, self.hf_config.vocab_size, self.config)
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if request_id in self.outputs:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        max_tokens = self._resolve_max_tokens(len(prompt_ids), params)
-        arrival = time.time() if arrival_time is None else arrival_time
-        children = []
-        for i in range(params.n):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            if child_id in self.scheduler.requests:
-                raise ValueError(f"request_id {request_id!r} clashes with the running request {child_id!r}")
-            children.append(Request(child_id, prompt_ids, params, max_tokens, arrival, priority,
-                                    cache_salt, tenant, generator, lora_name=lora[0], lora_id=lora[1]))
-        self.structured.attach(params.structured_outputs, children)  # compiles off the step loop
-        self.outputs.add(request_id, prompt_text, children, arrival)
+        prompt_text, children = self.builder.generation(request_id, prompt, params, arrival_time, priority,
+                                                        cache_salt, tenant, lora, **where)
+        grammar = children[0].sampling_params.structured_outputs
+        self.structured.attach(grammar, children)  # compiles off the step loop
+        self.outputs.add(request_id, prompt_text, children, children[0].arrival_time)
         for child in children:
             self.scheduler.add_request(child)
-
-    def _add_pooling_request(self, request_id: str, prompt: str | list[int], params: PoolingParams,
-                             arrival_time: float | None, priority: int, cache_salt: str | None,
-                             tenant: str | None, lora: tuple[str | None, int | None] = (None, None)) -> None:
-        """An embedding request: prefill only (engine/pooling.py), then it finishes."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if request_id in self.outputs or request_id in self.scheduler.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        limit, capacity = self.max_model_len, self.num_blocks * self.config.block_size
-        if len(prompt_ids) > min(limit, capacity):
-            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your input has "
-                             f"{len(prompt_ids)} tokens." if len(prompt_ids) > limit else
-                             f"input ({len(prompt_ids)} tokens) exceeds the KV cache capacity of {capacity} tokens")
-        arrival = time.time() if arrival_time is None else arrival_time
-        request = Request(request_id, prompt_ids, SamplingParams(max_tokens=1), 0, arrival, priority,
-                          cache_salt, tenant, pooling=PoolingState(params), lora_name=lora[0], lora_id=lora[1])
-        self.outputs.add(request_id, prompt_text, [request], arrival)
-        self.scheduler.add_request(request)
-
-    def _resolve_lora(self, lora_request: LoRARequest | None) -> tuple[str | None, int | None]:
-        """(adapter name, engine uid) of a request's adapter, (None, None) for the base model."""
-        if lora_request is None:
-            return None, None
-        if self.lora is None:
-            raise LoRAError("model", "model: LoRA adapters are not enabled on this engine (enable_lora=False)")
-        adapter = self.lora.resolve(lora_request)
-        return adapter.name, adapter.uid
 
     # -- LoRA adapters ------------------------------------------------------------------------
     def add_lora(self, lora: LoRARequest) -> None:
         """Loads an adapter into CPU memory after validating it (`LoRAError` naming the field
         otherwise). Loading a name again from the same path is a no-op; from another path it is
         refused. It reaches a device slot when a step first needs it."""
-        if self.lora is None:
-            raise LoRAError("lora_name", "lora_name: LoRA adapters are not enabled on this engine (enable_lora=False)")
-        self.lora.add(lora)
+        self.adapters.add(lora)
 
     def remove_lora(self, lora_name: str) -> bool:
         """Unloads an adapter: new requests naming it are refused at once; requests already
         queued or running on it finish on it, then its weights are freed. False if unknown."""
-        if self.lora is None or not self.lora.remove(lora_name):
-            return False
-        self._purge_loras()
-        return True
+        return self.adapters.remove(lora_name, self.scheduler.requests.values())
 
     def list_loras(self) -> list[LoRARequest]:
         """The loaded adapters, in load order."""
-        return [] if self.lora is None else self.lora.list()
-
-    def _purge_loras(self) -> None:
-        if self.lora is not None and self.lora.has_retired:
-            self.lora.purge({r.lora_id for r in self.scheduler.requests.values()})
-
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt must be token ids: this engine was started without a tokenizer")
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids, text = list(prompt), None
-            vocab = self.hf_config.vocab_size
-            bad = [t for t in ids if t < 0 or t >= vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[0]}")
-        else:
-            raise ValueError("prompt must be a string or a list of token ids")
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        return text, ids
-
-    def _resolve_max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
-        limit = self.max_model_len
-        capacity = self.num_blocks * self.config.block_size
-        if num_prompt >= limit:
-            raise ValueError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{num_prompt} tokens, leaving no room for completion tokens."
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
-        if num_prompt + max_tokens > limit:
-            raise ValueError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the "
-                f"completion). Please reduce the prompt or max_tokens."
-            )
-        if num_prompt + max_tokens > capacity:
-            raise ValueError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the KV cache capacity "
-                f"of {capacity} tokens; raise num_blocks/kv_cache_memory or lower max_tokens"
-            )
-        return max_tokens
+        return self.adapters.list()
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stops the requests (unknown or finished ids are ignored); their blocks are freed at
@@ -290,7 +191,7 @@ class LLMEngine:
         """Runs one step; returns an output for every request that progressed or ended. Raises
         `EngineFatalError` only when the engine cannot continue."""
         results, self._pending = self._pending, []
-        self._purge_loras()  # unloaded adapters whose last request has left
+        self.adapters.purge(self.scheduler.requests.values())  # unloaded adapters whose last request left
         if self.structured.has_pending:
             results.extend(self._fail_bad_grammars())
         p0 = time.perf_counter()  # p0..p3: the step's phases, for the schedule/execute split
@@ -310,9 +211,9 @@ class LLMEngine:
             self.outputs.process(requests, now, self.scheduler.finish_request, results)
             results.extend(self._pooled_outputs(finished, now))
         except Exception as exc:  # noqa: BLE001 - any failure of the step fails its requests only
-            results.extend(self._fail_step(sched, exc))
+            results.extend(self.failures.fail(sched, exc))
             return results
-        self._failed_steps = 0
+        self.failures.succeeded()
         self._update_stats(sched, sampled, requests, now - t0, [r for r in finished if r.pooling is not None])
         s = self.stats  # Python scheduling (schedule + update_from_output) vs the model, vs outputs
         s.last_schedule_time, s.last_execute_time = (p1 - p0) + (p3 - p2), p2 - p1
@@ -344,27 +245,6 @@ class LLMEngine:
             failed.append(self.outputs.fail(group, message, now))
         return failed
 
-    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
-        """Ends every request of the failed step with an error output; raises
-        `EngineFatalError` when the engine must not go on."""
-        if is_fatal(exc):
-            raise EngineFatalError(f"engine step failed with an unrecoverable error: {exc!r}") from exc
-        self._failed_steps += 1
-        ids = [s.request_id for s in sched.scheduled]
-        logger.error("engine step failed; failing its %d requests %s", len(ids), ids[:8], exc_info=exc)
-        self.scheduler.fail_step(sched)
-        now = time.time()
-        message = f"the engine failed while running this request ({type(exc).__name__})"
-        failed = []
-        for group in self.outputs.groups_of(ids):
-            for seq in group.seqs:  # siblings of an n > 1 request fail with it
-                self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ERROR)
-            failed.append(self.outputs.fail(group, message, now))
-        self.check_integrity()
-        if self._failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-            raise EngineFatalError(f"{self._failed_steps} engine steps in a row failed; last: {exc!r}") from exc
-        return failed
-
     def _check_after_step(self) -> None:
         if self.debug:
             self.check_integrity()
@@ -393,8 +273,8 @@ class LLMEngine:
         s.prefix_cache_hits = self.kv.prefix_cache_hits
         s.num_preemptions = self.scheduler.num_preemptions
         if self.lora is not None:
-            s.running_lora_adapters = sorted({r.lora_name for r in self.scheduler.running if r.lora_name})
-            s.waiting_lora_adapters = sorted({r.lora_name for r in self.scheduler.waiting_requests() if r.lora_name})
+            s.running_lora_adapters = self.adapters.names(self.scheduler.running)
+            s.waiting_lora_adapters = self.adapters.names(self.scheduler.waiting_requests())
         return s
 
     def check_integrity(self) -> None:

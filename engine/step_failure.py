@@ -10,7 +10,22 @@ is broken). `AsyncEngine` then reports itself dead so an orchestrator restarts t
 """
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
+
+from engine.request import RequestStatus
+
+if TYPE_CHECKING:
+    from engine.output_processor import OutputProcessor
+    from engine.outputs import RequestOutput
+    from engine.scheduler.output import SchedulerOutput
+    from engine.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("conveyor.engine")
 
 MAX_CONSECUTIVE_FAILED_STEPS = 3
 
@@ -32,3 +47,37 @@ def is_fatal(exc: BaseException) -> bool:
         return True
     text = str(exc)[:2000]
     return any(marker in text for marker in _FATAL_MARKERS)
+
+
+class StepFailures:
+    """Ends a failed step's requests and counts failed steps in a row."""
+
+    def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, check_integrity: Callable[[], None]):
+        self.scheduler = scheduler
+        self.outputs = outputs
+        self.check_integrity = check_integrity
+        self.consecutive = 0
+
+    def succeeded(self) -> None:
+        self.consecutive = 0
+
+    def fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """Ends every request of the failed step (and its ``n > 1`` siblings) with an error
+        output; raises `EngineFatalError` when the engine must not go on."""
+        if is_fatal(exc):
+            raise EngineFatalError(f"engine step failed with an unrecoverable error: {exc!r}") from exc
+        self.consecutive += 1
+        ids = [s.request_id for s in sched.scheduled]
+        logger.error("engine step failed; failing its %d requests %s", len(ids), ids[:8], exc_info=exc)
+        self.scheduler.fail_step(sched)
+        now = time.time()
+        message = f"the engine failed while running this request ({type(exc).__name__})"
+        failed = []
+        for group in self.outputs.groups_of(ids):
+            for seq in group.seqs:  # siblings of an n > 1 request fail with it
+                self.scheduler.finish_request(seq.request, RequestStatus.FINISHED_ERROR)
+            failed.append(self.outputs.fail(group, message, now))
+        self.check_integrity()
+        if self.consecutive >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise EngineFatalError(f"{self.consecutive} engine steps in a row failed; last: {exc!r}") from exc
+        return failed
