@@ -164,7 +164,10 @@ def test_bad_shapes_name_the_argument():
         lora_ops.add_lora(y_full, x, a, b, slots, scaling[:1])
 
 
-TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+# float16 also runs under the interpreter (it exercises the kernels' casts); bfloat16 only on
+# CUDA: the Triton 3.9 interpreter's tl.dot returns garbage for bf16 inputs (a plain 16x16
+# bf16 dot is off by 1e10 there, while the same kernel is exact in fp16)
+TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
 
 
 @pytest.fixture
