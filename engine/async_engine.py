@@ -18,62 +18,29 @@ Guarantees:
   `EngineDeadError`.
 - `progress()` says when a step last completed and whether work is pending (engine/progress.py),
   so the server's /health can report an engine that is alive but wedged.
+
+The commands callers queue for the engine thread are in engine/async_commands.py, the
+per-request output streams in engine/request_streams.py.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+from engine.async_commands import AbortRequest, AddRequest, Command, CommandQueue, EngineCall, apply
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError, RequestFailedError  # re-exported: callers import them from here
 from engine.outputs import EngineStats, RequestOutput
 from engine.progress import ProgressSnapshot, StepProgress
+from engine.request_streams import RequestStreams, resolve
 
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestFailedError", "StepInfo"]
 logger = logging.getLogger("conveyor.async_engine")
-_Item = RequestOutput | BaseException  # what a stream's queue carries
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped because of an error; no request can be served any more."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed while running this request (other requests are unaffected)."""
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: Any
-    kwargs: dict
-    accepted: asyncio.Future  # resolved on the caller's loop: None, or the error to raise
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    """An engine method to run on the engine thread between steps (LoRA load / unload)."""
-
-    method: str
-    args: tuple
-    done: asyncio.Future  # resolved on the caller's loop: (result, error or None)
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # RequestOutput items, or an exception to raise
-    finished: bool = False
 
 
 @dataclass
@@ -83,12 +50,6 @@ class StepInfo:
     duration: float
     num_outputs: int
     stats: EngineStats
-
-
-@dataclass
-class _State:
-    streams: dict[str, _Stream] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class AsyncEngine:
@@ -108,11 +69,11 @@ class AsyncEngine:
         self._factory = engine_factory or self._default_factory
         self.on_step = on_step  # settable later, e.g. by the server's metrics
         self._idle_wait = idle_wait
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands = CommandQueue()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._state = _State()
+        self._streams = RequestStreams()
         self._stats = EngineStats()
         self._progress = StepProgress()
         self.engine: Any = None
@@ -167,8 +128,7 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
-        with self._state.lock:
-            return len(self._state.streams)
+        return len(self._streams)
 
     # ---- requests -----------------------------------------------------------------------
     async def generate(
@@ -193,19 +153,15 @@ class AsyncEngine:
         if not self._ready.is_set():
             raise EngineDeadError("the engine is not ready yet")
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop=loop, queue=asyncio.Queue())
-        with self._state.lock:
-            if request_id in self._state.streams:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
-            self._state.streams[request_id] = stream
+        stream = self._streams.open(request_id, loop)
         accepted = loop.create_future()
         kwargs = {"priority": priority, "cache_salt": cache_salt, "tenant": tenant,
                   "arrival_time": time.time() if arrival_time is None else arrival_time}
         if lora_request is not None:
             kwargs["lora_request"] = lora_request
-        self._submit(_Add(request_id, prompt, params, kwargs, accepted))
+        self._submit(AddRequest(request_id, prompt, params, kwargs, accepted))
         if not self._thread.is_alive():  # it died between our check and the submit
-            _resolve(accepted, EngineDeadError("the engine stopped after an internal error"))
+            resolve(accepted, EngineDeadError("the engine stopped after an internal error"))
         try:
             error = await accepted
             if error is not None:
@@ -222,10 +178,9 @@ class AsyncEngine:
                 if stream.finished:
                     return
         finally:
-            with self._state.lock:
-                self._state.streams.pop(request_id, None)
+            self._streams.close(request_id)
             if not stream.finished and self.errored is None:
-                self._submit(_Abort(request_id))
+                self._submit(AbortRequest(request_id))
 
     # ---- LoRA adapters ------------------------------------------------------------------
     async def add_lora(self, lora: Any) -> None:
@@ -247,9 +202,9 @@ class AsyncEngine:
         if not self._ready.is_set():
             raise EngineDeadError("the engine is not ready yet")
         done = asyncio.get_running_loop().create_future()
-        self._submit(_Call(method, args, done))
+        self._submit(EngineCall(method, args, done))
         if not self._thread.is_alive():
-            _resolve(done, (None, EngineDeadError("the engine stopped after an internal error")))
+            resolve(done, (None, EngineDeadError("the engine stopped after an internal error")))
         result, error = await done
         if error is not None:
             raise error
@@ -257,11 +212,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Aborts a request from any thread; a no-op for unknown or finished ones."""
-        self._submit(_Abort(request_id))
+        self._submit(AbortRequest(request_id))
 
-    def _submit(self, command: _Add | _Abort | _Call) -> None:
+    def _submit(self, command: Command) -> None:
         self._commands.put(command)
-        if isinstance(command, _Add):  # after the put: see StepProgress.idle_if
+        if isinstance(command, AddRequest):  # after the put: see StepProgress.idle_if
             self._progress.work_arrived()
         self._wakeup.set()
 
@@ -297,72 +252,18 @@ class AsyncEngine:
 
     def _apply_commands(self) -> None:
         changed = False
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for command in self._commands.take():
             changed = True
-            if isinstance(command, _Call):
-                self._run_call(command)
-                continue
-            if isinstance(command, _Abort):
-                try:
-                    self.engine.abort_request(command.request_id)
-                except Exception:  # noqa: BLE001 - one bad abort must not stop the engine
-                    logger.exception("aborting request %s failed", command.request_id)
-                continue
-            error: BaseException | None = None
-            try:
-                self.engine.add_request(command.request_id, command.prompt, command.params,
-                                        **command.kwargs)
-            except ValueError as exc:
-                error = exc
-            except Exception as exc:  # noqa: BLE001 - a request the engine chokes on fails alone
-                logger.exception("adding request %s failed", command.request_id)
-                error = RequestFailedError(f"the engine could not accept the request ({type(exc).__name__})")
-            with self._state.lock:
-                stream = self._state.streams.get(command.request_id)
-            if stream is None:  # the caller left before we got here
-                if error is None:
-                    self.engine.abort_request(command.request_id)
-                continue
-            stream.loop.call_soon_threadsafe(_resolve, command.accepted, error)
+            apply(self.engine, command, self._streams)
         if changed:
             self._publish_stats()
-
-    def _run_call(self, command: _Call) -> None:
-        result, error = None, None
-        try:
-            result = getattr(self.engine, command.method)(*command.args)
-        except ValueError as exc:  # LoRAError: the caller's bad input
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - a failed load must not stop the engine
-            logger.exception("%s failed", command.method)
-            error = RuntimeError(f"{command.method} failed ({type(exc).__name__})")
-        try:
-            command.done.get_loop().call_soon_threadsafe(_resolve, command.done, (result, error))
-        except RuntimeError:  # the caller's loop is closed
-            pass
 
     def _step(self) -> None:
         start = time.perf_counter()
         outputs = self.engine.step()
         duration = time.perf_counter() - start
         self._progress.step_completed()
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, _Item]]] = {}
-        with self._state.lock:
-            for out in outputs:
-                stream = self._state.streams.get(out.request_id)
-                if stream is not None:
-                    item = out if out.error is None else RequestFailedError(out.error)
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
-        # One wake-up per event loop per step, not one per request.
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: its callers are gone
-                pass
+        self._streams.deliver(outputs)  # one wake-up per event loop per step, not one per request
         stats = self._publish_stats()
         if self.on_step is not None:
             try:
@@ -376,33 +277,6 @@ class AsyncEngine:
         return self._stats
 
     def _fail_all(self, error: BaseException) -> None:
-        with self._state.lock:
-            streams = list(self._state.streams.values())
-        for stream in streams:
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-            except RuntimeError:
-                pass
-        # Callers still waiting for their request to be accepted get the error too.
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(command, (_Add, _Call)):
-                future = command.accepted if isinstance(command, _Add) else command.done
-                value = error if isinstance(command, _Add) else (None, error)
-                try:
-                    future.get_loop().call_soon_threadsafe(_resolve, future, value)
-                except RuntimeError:
-                    pass
+        self._streams.fail_all(error)
+        self._commands.fail_waiting(error)  # callers still waiting for their request to be accepted
 
-
-def _resolve(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, _Item]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)

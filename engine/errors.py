@@ -1,8 +1,9 @@
-"""Errors the engine raises for requests it refuses.
+"""Errors the engine raises for requests it refuses or cannot serve.
 
 `InvalidParameterError` is a `ValueError` (callers that catch ValueError keep working) that also
 names the offending request field in `param`. Its message starts with that field's name, so an
-API layer that only sees the text can still tell which field was wrong.
+API layer that only sees the text can still tell which field was wrong. `RequestFailedError`
+and `EngineDeadError` are what `AsyncEngine` (engine/async_engine.py) raises in request streams.
 """
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ class InvalidParameterError(ValueError):
             message = f"{param}: {message}"
         super().__init__(message)
         self.param = param
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request (other requests are unaffected)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped because of an error; no request can be served any more."""
 
 
 def show(value: object, limit: int = 40) -> str:
