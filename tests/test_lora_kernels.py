@@ -213,6 +213,22 @@ def test_segments_group_tokens_by_slot_without_slot_minus_one(triton_lora):
     assert order[starts[0]:starts[0] + 2] == [2, 4] and order[starts[2]:starts[2] + 3] == [0, 3, 6]
 
 
+@pytest.mark.parametrize("path", ["torch", "torch-mapping", "triton"])
+def test_lora_b_may_be_a_view_of_rank_major_storage(path):
+    """lora_b [S, out, R] stored as [S, R, out] (its transpose view): the layout that makes the
+    expand matmul read B contiguously. Every path gives the same result as for contiguous B."""
+    case = CASES["interleaved_odd"]
+    impl = {"torch": lora_ops.add_lora_torch, "torch-mapping": with_mapping(lora_ops.add_lora_torch),
+            "triton": lambda *args: pytest.importorskip("engine.kernels.triton_lora").add_lora(*args)}[path]
+
+    def with_rank_major_b(y, x, a, b, slots, scaling):
+        b_view = b.transpose(1, 2).contiguous().transpose(1, 2)
+        assert b_view.shape == b.shape and b_view.stride(1) == 1
+        impl(y, x, a, b_view, slots, scaling)
+
+    check(case, with_rank_major_b, device="cpu" if path != "triton" else DEVICE)
+
+
 def test_lora_ops_shrink_expand_public_functions():
     """lora_ops.lora_shrink / lora_expand (torch path on CPU) compose to add_lora."""
     case = CASES["decode_mixed"]

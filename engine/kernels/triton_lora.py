@@ -90,7 +90,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     v_ptr, b_ptr, y_ptr, scaling_ptr, order_ptr, seg_start_ptr, seg_len_ptr,
-    stride_vt, stride_bs, stride_bn, stride_yt, stride_yn,
+    stride_vt, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     out_dim, rank,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -108,7 +108,8 @@ def _expand_kernel(
         vb = tl.load(v_ptr + tok[:, None] * stride_vt + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         vb = vb.to(b_ptr.dtype.element_ty)  # the torch path's rounding point
         # B[slot] is [out, R]; the tile is read transposed as [BLOCK_R, BLOCK_N]
-        bb = tl.load(b_base + cols[None, :] * stride_bn + r[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        bb = tl.load(b_base + cols[None, :] * stride_bn + r[:, None] * stride_br,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(vb, bb, input_precision="ieee")
         else:
@@ -165,9 +166,7 @@ def lora_expand(
     num_slots, _, rank = lora_b.shape
     if num_tokens == 0 or num_slots == 0 or rank == 0 or out_dim == 0:
         return
-    lora_b = lora_b.to(y.dtype)
-    if lora_b.stride(2) != 1:
-        lora_b = lora_b.contiguous()
+    lora_b = lora_b.to(y.dtype)  # any strides: [S, out, R] contiguous or a view of [S, R, out]
     if v.stride(1) != 1:
         v = v.contiguous()
     seg = segments if segments is not None else make_segments(token_slots, num_slots)
@@ -175,7 +174,7 @@ def lora_expand(
     grid = (num_slots, triton.cdiv(num_tokens, block_m), triton.cdiv(out_dim, block_n))
     _expand_kernel[grid](
         v, lora_b, y, scaling, seg.order, seg.seg_start, seg.seg_len,
-        v.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        v.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
         out_dim, rank,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), IEEE=y.dtype == torch.float32,
     )
