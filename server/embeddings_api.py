@@ -249,7 +249,7 @@ class EmbeddingsAPI:
                                   req.user or request.headers.get("x-user-id"), request.headers.get("x-feature-id"),
                                   model.name, model.priced.version, tokens, cached, 0,
                                   cost(model.priced.price, tokens, cached, 0), base_model=model.base.name)
-                await g._account(rec)  # the gateway's own accounting (metrics + usage log)
+                await g.settle.account(rec)  # the gateway's own accounting (metrics + usage log)
         except Exception:  # noqa: BLE001 - settling must never break the response
             log.exception("settling embeddings usage failed")
 

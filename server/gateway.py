@@ -1,5 +1,5 @@
 """The request pipeline: everything between HTTP and the engines for a generation request,
-in order, in this one file.
+in order, in `Gateway._pipeline`.
 
     1 auth (401) -> 2 idempotency (replay / 409 / 422) -> 3 input guards (400) -> 4 route:
     the named model, the tenant's default, or `auto` (403 / 404) -> 5 limits (429; 503
@@ -8,7 +8,7 @@ in order, in this one file.
 
 `Gateway.handle` authenticates and parses, then drives `_pipeline` (steps 2-9), an async
 generator that yields either one recorded response (a replay, a cache or dedup hit) or the
-engine's outputs; `handle` answers them as JSON, `_sse` as a stream. `_pipeline`'s one
+engine's outputs; `handle` answers them as JSON, `event_stream` as a stream. `_pipeline`'s one
 `finally` is the settle step: however the request ends (finished, refused, failed, client
 gone, timed out, server shutting down) it replaces the rate-limit reservation by the real
 usage, ends a dedup lead, writes the usage record, and stores a completed response for the
@@ -17,14 +17,16 @@ even if the request's task is cancelled, and a completed stream is settled befor
 `[DONE]`. Every response names its model (`X-Conveyor-Model`) and carries the tenant's
 `x-ratelimit-*` headers; JSON responses carry their cost (`X-Conveyor-Cost`, US dollars),
 replays and cache hits cost 0.
+
+A stage with more to it than a call lives in its own file: the request's state
+(server/pipeline_run.py), 6 (server/cache_lookup.py), 7's wait for each output
+(server/engine_wait.py), a stream's body (server/event_stream.py), 9 (server/settle.py).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,63 +35,34 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.async_engine import EngineDeadError
 from engine.outputs import RequestOutput
 from server.auth import Authenticator
+from server.cache_lookup import cached_answer
 from server.config_file import ProductionConfig, TenantConfig
-from server.errors import APIError, bad_request, internal_error, param_from_message
-from server.formatting import Formatter, usage as output_usage
+from server.engine_wait import end_waits_by, next_output
+from server.errors import APIError
+from server.event_stream import event_stream
+from server.formatting import usage as output_usage
 from server.guardrails import Guard, GuardChain, build_guard
 from server.idempotency import HEADER as IDEMPOTENCY_HEADER, Idempotency, check_key, fingerprint
 from server.limits import default_max_tokens
+from server.pipeline_run import PipelineRun
 from server.prod_metrics import ProductionMetrics
 from server.protocol import ChatCompletionRequest, GenerationRequest
-from server.rate_limit import RateLimiter, Reservation
+from server.rate_limit import RateLimiter
 from server.recorded import RecordedResponse
 from server.request_trace import RequestTrace
-from server.response_cache import InFlight, ResponseCache, is_deterministic
+from server.response_cache import InFlight, ResponseCache
 from server.routing import AUTO, Router
 from server.served_models import ModelHandle, ModelSet
-from server.serving import (PARAM_NAMES, ClientGone, output_headers, parse_request, read_json, request_logger,
-                            until_disconnect)
+from server.serving import ClientGone, output_headers, parse_request, read_json, request_logger
 from server.settings import ServerSettings
+from server.settle import Settle, model_cost
 from server.shutdown import Drain
-from server.sse import DONE, SSEResponse, sse_event
+from server.sse import SSEResponse
 from server.store import Store
 from server.tracing import Tracing
-from server.usage import UsageLog, UsageRecord, cost
-
-
-@dataclass(eq=False)
-class _Run:
-    """One generation request on its way through the pipeline: what the settle step needs."""
-
-    request: Request
-    tenant: TenantConfig
-    req: GenerationRequest
-    body: dict
-    canonical: dict[str, Any]  # the request as idempotency and the cache see it
-    log: logging.LoggerAdapter
-    trace: RequestTrace
-    key: str | None = None  # Idempotency-Key, validated
-    owns_key: bool = False  # this request must complete or abandon the key
-    headers: dict[str, str] = field(default_factory=dict)  # added to the response
-    model: ModelHandle | None = None
-    formatter: Formatter | None = None
-    api: Any = None  # another API served on this pipeline (server/responses/api.py); None: chat / completions
-    reservation: Reservation | None = None
-    cache_fp: str | None = None  # set when the request is cacheable
-    leading: bool = False  # runs the engine for an in-flight dedup group
-    last: RequestOutput | None = None  # the latest engine output
-    answer: RecordedResponse | None = None  # the completed response, however it was produced
-    source: str = "engine"  # engine | response (cache) | dedup
-    deadline: float | None = None  # the request's own `timeout`, event-loop time
-    waiting: Any = None  # the asyncio.Timeout of the current wait for an engine output
-    streaming: bool = False  # the stream's headers are out: Starlette notices disconnects
-
-    @property
-    def keeps_answer(self) -> bool:
-        return self.owns_key or self.cache_fp is not None
+from server.usage import UsageLog
 
 
 @dataclass
@@ -108,8 +81,8 @@ class Gateway:
     inflight: InFlight | None = field(init=False)
     usage: UsageLog = field(init=False)
     guards: dict[str, Guard] = field(init=False)
-    _running: set[_Run] = field(default_factory=set)  # runs on an engine, for the drain
-    _settling: set[asyncio.Task] = field(default_factory=set)  # settlements under way
+    settle: Settle = field(init=False)
+    _running: set[PipelineRun] = field(default_factory=set)  # runs on an engine, for the drain
 
     def __post_init__(self) -> None:
         c = self.config
@@ -121,7 +94,8 @@ class Gateway:
         self.inflight = InFlight() if c.cache.dedup else None
         self.usage = UsageLog(self.store)
         self.guards = {name: build_guard(name, g) for name, g in c.guards.items()}
-        self.drain.on_begin.append(self._end_waits_by)
+        self.settle = Settle(self.limiter, self.inflight, self.cache, self.idempotency, self.usage, self.metrics)
+        self.drain.on_begin.append(lambda deadline: end_waits_by(self._running, deadline))
 
     async def close(self, timeout: float = 5.0) -> None:
         """At shutdown, after the last request: waits up to `timeout` seconds for settlements
@@ -166,7 +140,7 @@ class Gateway:
             trace.prompt = req.messages if isinstance(req, ChatCompletionRequest) else req.prompt
         canonical = {k: v for k, v in dataclasses.asdict(req).items() if k != "timeout"}
         canonical["endpoint"] = api.name if api is not None else "chat" if chat else "completions"
-        run = _Run(request, tenant, req, body, canonical, log, trace, api=api)
+        run = PipelineRun(request, tenant, req, body, canonical, log, trace, api=api)
         parts = self._pipeline(run)
         try:
             first = await anext(parts)
@@ -175,7 +149,7 @@ class Gateway:
             if req.stream:
                 run.streaming = trace.streaming = True  # the pipeline's end ends the trace now
                 headers = {**output_headers(first), **run.headers}
-                body_events, owned = self._sse(run, first, parts, headers), parts
+                body_events, owned = event_stream(run, first, parts, headers), parts
                 parts = None  # the stream's body owns the pipeline now, and the response closes it
                 return SSEResponse(body_events, headers=headers, also_close=owned)
             final = first
@@ -183,13 +157,13 @@ class Gateway:
                 final = await anext(parts)
             run.log.info("finished: %s", [c.finish_reason for c in final.outputs])
             headers = {**output_headers(final, generated=True), **run.headers,
-                       "X-Conveyor-Cost": f"{_cost(run.model, output_usage(final)):.8f}"}
+                       "X-Conveyor-Cost": f"{model_cost(run.model, output_usage(final)):.8f}"}
             content = run.formatter.response(final)
             run.answer = RecordedResponse(200, headers, body=content, usage=output_usage(final))
             await parts.aclose()  # settles before the client gets the answer
             return JSONResponse(content, headers=headers)
         except ClientGone:
-            self._client_gone(run)
+            run.client_gone()
             return Response(status_code=499)
         except APIError as exc:  # recorded before the pipeline's end ends the trace
             trace.failed(exc.status, exc.body()["error"]["code"], exc.message)
@@ -198,48 +172,8 @@ class Gateway:
             if parts is not None:
                 await parts.aclose()
 
-    async def _sse(self, run: _Run, first: RequestOutput, parts: AsyncIterator[Any],
-                   headers: dict[str, str]) -> AsyncIterator[str]:
-        out, events = first, []  # events are kept for replays (idempotency, cache)
-        try:
-            async with contextlib.aclosing(parts):
-                while True:
-                    for chunk in run.formatter.chunks(out):
-                        event = chunk if isinstance(chunk, str) else sse_event(chunk)  # str: framed already
-                        if run.keeps_answer:
-                            events.append(event)
-                        yield event
-                    if out.finished:
-                        break
-                    out = await anext(parts)
-                if run.formatter.include_usage:
-                    events.append(sse_event(run.formatter.usage_chunk(out)))
-                    yield events[-1]
-                run.log.info("stream finished: %s", [c.finish_reason for c in out.outputs])
-                done = getattr(run.formatter, "done", DONE)  # the Responses API sends no [DONE]
-                run.answer = RecordedResponse(200, headers, events=[*events, *([done] if done else [])],
-                                              usage=output_usage(out))
-            # leaving `aclosing` ended the pipeline: settled before [DONE]
-        except APIError as exc:  # after the headers, errors go in-band
-            run.log.info("error %d in the stream: %s", exc.status, exc.message)
-            yield exc.to_sse()
-        except (GeneratorExit, asyncio.CancelledError):
-            self._client_gone(run)
-            raise
-        except Exception:  # noqa: BLE001 - never leak internals to clients
-            run.log.exception("unexpected error in the stream")
-            yield internal_error().to_sse()
-        done = getattr(run.formatter, "done", DONE)
-        if done:
-            yield done
-
-    def _client_gone(self, run: _Run) -> None:
-        run.trace.gone()
-        run.log.info("client disconnected, aborted")
-        run.request.scope["state"]["client_gone"] = True  # the access metric counts a 499
-
     # ---- 2-9: the pipeline ---------------------------------------------------------------
-    async def _pipeline(self, run: _Run) -> AsyncIterator[RecordedResponse | RequestOutput]:
+    async def _pipeline(self, run: PipelineRun) -> AsyncIterator[RecordedResponse | RequestOutput]:
         tenant, req = run.tenant, run.req
         # 2. idempotency: a stored response is replayed; else this request owns the key
         key = run.request.headers.get(IDEMPOTENCY_HEADER)
@@ -276,7 +210,7 @@ class Gateway:
             run.headers = {**run.reservation.headers, "X-Conveyor-Model": model.name, "X-Conveyor-Route": reason}
             # 6. response cache and in-flight dedup
             with trace.phase("cache_lookup"):
-                hit = await self._cached(run)
+                hit = await cached_answer(run, self.cache, self.inflight, self.metrics)
             if hit is not None:
                 trace.source, trace.answered = run.source, True
                 yield hit
@@ -299,7 +233,7 @@ class Gateway:
             self._running.add(run)
             async with contextlib.aclosing(outputs):
                 while True:
-                    run.last = trace.out = await self._next(run, outputs)
+                    run.last = trace.out = await next_output(run, outputs, self.drain)
                     yield run.last
                     if run.last.finished:
                         return
@@ -315,9 +249,9 @@ class Gateway:
         finally:
             # 9. settle
             self._running.discard(run)
-            await self._settle(run)
+            await self.settle(run)
 
-    def _input_guards(self, run: _Run) -> GuardChain | None:
+    def _input_guards(self, run: PipelineRun) -> GuardChain | None:
         if not run.tenant.guards:
             return None
         count = self.metrics.guard_action
@@ -350,141 +284,6 @@ class Gateway:
         if not model.shares_tokenizer(probe):
             prompt_ids = model.service.prompt_ids(req)
         return model, decision.reason, prompt_ids
-
-    async def _cached(self, run: _Run) -> RecordedResponse | None:
-        """A cached or deduplicated answer for a deterministic request, else None (and then
-        this request may lead its dedup group)."""
-        if not is_deterministic(run.req.sampling) or (self.cache is None and self.inflight is None):
-            return None
-        # an adapter is keyed by its path too: a name reloaded from another folder is another model
-        adapter = run.model.lora.lora_path if run.model.lora is not None else None
-        run.cache_fp = fingerprint({**{k: v for k, v in run.canonical.items() if k not in ("user", "priority")},
-                                    "model": run.model.name, **({"lora_path": adapter} if adapter else {})})
-        hit, source = None, ""
-        if self.cache is not None:
-            hit, source = await self.cache.get(run.tenant.name, run.cache_fp), "response"
-        if hit is None and self.inflight is not None:
-            group = f"{run.tenant.name}:{run.cache_fp}"
-            leader = self.inflight.follow(group)
-            hit, source = (await leader if leader is not None else None), "dedup"
-            if hit is None:
-                self.inflight.lead(group)
-                run.leading = True
-        if hit is None:
-            self.metrics.cache_misses.inc()
-            return None
-        self.metrics.cache_hits.labels(source).inc()
-        run.answer, run.source = hit, source
-        run.headers.update({"X-Conveyor-Cache" if source == "response" else "X-Conveyor-Dedup": "hit",
-                            "X-Conveyor-Cost": "0"})
-        return hit
-
-    async def _next(self, run: _Run, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-        """The next engine output. Until the stream's headers are out a disconnect ends the
-        wait (ClientGone); the request's timeout (408) and the shutdown deadline (503) end it
-        too. Engine refusals become API errors."""
-        wait = self._wait(run, outputs)
-        try:
-            return await (wait if run.streaming else until_disconnect(run.request, wait))
-        except TimeoutError:
-            if self.drain.expired():
-                run.log.info("the server is shutting down; request aborted")
-                raise self.drain.stopped_error() from None
-            run.log.info("timed out after %ss; request aborted", run.req.timeout)
-            raise APIError(408, f"The request did not finish within its timeout of {run.req.timeout} seconds.",
-                           param="timeout", code="timeout") from None
-        except ValueError as exc:
-            param = getattr(exc, "param", None) or param_from_message(str(exc), PARAM_NAMES)
-            if param == "model" and run.model is not None and run.model.lora is not None:
-                # the adapter was unloaded between routing and the engine: as if already gone
-                raise APIError(404, f"The model `{run.model.name}` does not exist.", param="model",
-                               code="model_not_found") from None
-            raise bad_request(str(exc), param) from None
-        except EngineDeadError as exc:
-            run.log.error("engine unavailable: %s", exc)
-            raise APIError(503, "The engine is unavailable.", code="engine_unavailable") from None
-
-    async def _wait(self, run: _Run, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-        deadlines = [d for d in (run.deadline, self.drain.deadline) if d is not None]
-        async with asyncio.timeout_at(min(deadlines) if deadlines else None) as run.waiting:
-            try:
-                return await anext(outputs)
-            except StopAsyncIteration:
-                raise RuntimeError("the engine stream ended without a finished output") from None
-            finally:
-                run.waiting = None
-
-    def _end_waits_by(self, deadline: float) -> None:
-        """The drain began: every request still waiting for the engine stops at `deadline`."""
-        for run in list(self._running):
-            if run.waiting is not None:
-                when = run.waiting.when()
-                run.waiting.reschedule(deadline if when is None else min(when, deadline))
-
-    async def _settle(self, run: _Run) -> None:
-        task = asyncio.ensure_future(self._settle_now(run))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        await asyncio.shield(task)  # a cancelled request leaves it running, not half done
-
-    async def _settle_now(self, run: _Run) -> None:
-        """Settles, then ends a stream's trace (here: a cancelled stream's task stops waiting)."""
-        try:
-            with run.trace.phase("settle"):
-                await self._settle_parts(run)
-        finally:
-            if run.streaming:
-                run.trace.end()
-
-    async def _settle_parts(self, run: _Run) -> None:
-        from_engine = run.source == "engine"
-        u = (output_usage(run.last) if run.last is not None else None) if from_engine else \
-            (run.answer.usage if run.answer is not None else None)
-        tenant = run.tenant.name
-        if run.reservation is not None:
-            await self._quietly(run, "tokens", run.reservation.settle(u["total_tokens"] if from_engine and u else 0))
-        if run.leading:
-            self.inflight.finish(f"{tenant}:{run.cache_fp}", run.answer)
-        if u is not None and run.model is not None:
-            m = run.model
-            rec = UsageRecord(time.time(), run.request.scope["state"]["request_id"], tenant,
-                              run.req.user or run.request.headers.get("x-user-id"), _feature(run), m.name,
-                              m.priced.version, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
-                              u["completion_tokens"], _cost(m, u) if from_engine else 0.0, run.source,
-                              m.base.name)
-            await self._quietly(run, "usage", self._account(rec))
-        if from_engine and run.answer is not None and self.cache is not None and run.cache_fp is not None:
-            await self._quietly(run, "cache", self.cache.put(tenant, run.cache_fp, run.answer))
-        if run.owns_key:
-            fp = fingerprint(run.canonical)
-            await self._quietly(run, "idempotency", self.idempotency.abandon(tenant, run.key) if run.answer is None
-                                else self.idempotency.complete(tenant, run.key, fp, run.answer))
-
-    @staticmethod
-    async def _quietly(run: _Run, what: str, step: Any) -> None:
-        try:
-            await step
-        except Exception:  # noqa: BLE001 - settling must never break the response
-            run.log.exception("settling %s failed", what)
-
-    async def _account(self, rec: UsageRecord) -> None:
-        m = self.metrics
-        m.tenant_requests.labels(rec.tenant, rec.model).inc()
-        m.tenant_tokens.labels(rec.tenant, rec.model, "prompt").inc(rec.prompt_tokens)
-        m.tenant_tokens.labels(rec.tenant, rec.model, "cached").inc(rec.cached_tokens)
-        m.tenant_tokens.labels(rec.tenant, rec.model, "completion").inc(rec.completion_tokens)
-        m.tenant_cost.labels(rec.tenant, rec.model).inc(rec.cost)
-        await self.usage.record(rec)
-
-
-def _cost(model: ModelHandle, u: dict[str, Any]) -> float:
-    return cost(model.priced.price, u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"],
-                u["completion_tokens"])
-
-
-def _feature(run: _Run) -> str | None:
-    metadata = run.body.get("metadata") if isinstance(run.body.get("metadata"), dict) else {}
-    return run.request.headers.get("x-feature-id") or metadata.get("feature")
 
 
 def _text_of(req: GenerationRequest) -> str:
