@@ -90,6 +90,9 @@ def validate_one(args: argparse.Namespace, trace: list[TraceRequest], policy: st
     }
     # the real run's steps (new tokens, sum of contexts, sequences, seconds): to refit or re-check later
     out["engine"] = out_engine
+    # per request (ttft, tpot): goodput under any other targets, afterwards
+    out["real_requests"] = [[round(r.ttft, 4), round(r.tpot, 4)] for r in records]
+    out["sim_requests"] = [[round(r.ttft, 4), round(r.tpot, 4)] for r in sim_result.records]
     out["real_steps"] = [[x.num_batched_tokens, x.sum_context, x.num_seqs, round(x.seconds, 6)] for x in steps]
     return out
 

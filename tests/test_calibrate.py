@@ -61,12 +61,11 @@ def test_calibration_fits_medians_and_records_the_host(tiny, tmp_path):
 
 
 def test_forced_validation_reports_every_metric_for_each_workload_and_policy(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(validate, "WORKLOADS", {"short-chat": ("uniform:4:12", "uniform:2:4", 50.0, 1.0),
-                                                "bursty": ("uniform:4:40", "uniform:1:4", 50.0, 3.0)})
+    monkeypatch.setattr(validate, "WORKLOADS", {"bursty": ("uniform:4:40", "uniform:1:4", 50.0, 3.0)})
     validate.main(["--force", "--model", tiny, "--dtype", "float32", "--num-blocks", "64",
                    "--num-requests", "4", "--policies", "fcfs,slo", "--report", str(tmp_path / "v.json")])
     report = json.loads((tmp_path / "v.json").read_text())
-    assert sorted(report["results"]) == ["bursty/fcfs", "bursty/slo", "short-chat/fcfs", "short-chat/slo"]
+    assert sorted(report["results"]) == ["bursty/fcfs", "bursty/slo"]
     for res in report["results"].values():
         assert all(res[k]["real"] > 0 and res[k]["sim"] > 0 for k in validate.METRICS)
         assert 0 <= res["goodput"]["real"] <= 1 and 0 <= res["goodput"]["sim"] <= 1
