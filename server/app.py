@@ -1,4 +1,5 @@
-"""The Starlette application: routes, the X-Request-Id middleware and error envelopes.
+"""The Starlette application: routes, the X-Request-Id middleware (server/request_id.py) and
+error envelopes.
 
 `build_app(engine, settings)` wires engines to HTTP: one `ModelHandle` per served model, the
 request pipeline of server/gateway.py in front of generation (tenants, limits, idempotency,
@@ -16,9 +17,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
 from starlette.applications import Starlette
@@ -26,7 +25,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.async_engine import AsyncEngine
 from server.config_file import ModelConfig, ProductionConfig
@@ -41,6 +39,7 @@ from server.openapi import build_openapi
 from server.pages import page_routes
 from server.prod_metrics import ProductionMetrics
 from server.protocol import DetokenizeRequest, TokenizeRequest
+from server.request_id import RequestIdMiddleware
 from server.responses.api import ResponsesAPI
 from server.served_models import ModelHandle, ModelSet
 from server.serving import ModelService, read_json, request_logger
@@ -51,10 +50,6 @@ from server.tracing import build_tracing
 from server.usage import parse_time
 
 logger = logging.getLogger("conveyor.server")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/models",
-           "/tokenize", "/detokenize", "/health", "/ready", "/version", "/metrics", "/admin/metrics",
-           "/openapi.json", "/docs", "/v1/usage", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/")
 
 
 def version() -> str:
@@ -62,42 +57,6 @@ def version() -> str:
         return importlib.metadata.version("conveyor")
     except importlib.metadata.PackageNotFoundError:
         return "0.1.0"
-
-
-class RequestIdMiddleware:
-    """Accepts or generates X-Request-Id, echoes it on the response, logs one line per request
-    with it, and counts requests by route and status (499 when the client disconnected first,
-    as nginx logs it)."""
-
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        status = [500]
-        start = time.monotonic()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            code = 499 if state.get("client_gone") else status[0]
-            route = scope["path"] if scope["path"] in _ROUTES else "other"
-            self.metrics.http_requests.labels(route, str(code)).inc()
-            logger.info("[request_id=%s] %s %s -> %d in %.3fs", rid, scope["method"], scope["path"],
-                        code, time.monotonic() - start)
 
 
 def _model_handle(config: ModelConfig | None, engine: AsyncEngine, settings: ServerSettings,
