@@ -8,7 +8,7 @@ A step is ``schedule()`` -> runner -> ``update_from_output()``:
   are served first (in admission order, so decode latency stays steady), then waiting requests
   are admitted in the policy's order, each taking as much of the remaining budget as it needs
   (chunked prefill); with ``max_loras`` the running requests never use more distinct LoRA
-  adapters than that (see ``_admit``). When KV blocks run out for a running request, the policy picks a victim
+  adapters than that (adapter_limit.py). When KV blocks run out for a running request, the policy picks a victim
   among the running requests not yet scheduled this step; the victim's blocks are freed and it
   goes back to the waiting queue with ``num_computed_tokens = 0`` (it will recompute, with
   prefix-cache help).
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.request import Request, RequestStatus
+from engine.scheduler.adapter_limit import AdapterLimit, running_adapters
 from engine.scheduler.output import SampledTokens, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policies import SchedulingPolicy
 from engine.scheduler.waiting_queue import WaitingQueue
@@ -145,12 +146,11 @@ class Scheduler:
         """Admits waiting requests in policy order while budget, seats and blocks last.
 
         With ``max_loras``, a request whose adapter would be one too many among the running
-        requests waits, and later requests (of the base model or of a running adapter) may pass
-        it, but only ``max_num_seqs`` times in all: after that nothing passes it, the running
-        adapters drain, and it gets a slot, so no adapter starves."""
-        self._waiting.rerank(now)
-        adapters = self._running_adapters() if self.config.max_loras else None
-        blocked: list[Request] = []  # waiting for an adapter slot: pushed back after the loop  # keys that move with time or accounts (see waiting_queue.py)
+        requests waits, and later requests may pass it at most ``max_num_seqs`` times
+        (`AdapterLimit`), so no adapter starves."""
+        self._waiting.rerank(now)  # keys that move with time or accounts (see waiting_queue.py)
+        c = self.config
+        limit = AdapterLimit(self.running, c.max_loras, c.max_num_seqs) if c.max_loras else None
         if self.config.static_batching and not self._batch:
             # the next batch: the first max_num_seqs waiting requests, fixed until all finish
             self._batch = {r.request_id for r in self._waiting.smallest(self.config.max_num_seqs, now)}
@@ -167,11 +167,11 @@ class Scheduler:
                 if not best:
                     break
                 request = best[0]
-            if adapters is not None and not self._adapter_fits(request, adapters):
-                if request.lora_passed >= self.config.max_num_seqs:
+            if limit is not None and not limit.fits(request):
+                if limit.starved(request):
                     break  # passed often enough: admit nothing until its adapter fits
                 self._waiting.pop(request)
-                blocked.append(request)
+                limit.blocked.append(request)
                 continue
             rid, tokens, salt = request.request_id, request.all_token_ids, request.prefix_salt
             # a mean-pooled embedding needs every position's hidden state: no prefix-cache reuse
@@ -190,25 +190,11 @@ class Scheduler:
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
-            if adapters is not None:
-                request.lora_passed = 0
-                if request.lora_id is not None:
-                    adapters.add(request.lora_id)
-                for waiting in blocked:
-                    waiting.lora_passed += 1
-                if any(w.lora_passed >= self.config.max_num_seqs for w in blocked):
-                    break
-        for request in deferred + blocked:
+            if limit is not None and limit.admitted(request):
+                break  # a blocked request was passed often enough
+        for request in deferred + (limit.blocked if limit is not None else []):
             self._waiting.push(request, now)
         return budget
-
-    def _running_adapters(self) -> set[int]:
-        return {r.lora_id for r in self.running if r.lora_id is not None}
-
-    def _adapter_fits(self, request: Request, adapters: set[int]) -> bool:
-        """True when admitting ``request`` keeps the running adapters within ``max_loras``."""
-        lora = request.lora_id
-        return lora is None or lora in adapters or len(adapters) < self.config.max_loras
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -300,7 +286,7 @@ class Scheduler:
         assert all(r.status == RequestStatus.RUNNING for r in self.running), "a running request has another status"
         assert all(r.status == RequestStatus.WAITING for r in waiting), "a waiting request has another status"
         assert len(self.running) <= self.config.max_num_seqs
-        assert not self.config.max_loras or len(self._running_adapters()) <= self.config.max_loras, (
+        assert not self.config.max_loras or len(running_adapters(self.running)) <= self.config.max_loras, (
             "more LoRA adapters running than max_loras")
         for r in self.running:
             assert len(self.kv.block_ids(r.request_id)) * self.kv.block_size >= r.num_computed_tokens, (
