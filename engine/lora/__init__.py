@@ -26,6 +26,8 @@ The path of an adapter (one concept per file):
   not edited) and adds the delta with `engine.kernels.lora_ops.add_lora`.
 * `manager.py`: `LoRAManager` ties them together; the runner calls ``set_step`` with each
   scheduled sequence's adapter before the forward pass.
+* `engine_adapters.py`: `EngineAdapters`, what `LLMEngine` sees: the manager, or the
+  refusals when LoRA is disabled; frees unloaded adapters once their last request has left.
 
 Elsewhere: `ScheduledRequest.lora_id` (the adapter's engine uid) carries a sequence's adapter to
 the runner; the scheduler never runs more distinct adapters at once than ``max_loras`` (a request
