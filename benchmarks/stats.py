@@ -93,6 +93,10 @@ def summarize_run(run: RunResult) -> dict:
         "e2e_mean": mean([r.e2e for r in ok]),
         "e2e_p99": percentile([r.e2e for r in ok], 99),
         "peak_mem_mb": run.peak_mem_bytes / 2**20 if run.peak_mem_bytes else math.nan,
+        # CPU seconds the system's processes spent over the timed part (notes["cpu_s"], where the
+        # peer records it): on a shared machine, work per CPU-second is steadier than per wall-second
+        "cpu_s": run.notes.get("cpu_s", math.nan),
+        "out_tok_per_cpu_s": out_tok / run.notes["cpu_s"] if run.notes.get("cpu_s") else math.nan,
     }
 
 

@@ -42,7 +42,10 @@ LLAMA_TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
 
 COLUMNS = [("out tok/s", "output_tok_s", 1), ("total tok/s", "total_tok_s", 1), ("TTFT mean s", "ttft_mean", 2),
            ("TTFT p99 s", "ttft_p99", 2), ("peak MiB", "peak_mem_mb", 0), ("wall s", "wall_s", 1),
-           ("errors", "errors", 0)]
+           ("CPU s", "cpu_s", 1), ("out tok/CPU-s", "out_tok_per_cpu_s", 1), ("errors", "errors", 0)]
+# Issue 13's goals: Conveyor / peer, output tokens per second, and the workloads each applies to
+GOALS = (("vllm-offline", 1.3, ("fixed", "mixed")), ("llama.cpp-server", 1.3, ("fixed", "mixed")),
+         ("hf-static", 4.0, ("mixed",)))
 
 
 def make_random_llama(path: str, shape: dict, seed: int = 0) -> str:
@@ -155,22 +158,28 @@ def build_workloads(args) -> list[Workload]:
     return wls
 
 
-def verdict_lines(summaries: list[dict]) -> list[str]:
-    """Plain statements: continuous vs static, and Conveyor vs each peer (targets from issue 7)."""
+def verdict_lines(summaries: list[dict], workload: str = "") -> list[str]:
+    """Plain statements: Conveyor vs each peer (per wall-second and per CPU-second), and issue
+    13's goals that apply to `workload` (its name's first word: fixed or mixed)."""
     by = {s["system"]: s for s in summaries if not s.get("skipped")}
     lines = []
     if "conveyor" not in by:
         return ["Conveyor did not run."]
     ratios = ratio_table(summaries, "conveyor")
+    cpu_ratios = ratio_table(summaries, "conveyor", "out_tok_per_cpu_s")
     for peer, r in ratios.items():
-        lines.append(f"Conveyor / {peer}: {r:.2f}x output tokens/s")
+        cpu = f", {cpu_ratios[peer]:.2f}x per CPU-second" if peer in cpu_ratios else ""
+        lines.append(f"Conveyor / {peer}: {r:.2f}x output tokens/s{cpu}")
+    kind = workload.split(" ")[0]
+    for peer, goal, kinds in GOALS:
+        if peer in ratios and kind in kinds:
+            ok = "meets" if ratios[peer] >= goal else "FALLS SHORT of"
+            lines.append(f"Goal (>= {goal}x {peer}): Conveyor {ok} it ({ratios[peer]:.2f}x).")
     for peer in ("vllm-offline", "vllm-server"):
-        if peer in ratios:
-            ok = "meets" if ratios[peer] >= 1.0 else "FALLS SHORT of"
-            lines.append(f"Target (>= {peer}): Conveyor {ok} it ({ratios[peer]:.2f}x).")
+        if peer in by:
             mem = by["conveyor"]["peak_mem_mb"] / by[peer]["peak_mem_mb"]
             ok = "meets" if mem <= 0.5 else "FALLS SHORT of"
-            lines.append(f"Target (peak memory <= 0.5x {peer}): Conveyor {ok} it ({mem:.2f}x).")
+            lines.append(f"Goal (peak memory <= 0.5x {peer}): Conveyor {ok} it ({mem:.2f}x).")
     return lines
 
 
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             elif runs[wl.name][s]:
                 ok = [x for x in runs[wl.name][s] if not x.get("skipped")]
                 summaries.append(median_summary(ok) if ok else runs[wl.name][s][0])
-        lines = verdict_lines(summaries)
+        lines = verdict_lines(summaries, wl.name)
         static = ratio_table(summaries, "conveyor").get("conveyor-static")
         if static:
             lines.insert(0, f"Continuous / static batching (same engine): {static:.2f}x output tokens/s")

@@ -35,3 +35,27 @@ def test_kv_budget_counts_the_cache_dtype_and_block_rounding(tmp_path):
     assert kv_bytes_for(str(tmp_path), wl, 2, 16) - (1 << 20) == (fp32 - (1 << 20)) // 2
     # bigger blocks round every request up further, never down
     assert kv_bytes_for(str(tmp_path), wl, 4, 128) > fp32
+
+
+def test_cpu_time_throughput_and_goal_verdicts():
+    from benchmarks.stats import RequestRecord, RunResult, summarize_run
+    from benchmarks.throughput import verdict_lines
+
+    def summary(system, wall, cpu, mem):
+        recs = [RequestRecord(10, 50, 0.5, wall), RequestRecord(10, 50, 0.5, wall)]
+        s = summarize_run(RunResult(system, "mixed 2x", wall, recs, peak_mem_bytes=mem << 20,
+                                    notes={"cpu_s": cpu} if cpu else {}))
+        return s
+
+    conv = summary("conveyor", 10.0, 4.0, 100)
+    assert conv["output_tok_s"] == 10.0 and conv["out_tok_per_cpu_s"] == 25.0
+    no_cpu = summary("hf-static", 20.0, None, 100)
+    assert no_cpu["out_tok_per_cpu_s"] != no_cpu["out_tok_per_cpu_s"]  # NaN when not recorded
+    vllm = summary("vllm-offline", 5.0, 5.0, 400)
+    mixed = verdict_lines([conv, no_cpu, vllm], "mixed 2x")
+    assert "Conveyor / vllm-offline: 0.50x output tokens/s, 1.25x per CPU-second" in mixed
+    assert "Goal (>= 4.0x hf-static): Conveyor FALLS SHORT of it (2.00x)." in mixed
+    assert "Goal (peak memory <= 0.5x vllm-offline): Conveyor meets it (0.25x)." in mixed
+    fixed = verdict_lines([conv, no_cpu, vllm], "fixed 2x")
+    assert not any("4.0x hf-static" in line for line in fixed)  # that goal is for mixed only
+    assert "Goal (>= 1.3x vllm-offline): Conveyor FALLS SHORT of it (0.50x)." in fixed

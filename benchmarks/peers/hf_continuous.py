@@ -36,7 +36,7 @@ def run(model_dir: str, workload: Workload, threads: int, dtype: str, page_size:
                            eos_token_id=-1, pad_token_id=model.config.pad_token_id or 0)
     with torch.inference_mode(), model.continuous_batching_context_manager(
             generation_config=gen, continuous_batching_config=cb, warmup=False) as manager:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ids = [manager.add_request(list(r.prompt_ids), request_id=f"r{i}", max_new_tokens=r.output_len,
                                    record_timestamps=True) for i, r in enumerate(workload.requests)]
         results = {}
@@ -48,7 +48,7 @@ def run(model_dir: str, workload: Workload, threads: int, dtype: str, page_size:
                 continue
             if res.is_finished():
                 results[res.request_id] = (res, time.perf_counter())
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     records = []
     for rid, req in zip(ids, workload.requests):
         res, done = results[rid]
@@ -57,4 +57,5 @@ def run(model_dir: str, workload: Workload, threads: int, dtype: str, page_size:
         err = res.error or (None if n == req.output_len else f"expected {req.output_len} tokens, got {n}")
         records.append(RequestRecord(len(req.prompt_ids), n, ttft, done - t0, error=err))
     return RunResult("hf-continuous", workload.name, wall, records,
-                     notes={"num_blocks": cb.num_blocks, "max_batch_tokens": max_batch_tokens})
+                     notes={"num_blocks": cb.num_blocks, "max_batch_tokens": max_batch_tokens,
+                            "cpu_s": round(cpu, 3)})

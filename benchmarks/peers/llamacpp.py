@@ -70,7 +70,10 @@ def run(model_dir: str, workload: Workload, threads: int, dtype: str, server: st
         warm = [completion_request("bench", list(workload.requests[0].prompt_ids[:16]), 4)]
         run_http(base, warm)
         reqs = [completion_request("bench", list(r.prompt_ids), r.output_len) for r in workload.requests]
+        c0 = srv.cpu_seconds()
         records, wall = run_http(base, reqs)
+        cpu = srv.cpu_seconds() - c0
         srv.sample_memory()
     return RunResult("llama.cpp-server", workload.name, wall, records, peak_mem_bytes=srv.peak_mem_bytes,
-                     notes={"parallel": slots, "ctx": slots * per_slot, "startup_s": round(srv.startup_s, 1)})
+                     notes={"parallel": slots, "ctx": slots * per_slot, "startup_s": round(srv.startup_s, 1),
+                            "cpu_s": round(cpu, 3)})

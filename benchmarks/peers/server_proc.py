@@ -84,6 +84,23 @@ class ServerProcess:
         self.peak_mem_bytes = max(self.peak_mem_bytes, sum(_vm_hwm_bytes(p.pid) for p in procs))
         return self.peak_mem_bytes
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server and its live descendants so far."""
+        if self.proc is None:
+            return 0.0
+        try:
+            procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def __exit__(self, *exc) -> None:
         self.sample_memory()
         self._close()

@@ -53,10 +53,12 @@ def run_server(model_dir: str, workload: Workload, threads: int, dtype: str, pyt
                        startup_timeout=900) as srv:
         run_http(base, [completion_request("bench", list(workload.requests[0].prompt_ids[:16]), 4)])
         reqs = [completion_request("bench", list(r.prompt_ids), r.output_len) for r in workload.requests]
+        c0 = srv.cpu_seconds()
         records, wall = run_http(base, reqs)
+        cpu = srv.cpu_seconds() - c0
         srv.sample_memory()
     return RunResult("vllm-server", workload.name, wall, records, peak_mem_bytes=srv.peak_mem_bytes,
-                     notes={"startup_s": round(srv.startup_s, 1)})
+                     notes={"startup_s": round(srv.startup_s, 1), "cpu_s": round(cpu, 3)})
 
 
 def run_offline(model_dir: str, workload: Workload, threads: int, dtype: str, python: str, work_dir: str) -> RunResult:

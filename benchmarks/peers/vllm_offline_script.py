@@ -11,7 +11,7 @@ import sys
 import time
 
 
-def tree_peak_bytes() -> int:
+def tree_pids() -> set:
     pids, frontier = {os.getpid()}, [os.getpid()]
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -27,8 +27,25 @@ def tree_peak_bytes() -> int:
             if c not in pids:
                 pids.add(c)
                 frontier.append(c)
+    return pids
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants."""
     total = 0
-    for pid in pids:
+    for pid in tree_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def tree_peak_bytes() -> int:
+    total = 0
+    for pid in tree_pids():
         try:
             with open(f"/proc/{pid}/status") as f:
                 total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -51,9 +68,9 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in reqs]
     params = [SamplingParams(max_tokens=r["output_len"], min_tokens=r["output_len"], ignore_eos=True,
                              temperature=0) for r in reqs]
-    t0 = time.time()
+    t0, c0 = time.time(), tree_cpu_seconds()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, tree_cpu_seconds() - c0
     records = []
     for r, o in zip(reqs, outs):
         n = len(o.outputs[0].token_ids)
@@ -61,7 +78,7 @@ def main() -> None:
         records.append({"prompt_len": len(r["prompt_ids"]), "output_len": n, "ttft": None, "e2e": wall,
                         "itls": [], "error": None if n == r["output_len"] else f"got {n} tokens"})
     result = {"system": "vllm-offline", "workload": wl["name"], "wall_s": wall, "records": records,
-              "peak_mem_bytes": tree_peak_bytes(), "skipped": None, "notes": {}}
+              "peak_mem_bytes": tree_peak_bytes(), "skipped": None, "notes": {"cpu_s": round(cpu, 3)}}
     with open(out_path, "w") as f:
         json.dump(result, f)
 
