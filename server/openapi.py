@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.sampling_params import SEED_RANGE
+from server.responses.request import PASSTHROUGH as RESPONSES_PASSTHROUGH
 
 
 def _ref(name: str) -> dict:
@@ -215,7 +216,8 @@ _SCHEMAS: dict[str, Any] = {
         "lora_name": _STR, "lora_path": _STR, "base_model_name": _or_null(_STR)}},
     "UnloadLoRAAdapterRequest": {"type": "object", "required": ["lora_name"], "properties": {"lora_name": _STR}},
     "ResponsesRequest": {"type": "object", "required": ["input"], "properties": {
-        **{k: _or_null(_SAMPLING[k]) for k in ("model", "temperature", "top_p", "user", "stream")},
+        # the Responses fields, and the chat sampling extras the endpoint passes through unchanged
+        **{k: _or_null(_SAMPLING[k]) for k in RESPONSES_PASSTHROUGH if k in _SAMPLING},
         "input": {"oneOf": [_NONEMPTY_STR, {"type": "array", "minItems": 1, "items": {"oneOf": [
             _ref("ResponsesMessage"), _ref("ResponsesFunctionCall"), _ref("ResponsesFunctionCallOutput")]}}],
             "description": "A string (one user message) or a list of input items. Stateless: send the whole "
