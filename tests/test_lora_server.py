@@ -150,9 +150,13 @@ def test_models_lists_adapters_with_their_parent_per_tenant(env):
     assert listed["sql"]["parent"] == "tiny" and listed["sql"]["root"] == paths["sql"]
 
 
-def test_load_and_unload_at_run_time_with_every_refusal(env):
+def test_load_and_unload_at_run_time_with_every_refusal(env, tmp_path):
     server, _, paths, _ = env
+    shutil.copytree(paths["sql"], tmp_path / "broken")  # adapter_config.json not JSON
+    (tmp_path / "broken" / "adapter_config.json").write_text("{" * 3 + "r: 8")
     cases = [({"lora_name": "x"}, "lora_path", None),
+             ({"lora_name": 7, "lora_path": paths["sql"]}, "lora_name", "non-empty string"),
+             ({"lora_name": "x", "lora_path": str(tmp_path / "broken")}, "lora_path", "adapter_config.json"),
              ({"lora_name": "x", "lora_path": paths["sql"] + "-missing"}, "lora_path", None),
              ({"lora_name": "x", "lora_path": paths["big"]}, "lora_path", "rank"),
              ({"lora_name": "x", "lora_path": paths["alien"]}, "lora_path", "router_proj"),

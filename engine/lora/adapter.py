@@ -70,6 +70,8 @@ def load_adapter(request: LoRARequest, targets: ModelTargets, max_rank: int,
     alpha = config.get("lora_alpha", rank)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise LoRAError("lora_alpha", f"lora_alpha must be a number, got {alpha!r}")
+    if not _finite(alpha):  # NaN / Infinity (Python's json accepts them) or an int past float range
+        raise LoRAError("lora_alpha", f"lora_alpha must be a finite number, got {str(alpha)[:40]}")
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     _check_target_modules(config.get("target_modules"), targets)
     _check_base_model(config.get("base_model_name_or_path"), base_config)
@@ -86,6 +88,13 @@ def check_request(request: LoRARequest) -> None:
         raise LoRAError("lora_path", "lora_path must be a non-empty string")
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _read_config(path: str) -> dict:
     if not os.path.isdir(path):
         raise LoRAError("lora_path", f"lora_path: {path!r} is not a directory")
@@ -95,8 +104,9 @@ def _read_config(path: str) -> dict:
     try:
         with open(file, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise LoRAError("lora_path", f"lora_path: {CONFIG_FILE} cannot be read ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        raise LoRAError("lora_path", f"lora_path: {CONFIG_FILE} cannot be read ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
     if not isinstance(config, dict):
         raise LoRAError("lora_path", f"lora_path: {CONFIG_FILE} must hold a JSON object")
     return config
@@ -129,7 +139,9 @@ def _check_base_model(base: str | None, ours: dict | None) -> None:
     try:
         with open(file, encoding="utf-8") as f:
             theirs = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(theirs, dict):  # not a model config: nothing to compare
         return
     diff = [k for k in _COMPARED if k in theirs and k in ours and theirs[k] != ours[k]]
     if diff:
