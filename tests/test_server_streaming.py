@@ -1,5 +1,6 @@
 """SSE streaming: byte-exact framing, disconnects free KV blocks, 50 concurrent streaming
-clients get their own outputs, and errors after the stream began go in-band."""
+clients get their own outputs, and errors after the stream began go in-band. The shared-server
+tests run twice: one process, and the model split over 2 tensor-parallel gloo ranks."""
 from __future__ import annotations
 
 import asyncio
@@ -15,9 +16,11 @@ import pytest
 from tests.test_server_harness import start_tiny_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_tiny_server(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def server(request, tmp_path_factory):
+    """The same server in one process and with its model split over 2 gloo ranks (issue 16:
+    a tensor-parallel server passes the streaming tests)."""
+    srv = start_tiny_server(tmp_path_factory.mktemp("tiny"), tensor_parallel_size=request.param)
     yield srv
     srv.stop()
 
