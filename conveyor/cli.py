@@ -181,6 +181,7 @@ def generate(args: argparse.Namespace) -> int:
         for out in engine.step():
             final = out
     elapsed = time.perf_counter() - start
+    engine.close()  # tensor parallel: the workers exit now, not after the exit-time reaper's 5 s wait
     n = len(final.outputs[0].token_ids) if final is not None else 0
     logging.getLogger("conveyor").info("generated %d tokens in %.2f s (%.1f tokens/s, prompt and decode)",
                                        n, elapsed, n / elapsed if elapsed else 0.0)
@@ -195,6 +196,28 @@ def _torchrun_worker_rank() -> bool:
     return info is not None and info.world_size > 1 and info.rank > 0
 
 
+def _check_torchrun_serve(args: argparse.Namespace) -> None:
+    """Under torchrun, ranks > 0 build their engine from the command line alone (they never read
+    the config file), so a config whose [[models]] or `[lora]` changes rank 0's engine would give
+    the ranks different models: refused on every rank, before any of them starts (LoRA flags too,
+    which tensor parallelism refuses anyway, so the workers do not wait out the rendezvous)."""
+    if args.command != "serve":
+        return
+    from engine.distributed.process_group import under_torchrun  # torch: serve imports it anyway
+
+    if not under_torchrun():
+        return
+    if args.enable_lora or args.lora_modules:
+        raise ValueError("--enable-lora and --lora-modules are not supported with tensor parallelism (torchrun)")
+    if args.config:
+        from server.config_file import load_config
+
+        production = load_config(args.config)
+        if production.models or (production.lora is not None and production.lora.enabled):
+            raise ValueError("under torchrun the model comes from --model and the engine flags, which every rank "
+                             "reads; the config's [[models]] and [lora] are read by rank 0 only: remove them")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper() if hasattr(args, "log_level") else "INFO",
@@ -204,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
         use_json_logs()
     try:
+        _check_torchrun_serve(args)
         if args.command in ("serve", "generate") and _torchrun_worker_rank():
             # torchrun started this command on every rank: ranks > 0 serve the engine's forward
             # passes only (engine/distributed/worker.py); rank 0 runs the command itself.

@@ -88,6 +88,49 @@ def test_cli_flag_sets_the_config():
     assert engine_config(args).tensor_parallel_size == 2
 
 
+def test_torchrun_serve_refuses_what_only_rank_0_would_read(tmp_path, monkeypatch, capsys):
+    """Ranks > 0 build their engine from the flags alone: a config's [[models]] or [lora], or
+    LoRA flags, would give rank 0 another engine, so every rank refuses them before starting."""
+    from conveyor.cli import main
+
+    models, lora = tmp_path / "models.toml", tmp_path / "lora.toml"
+    models.write_text('[[models]]\nname = "a"\n')
+    lora.write_text("[lora]\nenable_lora = true\n")
+    cases = [(["--config", str(models)], "[[models]]"), (["--config", str(lora)], "[lora]"),
+             (["--enable-lora"], "--enable-lora")]
+    for rank in ("0", "1"):
+        for var, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "9")):
+            monkeypatch.setenv(var, value)
+        for flags, words in cases:
+            assert main(["serve", "--tensor-parallel-size", "2", *flags]) == 2
+            assert words in capsys.readouterr().err
+
+
+def test_torchrun_ranks_generate_what_one_process_does(tmp_path, capsys):
+    """The multi-node path on one machine: torchrun starts both ranks (its agent hosts the
+    store they join), rank 0 runs `conveyor generate`, rank 1 the worker loop."""
+    import socket
+
+    from conveyor.cli import main
+
+    path = make_tiny_checkpoint(str(tmp_path / "llama"), "llama")
+    args = ["generate", "--model", path, "--device", "cpu", "--dtype", "float32", "--attention-backend", "torch",
+            "--num-threads", "1", "--num-blocks", "32", "--prompt", "Hello there", "--max-tokens", "6"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port),
+                          "-m", "conveyor", *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == expected and expected.strip()
+
+
 def _chat(base_url: str, stream: bool, max_tokens: int = 6):
     body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": stream}

@@ -51,8 +51,13 @@ def under_torchrun() -> bool:
 
 
 def open_store(info: RankInfo) -> dist.TCPStore:
-    """Rank 0 hosts the store (port 0: any free port, read back from ``store.port``)."""
-    return dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0,
+    """Rank 0 hosts the store (port 0: any free port, read back from ``store.port``). Under
+    torchrun, whose agent on node 0 already hosts a store at MASTER_ADDR:MASTER_PORT and says so
+    in TORCHELASTIC_USE_AGENT_STORE (its default), every rank is a client of that one, as
+    `torch.distributed`'s own env:// rendezvous does (asked to host it, rank 0 fails to bind,
+    logs an [E] line that reads like a failure, and TCPStore falls back to a client)."""
+    agent_store = not info.spawned and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(info.master_addr, info.master_port, info.world_size, info.rank == 0 and not agent_store,
                          timeout=STARTUP_TIMEOUT, wait_for_workers=False)
 
 
