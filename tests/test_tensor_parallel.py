@@ -131,6 +131,18 @@ def test_torchrun_ranks_generate_what_one_process_does(tmp_path, capsys):
     assert run.stdout == expected and expected.strip()
 
 
+def test_more_ranks_than_gpus_is_refused_before_spawning(monkeypatch):
+    import torch
+
+    from engine.distributed.launcher import WorkerGroup
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\).*1 CUDA device"):
+        WorkerGroup.start(EngineConfig(tensor_parallel_size=2), torch.device("cuda"))
+
+
 def _chat(base_url: str, stream: bool, max_tokens: int = 6):
     body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": stream}

@@ -51,6 +51,9 @@ class WorkerGroup:
             store = open_store(info)
             device = rank_device(device, info)
             return cls(connect(info, store, device), [], device)
+        if device.type == "cuda" and size > torch.cuda.device_count():  # rank i would use cuda:i
+            raise ValueError(f"tensor_parallel_size ({size}) is more than the {torch.cuda.device_count()} CUDA "
+                             f"device(s) of this machine (one rank per GPU; several machines: torchrun)")
         info = RankInfo(0, size, 0, "127.0.0.1", 0, spawned=True)
         if device.type == "cpu" and config.num_threads is None:  # the ranks share this machine's cores
             torch.set_num_threads(spawned_rank_threads(size))
