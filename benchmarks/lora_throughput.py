@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 from benchmarks.stats import RunResult, median_summary, summarize_run
-from benchmarks.throughput import LLAMA_56M, LLAMA_TINY, machine_info, make_random_llama
+from benchmarks.throughput import LLAMA_56M, LLAMA_TINY, machine_info, make_random_llama, run_child_command
 from benchmarks.workloads import Workload, fixed_workload
 
 SYSTEMS = ("base", "lora-idle", "lora-8")
@@ -118,13 +117,7 @@ def run_in_child(system: str, args, workload: Workload, adapters: list[str], wor
            "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
     if args.model_dir:
         cmd += ["--model", args.model_dir]
-    log_path = os.path.join(work_dir, f"{system}.log")
-    with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise RuntimeError(f"{system} exited with code {rc}; log: {log_path}")
-    with open(out_path) as f:
-        return RunResult.from_dict(json.load(f))
+    return run_child_command(system, cmd, work_dir, out_path)
 
 
 def time_add_lora(model: str | None, dtype: str, num_tokens: int, threads: int, reps: int = 50) -> list[dict]:

@@ -101,6 +101,12 @@ def run_in_child(system: str, model_dir: str, workload: Workload, args, work_dir
         opts = {"max_num_seqs": args.max_num_seqs}
     cmd = [sys.executable, "-m", "benchmarks.peers.child", system, model_dir, wl_path, out_path,
            "--threads", str(args.threads), "--dtype", args.dtype, "--opts", json.dumps(opts)]
+    return run_child_command(system, cmd, work_dir, out_path)
+
+
+def run_child_command(system: str, cmd: list[str], work_dir: str, out_path: str) -> RunResult:
+    """Runs one system's child process (output to <work_dir>/<system>.log) and reads the
+    `RunResult` it wrote to out_path; RuntimeError naming the log when the child fails."""
     log_path = os.path.join(work_dir, f"{system}.log")
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels.optional_triton import triton_module
+
 # the padded bmm layout computes num_present * max_rows rows; use it while that is at most this
 # many times the real LoRA token count (above, the grouped path wastes fewer flops)
 PADDED_WASTE_LIMIT = 1.5
@@ -126,12 +128,9 @@ def lora_mapping(token_slots: torch.Tensor, num_slots: int) -> LoRAMapping:
     synchronises once and checks the slot range."""
     slots = token_slots.long()
     if slots.is_cuda:
-        try:
-            from engine.kernels.triton_lora import make_segments
-        except Exception:  # Triton missing or broken: the torch path's groups below
-            pass
-        else:
-            return LoRAMapping(slots, num_slots, None, None, make_segments(slots, num_slots))
+        triton_lora = triton_module("triton_lora")
+        if triton_lora is not None:  # else the torch path's groups below
+            return LoRAMapping(slots, num_slots, None, None, triton_lora.make_segments(slots, num_slots))
     groups = slot_groups(slots)
     if groups and groups[-1][0] >= num_slots:
         raise ValueError(f"token_slots holds slot {groups[-1][0]} but there are only {num_slots} slots")

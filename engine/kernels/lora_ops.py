@@ -16,22 +16,16 @@ Paths (same math up to floating-point rounding):
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from engine.kernels.lora_mapping import LoRAMapping, lora_mapping, slot_groups
+from engine.kernels.optional_triton import triton_module
 
 __all__ = ["LoRAMapping", "add_lora", "add_lora_torch", "lora_expand", "lora_mapping", "lora_shrink", "slot_groups"]
 
 
-@functools.lru_cache(maxsize=1)
 def _triton_lora():
-    try:
-        from engine.kernels import triton_lora
-    except Exception:  # Triton missing or broken: the torch path still works
-        return None
-    return triton_lora
+    return triton_module("triton_lora")
 
 
 def _use_triton(x: torch.Tensor) -> bool:

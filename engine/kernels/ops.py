@@ -5,18 +5,13 @@ Guarantees: the result is the same math whichever path runs (up to floating-poin
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from engine.kernels.optional_triton import triton_module
 
-@functools.lru_cache(maxsize=1)
+
 def _triton_ops():
-    try:
-        from engine.kernels import triton_ops
-    except Exception:  # Triton missing or broken: the torch path still works
-        return None
-    return triton_ops
+    return triton_module("triton_ops")
 
 
 def _use_triton(x: torch.Tensor) -> bool:
