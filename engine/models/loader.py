@@ -193,7 +193,7 @@ def load_model(
     logger.info("loading weights: %s %s from %s (%s, %s)", cls.__name__, what, src.path,
                 str(dtype).removeprefix("torch."), device)
     with torch.device("meta"):
-        model = cls(hf_config, backend, device, tp=tp) if tp.size > 1 else cls(hf_config, backend, device)
+        model = cls(hf_config, backend, device, tp=tp)
     model = model.to(dtype=dtype).to_empty(device=device)
     if load_format == "dummy":
         model.init_dummy_weights(seed)
