@@ -59,6 +59,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fcfs, priority, sjf, fair, slo, or module:Class for your own (docs/scheduling.md)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
+    p.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
+                   help="GEMMs of the linear layers; auto: oneDNN with weights packed once on CPU (float32, or "
+                        "bfloat16 where the CPU has native bf16), else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: one per physical core, less one left to Python and the server)")
@@ -85,7 +88,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         num_blocks=args.num_blocks, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
-        seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager,
+        linear_backend=args.linear_backend, seed=args.seed, num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         generation_config=args.generation_config, tensor_parallel_size=args.tensor_parallel_size)
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(overrides) - known)

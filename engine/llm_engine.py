@@ -66,6 +66,7 @@ class LLMEngine:
             source, self.hf_config, self.dtype, self.device,
             attention_backend=config.attention_backend, load_format=config.load_format, seed=config.seed,
             tp=self.workers.comm.tp_context() if self.workers is not None else TPContext(),
+            linear_backend=config.linear_backend,
         )
         self.model_name = config.model or "SmolLM2-135M-Instruct"
         self.adapters = EngineAdapters.build(config, self.model, self.hf_config, self.dtype, self.device)

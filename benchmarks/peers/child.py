@@ -11,7 +11,7 @@ import sys
 
 from benchmarks.workloads import Workload
 
-SYSTEMS = ("conveyor", "conveyor-static", "hf-static", "hf-continuous")
+SYSTEMS = ("conveyor", "conveyor-static", "conveyor-blas", "hf-static", "hf-continuous")
 
 
 def peak_rss_bytes() -> int:
@@ -22,10 +22,13 @@ def peak_rss_bytes() -> int:
 
 
 def run_system(system: str, model_dir: str, workload: Workload, threads: int, dtype: str, opts: dict):
-    if system in ("conveyor", "conveyor-static"):
+    if system in ("conveyor", "conveyor-static", "conveyor-blas"):
         from benchmarks.peers import conveyor
 
-        return conveyor.run(model_dir, workload, threads, dtype, static=system == "conveyor-static", **opts)
+        # conveyor-blas: the linear layers through torch's BLAS GEMM instead of packed oneDNN
+        linear = "torch" if system == "conveyor-blas" else "auto"
+        return conveyor.run(model_dir, workload, threads, dtype, static=system == "conveyor-static",
+                            linear_backend=linear, **opts)
     if system == "hf-static":
         from benchmarks.peers import hf_static
 

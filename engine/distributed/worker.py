@@ -59,7 +59,8 @@ def run_worker(config: EngineConfig, info: RankInfo, store) -> None:
     hf_config = load_hf_config(source)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     model = load_model(source, hf_config, dtype, device, attention_backend=config.attention_backend,
-                       load_format=config.load_format, seed=config.seed, tp=comm.tp_context())
+                       load_format=config.load_format, seed=config.seed, tp=comm.tp_context(),
+                       linear_backend=config.linear_backend)
     bytes_per_block = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
     num_blocks = comm.min_int(choose_num_blocks(config, bytes_per_block, device))
     runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, _NoSampling())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.kernels import onednn_linear
 from engine.kernels.ops import rms_norm
 from engine.models.spec import KVCacheSpec
 from engine.models.tensor_parallel import Shard, TPContext, materialize
@@ -33,6 +34,8 @@ class CausalLM(nn.Module):
     tp: TPContext = TPContext()
     # This rank's rows of a vocab-parallel LM head (tensor parallel); None: the head is whole.
     vocab_shard: Shard | None = None
+    # `lm_head_weight()` packed for oneDNN by engine/models/prepack.py; None: F.linear on it
+    packed_lm_head: torch.Tensor | None = None
 
     def forward(
         self,
@@ -53,7 +56,10 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]. With a vocab-parallel head every rank must
         call it with the same rows: each computes its slice of the vocabulary and all gather."""
-        logits = F.linear(hidden, self.lm_head_weight()).float()
+        if self.packed_lm_head is not None:
+            logits = onednn_linear.linear(hidden, self.packed_lm_head, None).float()
+        else:
+            logits = F.linear(hidden, self.lm_head_weight()).float()
         return logits if self.vocab_shard is None else self.tp.gather_last_dim(logits)
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from engine.kernels.backend import get_attention_backend
+from engine.models.prepack import prepack_linears, resolve_linear_backend
 from engine.models.base import CausalLM
 from engine.models.default_model import default_gguf_path
 from engine.models.registry import model_class
@@ -172,17 +173,21 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     tp: TPContext = TPContext(),
+    linear_backend: str = "auto",
 ) -> CausalLM:
     """Builds the model for `hf_config`'s architecture on `device` in `dtype`, in eval mode with
     gradients off. load_format "dummy" fills deterministic random weights (from `seed`) and
     reads no weight files. With a tensor-parallel `tp` of size > 1 the model is this rank's
     shard: safetensors are opened lazily and only the rank's rows/columns of each sharded matrix
-    are read (a GGUF tensor is dequantized whole, one tensor at a time, then sliced)."""
+    are read (a GGUF tensor is dequantized whole, one tensor at a time, then sliced).
+    `linear_backend` (engine/models/prepack.py): with oneDNN the projection weights are packed
+    once here and their dense copies dropped."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     device = torch.device(device)
+    linear, linear_why = resolve_linear_backend(linear_backend, dtype, device)
     cls = model_class(hf_config)
     backend = get_attention_backend(attention_backend, device)
     # Build on the meta device (no memory, no random init), then allocate uninitialised storage
@@ -205,4 +210,11 @@ def load_model(
     model.requires_grad_(False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
+    if linear == "onednn":
+        start = time.perf_counter()
+        n = prepack_linears(model)
+        logger.info("linear layers: oneDNN, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
+                    n, time.perf_counter() - start, linear_why)
+    else:
+        logger.info("linear layers: torch (%s)", linear_why)
     return model

@@ -3,9 +3,9 @@ row-parallel (input features split, partial outputs summed with an all-reduce).
 
 Both are `nn.Linear` subclasses with the usual ``weight``/``bias`` parameters, so modules that
 wrap projections by name (LoRA) and the weight loader see ordinary linears. At tensor-parallel
-size 1 they hold the whole matrix and run exactly `F.linear`: the column-parallel class does not
-override `forward` at all, the row-parallel one returns ``F.linear(x, weight, bias)`` after one
-attribute test.
+size 1 they hold the whole matrix and run exactly `F.linear`, or, once `prepack_linears`
+(engine/models/prepack.py) has given them a ``packed`` weight, oneDNN's matmul on it (the
+dense ``weight`` is then a meta tensor: shape and dtype only).
 
 A column-parallel layer can be a fusion of several checkpoint projections (q/k/v, gate/up):
 ``blocks`` gives, per fused projection, which rows of it this rank holds (`Shard`); the rank's
@@ -20,15 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import onednn_linear
 from engine.models.tensor_parallel import Shard, TPContext, materialize, take
 
 
-class ColumnParallelLinear(nn.Linear):
+class PackableLinear(nn.Linear):
+    """`nn.Linear` whose weight may be replaced by a oneDNN-packed copy (``packed``)."""
+
+    packed: torch.Tensor | None = None
+
+    def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias) with this rank's weight, packed or dense."""
+        if self.packed is not None:
+            return onednn_linear.linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(PackableLinear):
     """y_local = x @ W_local^T (+ b_local): this rank's output features, no communication."""
 
     def __init__(self, in_features: int, blocks: list[Shard], bias: bool):
         super().__init__(in_features, sum(b.size for b in blocks), bias=bias)
         self.blocks = list(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local(x, self.bias)
 
     def shard(self, kind: str, tensor: Any, block: int = 0, transposed: bool = False) -> tuple[int, torch.Tensor]:
         """(first local row, this rank's rows) of fused block `block` from a checkpoint tensor
@@ -40,7 +56,7 @@ class ColumnParallelLinear(nn.Linear):
         return row, materialize(take(tensor, 0, shard))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(PackableLinear):
     """y = all_reduce(x_local @ W_local^T) + b: the input is this rank's slice of the features
     (the output of a column-parallel layer); the bias is held whole and added once, after the
     sum, so it is not counted once per rank."""
@@ -52,8 +68,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return self.local(x, self.bias)
+        out = self.tp.all_reduce(self.local(x, None))
         return out if self.bias is None else out.add_(self.bias)
 
     def shard(self, kind: str, tensor: Any, transposed: bool = False) -> torch.Tensor:

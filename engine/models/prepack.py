@@ -1,0 +1,61 @@
+"""Which GEMM runs the linear layers, and packing the weights for oneDNN once after loading.
+
+``linear_backend``: "torch" is `F.linear` (BLAS); "onednn" runs every projection and the LM
+head through oneDNN with weights packed once (engine/kernels/onednn_linear.py); "auto" picks
+oneDNN on CPU where it has native kernels for the dtype (float32 everywhere, bfloat16 with
+AVX-512 BF16/AMX) and torch otherwise (GPUs, float16, bfloat16 on AVX2).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from engine.kernels import onednn_linear
+from engine.models.parallel_linear import PackableLinear
+
+logger = logging.getLogger(__name__)
+
+LINEAR_BACKENDS = ("auto", "onednn", "torch")
+
+
+def resolve_linear_backend(name: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """("onednn" | "torch", why). Raises ValueError naming ``linear_backend`` when "onednn" is
+    asked for where it cannot run, or the name is unknown."""
+    if name not in LINEAR_BACKENDS:
+        raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {name!r}")
+    reason = onednn_linear.unsupported_reason(dtype, device)
+    if name == "onednn" and reason is not None:
+        raise ValueError(f"linear_backend 'onednn' is not available: {reason}")
+    if name == "torch":
+        return "torch", "asked for"
+    if reason is not None:
+        return "torch", f"auto: {reason}"
+    return "onednn", "asked for" if name == "onednn" else "auto: weights packed once, faster than BLAS on CPU"
+
+
+def _drop_dense(module: nn.Module, name: str = "weight") -> None:
+    """Replaces a parameter by a meta tensor of its shape and dtype: its memory is freed, and
+    any code that still computed with it would fail loudly instead of reading stale values."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False))
+
+
+@torch.no_grad()
+def prepack_linears(model: nn.Module) -> int:
+    """Packs every projection's weight and the LM head for oneDNN; returns how many. Dense
+    projection weights are dropped (they are not read again); the LM head keeps its dense
+    weight only when it is the embedding matrix (tied), which the embedding lookup still reads."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PackableLinear) and module.packed is None:
+            module.packed = onednn_linear.pack(module.weight)
+            _drop_dense(module)
+            count += 1
+    head = model.lm_head_weight()
+    model.packed_lm_head = onednn_linear.pack(head)
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, nn.Linear) and lm_head.weight is head:
+        _drop_dense(lm_head)
+    return count + 1
