@@ -60,8 +60,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
     p.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
-                   help="GEMMs of the linear layers; auto: oneDNN with weights packed once on CPU (float32, or "
-                        "bfloat16 where the CPU has native bf16), else torch")
+                   help="GEMMs of the linear layers; auto: oneDNN with weights packed once for float32 on CPU, "
+                        "else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,
                    help="torch CPU threads (default: one per physical core, less one left to Python and the server)")

@@ -50,8 +50,10 @@ def test_backend_choice_and_errors():
         EngineConfig(linear_backend="mkl")
     if onednn_linear.unsupported_reason(torch.float32, CPU) is None:
         assert resolve_linear_backend("auto", torch.float32, CPU)[0] == "onednn"
-    bf16 = resolve_linear_backend("auto", torch.bfloat16, CPU)[0]
-    assert bf16 == ("onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "torch")
+    assert resolve_linear_backend("auto", torch.bfloat16, CPU)[0] == "torch"  # asked for only
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(ValueError, match="no native bfloat16 matmul"):
+            resolve_linear_backend("onednn", torch.bfloat16, CPU)
 
 
 @needs_onednn
