@@ -32,7 +32,7 @@ namespace {
 
 constexpr int kTileKeys = 32;  // key positions per online-softmax step
 constexpr int kMaxRows = 64;   // query rows (tokens x heads of a group) per work item
-constexpr int kLanes = 8;      // partial sums per dot product: one 256-bit register of floats
+constexpr int kPrefetchTiles = 1;  // how many key tiles ahead the K/V rows are prefetched
 
 // Eight floats in one register (AVX/AVX2; two on NEON). Written explicitly in the hot loops
 // because gcc keeps plain float arrays used as accumulators on the stack.
@@ -103,46 +103,46 @@ inline v8 exp8(v8 x) {
   return masked ? splat8(0.f) : p * two_n;
 }
 
-inline float dot(const float* __restrict a, const float* __restrict b, int n) {
-  v8 s0 = splat8(0.f), s1 = splat8(0.f);
-  int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    s0 += load8(a + d) * load8(b + d);
-    s1 += load8(a + d + 8) * load8(b + d + 8);
-  }
-  for (; d + 8 <= n; d += 8) s0 += load8(a + d) * load8(b + d);
-  float s = sum8(s0 + s1);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+// Lane shuffles of GCC/clang vector extensions (__builtin_shufflevector from GCC 12 and clang;
+// __builtin_shuffle with a mask vector on older GCC); they lower to in-register shuffles on
+// AVX2, AVX-512 and NEON alike.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, v8i{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+// [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] (what AVX's vhaddps computes).
+inline v8 pair_sums(v8 a, v8 b) {
+  return SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
-// dot() of four rows (q, q + n, q + 2n, q + 3n) with one key row, each with exactly dot()'s
-// operations (so results are bit-identical to it), the key loads shared: out[0], out[kTileKeys]...
-inline void dot4(const float* __restrict q, const float* __restrict b, int n, float* out) {
-  const float* q1 = q + n;
-  const float* q2 = q1 + n;
-  const float* q3 = q2 + n;
-  v8 a0 = splat8(0.f), a1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0, g0 = a0, g1 = a0;
+// Horizontal sums of eight registers at once: lane j of the result is the sum of the lanes x of
+// a_j, always as ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) whichever j is. Seven vector
+// adds and their shuffles instead of eight separate horizontal sums (which dominated the scoring
+// at head_dim 64, where a dot product is only eight multiply-adds).
+inline v8 sums8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+  const v8 lo = pair_sums(pair_sums(a0, a1), pair_sums(a2, a3));  // [a0..a3 lanes 0-3, a0..a3 lanes 4-7]
+  const v8 hi = pair_sums(pair_sums(a4, a5), pair_sums(a6, a7));  // [a4..a7 lanes 0-3, a4..a7 lanes 4-7]
+  return SHUFFLE8(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// Lane j: q . k[j]. Each lane is computed by the same operations from its own (q, k[j]) alone
+// (products summed per lane over the 8-column chunks of D in order, then the sums8x8 tree, then
+// the columns past the last full chunk one by one), so a score does not depend on which keys or
+// rows share its pass.
+inline v8 dot8keys(const float* __restrict q, const float* const* k, int D) {
+  v8 a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    const v8 k0 = load8(b + d), k1 = load8(b + d + 8);
-    a0 += load8(q + d) * k0; a1 += load8(q + d + 8) * k1;
-    c0 += load8(q1 + d) * k0; c1 += load8(q1 + d + 8) * k1;
-    e0 += load8(q2 + d) * k0; e1 += load8(q2 + d + 8) * k1;
-    g0 += load8(q3 + d) * k0; g1 += load8(q3 + d + 8) * k1;
+  for (; d + 8 <= D; d += 8) {
+    const v8 x = load8(q + d);
+    a0 += x * load8(k[0] + d); a1 += x * load8(k[1] + d); a2 += x * load8(k[2] + d); a3 += x * load8(k[3] + d);
+    a4 += x * load8(k[4] + d); a5 += x * load8(k[5] + d); a6 += x * load8(k[6] + d); a7 += x * load8(k[7] + d);
   }
-  for (; d + 8 <= n; d += 8) {
-    const v8 k0 = load8(b + d);
-    a0 += load8(q + d) * k0; c0 += load8(q1 + d) * k0; e0 += load8(q2 + d) * k0; g0 += load8(q3 + d) * k0;
-  }
-  float sa = sum8(a0 + a1), sc = sum8(c0 + c1), se = sum8(e0 + e1), sg = sum8(g0 + g1);
-  for (; d < n; ++d) {
-    sa += q[d] * b[d]; sc += q1[d] * b[d]; se += q2[d] * b[d]; sg += q3[d] * b[d];
-  }
-  out[0] = sa;
-  out[kTileKeys] = sc;
-  out[2 * kTileKeys] = se;
-  out[3 * kTileKeys] = sg;
+  v8 s = sums8x8(a0, a1, a2, a3, a4, a5, a6, a7);
+  for (; d < D; ++d)
+    for (int j = 0; j < 8; ++j) s[j] += q[d] * k[j][d];
+  return s;
 }
 
 template <typename T>
@@ -184,21 +184,26 @@ inline const float* key_row(const KT* src, float* buf, int D) {
   }
 }
 
-// s[r, p] = q_r . k_p: one dot product per (row, key), each key row read once for all rows.
-// Decodes and prefill rows take this same path with the same summation order, and tiles start
-// at absolute positions (multiples of kTileKeys), so a token's attention output is bit-identical
-// whether it is computed as a decode, in a prefill or in a chunk (recompute after preemption
-// relies on it). A transposed key tile scoring many rows at once measured ~10% faster on
-// prefill, but sums in another order.
-template <typename KT>
-void scores_by_dot(const float* qf, int rows, int G, const KT* k_head, const int64_t* slot_off, int n, int ts,
-                   int first_pos, int D, float* kbuf, float* s) {
-  for (int p = 0; p < n; ++p) {
-    const float* k = key_row(k_head + slot_off[p], kbuf, D);
-    const int t_min = std::max(0, ts + p - first_pos);  // rows of token t see keys <= first_pos + t
-    int r = t_min * G;
-    for (; r + 4 <= rows; r += 4) dot4(qf + r * D, k, D, s + r * kTileKeys + p);
-    for (; r < rows; ++r) s[r * kTileKeys + p] = dot(qf + r * D, k, D);
+// s[r, p] = q_r . k_p for the keys row r sees (key position <= its token's), -inf for the rest.
+// Keys are scored eight per pass (dot8keys), each group of key rows reused from L1 by every row.
+// Decodes and prefill rows take this same path, every score is computed by the same operations
+// whatever else shares its pass, and tiles start at absolute positions (multiples of
+// kTileKeys), so a token's attention output is bit-identical whether it is computed as a decode,
+// in a prefill or in a chunk (recompute after preemption relies on it).
+inline void score_tile(const float* qf, int rows, int G, const float* const* krow, int n, int ts, int first_pos,
+                       int D, float* s) {
+  const v8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8 masked = splat8(-std::numeric_limits<float>::infinity());
+  for (int p0 = 0; p0 < n; p0 += 8) {
+    // past the tile's end a lane reads the last key again; its score is masked below
+    const float* k[8];
+    for (int j = 0; j < 8; ++j) k[j] = krow[std::min(p0 + j, n - 1)];
+    for (int r = 0; r < rows; ++r) {
+      const int visible = std::min(n, first_pos + r / G + 1 - ts) - p0;  // keys of this group row r sees
+      if (visible <= 0) continue;  // s was filled with -inf
+      const v8 sc = dot8keys(qf + r * D, k, D);
+      store8(s + r * kTileKeys + p0, lane < splat8(static_cast<float>(visible)) ? sc : masked);
+    }
   }
 }
 
@@ -257,11 +262,13 @@ void accumulate_values(const float* w, int rows, int G, const KT* v_head, const 
   }
 }
 
-// Element offsets (from a head's first element) of the cache slots of positions [ts, ts + n).
+// Element offsets (from a head's first element) of the cache slots of positions [ts, ts + n),
+// walking the block table (one division per tile, not one per key).
 inline void tile_offsets(const Problem& pb, const int32_t* table, int ts, int n, int64_t* off) {
+  int block = ts / pb.block_size, in_block = ts - block * pb.block_size;
   for (int p = 0; p < n; ++p) {
-    const int pos = ts + p;
-    off[p] = (static_cast<int64_t>(table[pos / pb.block_size]) * pb.block_size + pos % pb.block_size) * pb.kv_stride_pos;
+    off[p] = (static_cast<int64_t>(table[block]) * pb.block_size + in_block) * pb.kv_stride_pos;
+    if (++in_block == pb.block_size) in_block = 0, ++block;
   }
 }
 
@@ -269,6 +276,17 @@ template <typename T>
 inline void prefetch_row(const T* row, int n) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < static_cast<int64_t>(n) * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 1);
+}
+
+// Requests the K and V rows of positions [ts, ts + n) into the cache (off: scratch offsets).
+template <typename KT>
+inline void prefetch_tile(const Problem& pb, const int32_t* table, const KT* k_head, const KT* v_head, int ts, int n,
+                          int D, int64_t* off) {
+  tile_offsets(pb, table, ts, n, off);
+  for (int p = 0; p < n; ++p) {
+    prefetch_row(k_head + off[p], D);
+    prefetch_row(v_head + off[p], D);
+  }
 }
 
 // Attends the rows of one work item. QT: dtype of q and out; KT: dtype of the cache.
@@ -285,14 +303,14 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
   const int kv_end = first_pos + ntok;               // keys [0, kv_end) are visible to some row
   const int32_t* table = pb.block_tables + static_cast<int64_t>(it.seq) * pb.max_blocks;
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * D + kTileKeys + 2) + D + kTileKeys * D);
+  scratch.resize(static_cast<size_t>(rows) * (2 * D + kTileKeys + 2) + 2 * kTileKeys * D);
   float* qf = scratch.data();                 // [rows, D] scaled queries
   float* acc = qf + rows * D;                 // [rows, D] running weighted sum of values
   float* s = acc + rows * D;                  // [rows, kTileKeys] scores, then probabilities
   float* m = s + rows * kTileKeys;            // [rows] running max
   float* l = m + rows;                        // [rows] running sum of exp
-  float* kbuf = l + rows;                     // [D] one key row (as floats)
-  float* vt = kbuf + D;                       // [kTileKeys, D] value tile (as floats)
+  float* kt = l + rows;                       // [kTileKeys, D] key tile (as floats)
+  float* vt = kt + kTileKeys * D;             // [kTileKeys, D] value tile (as floats)
 
   for (int t = 0; t < ntok; ++t)
     for (int g = 0; g < G; ++g) {
@@ -305,23 +323,20 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
 
   const KT* k_head = k_cache + it.kv_head * D;
   const KT* v_head = v_cache + it.kv_head * D;
-  int64_t offsets[2][kTileKeys];
-  tile_offsets(pb, table, 0, std::min(kTileKeys, kv_end), offsets[0]);
-  for (int ts = 0, tile = 0; ts < kv_end; ts += kTileKeys, tile ^= 1) {
+  // The rows of a tile are scattered over blocks, which defeats the hardware prefetcher: the
+  // K/V lines of the tile kPrefetchTiles ahead are requested while this one is computed.
+  int64_t slot_off[kTileKeys], ahead_off[kTileKeys];
+  for (int ts = kTileKeys; ts < std::min(kv_end, kPrefetchTiles * kTileKeys); ts += kTileKeys)
+    prefetch_tile(pb, table, k_head, v_head, ts, std::min(kTileKeys, kv_end - ts), D, ahead_off);
+  for (int ts = 0; ts < kv_end; ts += kTileKeys) {
     const int n = std::min(kTileKeys, kv_end - ts);
-    const int64_t* slot_off = offsets[tile];
-    // The rows of a tile are scattered over blocks, which defeats the hardware prefetcher:
-    // request the next tile's K/V lines while this one is computed.
-    const int n_next = std::min(kTileKeys, kv_end - ts - kTileKeys);
-    if (n_next > 0) {
-      tile_offsets(pb, table, ts + kTileKeys, n_next, offsets[tile ^ 1]);
-      for (int p = 0; p < n_next; ++p) {
-        prefetch_row(k_head + offsets[tile ^ 1][p], D);
-        prefetch_row(v_head + offsets[tile ^ 1][p], D);
-      }
-    }
+    const int ahead = ts + kPrefetchTiles * kTileKeys;
+    if (ahead < kv_end) prefetch_tile(pb, table, k_head, v_head, ahead, std::min(kTileKeys, kv_end - ahead), D, ahead_off);
+    tile_offsets(pb, table, ts, n, slot_off);
     std::fill(s, s + rows * kTileKeys, -std::numeric_limits<float>::infinity());
-    scores_by_dot(qf, rows, G, k_head, slot_off, n, ts, first_pos, D, kbuf, s);
+    const float* krow[kTileKeys];  // key rows as floats: in the cache itself for a float cache
+    for (int p = 0; p < n; ++p) krow[p] = key_row(k_head + slot_off[p], kt + p * D, D);
+    score_tile(qf, rows, G, krow, n, ts, first_pos, D, s);
     // online softmax: rescale what was accumulated under the old max
     for (int r = 0; r < rows; ++r) {
       float* sr = s + r * kTileKeys;

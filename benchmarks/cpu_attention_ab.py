@@ -1,0 +1,129 @@
+"""The C++ CPU attention kernel against an earlier version of itself, side by side in one process.
+
+The earlier source (`git show REV:engine/kernels/csrc/paged_attention.cpp`) is built under
+another op namespace (`conveyor_cpu_base`), so both kernels run on the same tensors, interleaved
+round after round (a busy machine slows them alike). Only the kernel call is timed (the K/V of
+the new tokens are already in the cache), on scattered blocks of 16 slots:
+
+- decode batch 32 at 256- and 1K-token contexts and at 150-640 (the offline benchmark's mix),
+  with the 56M random Llama's heads (8 query heads, 4 KV heads, head_dim 64);
+- decode batch 16 at 1K and a fresh 2048-token prefill, with SmolLM2-135M's (9 heads, 3 KV heads).
+
+Figures are medians of the rounds (min in brackets), ms per call; GB/s counts each sequence's
+K and V once (what a decode reads); GFLOP/s counts 4 * head_dim per (query head, visible key).
+
+    python -m benchmarks.cpu_attention_ab --against 9256104 --rounds 3 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.cpu_attention import machine
+from engine.attention_metadata import AttentionMetadata
+
+SOURCE = "engine/kernels/csrc/paged_attention.cpp"
+BLOCK, HEAD_DIM = 16, 64
+CASES = {  # name: (heads, kv heads, query lengths, context lengths)
+    "56M decode b32 x 256": (8, 4, [1] * 32, [256] * 32),
+    "56M decode b32 x 1K": (8, 4, [1] * 32, [1024] * 32),
+    "56M decode b32 x 150-640": (8, 4, [1] * 32, [150 + (490 * i) // 31 for i in range(32)]),
+    "SmolLM2 decode b16 x 1K": (9, 3, [1] * 16, [1024] * 16),
+    "SmolLM2 prefill 2048": (9, 3, [2048], [2048]),
+}
+
+
+def build_baseline(rev: str):
+    """Builds the kernel source of git revision `rev` under the op namespace conveyor_cpu_base."""
+    from engine.kernels import cpu_extension
+
+    text = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], capture_output=True, text=True, check=True).stdout
+    text = text.replace("TORCH_LIBRARY(conveyor_cpu,", "TORCH_LIBRARY(conveyor_cpu_base,")
+    text = text.replace("TORCH_LIBRARY_IMPL(conveyor_cpu,", "TORCH_LIBRARY_IMPL(conveyor_cpu_base,")
+    path = Path(tempfile.mkdtemp(prefix="conveyor_base_")) / "paged_attention_base.cpp"
+    path.write_text(text)
+    if not cpu_extension.build_and_load(sources=(path,)):
+        raise SystemExit(f"the kernel of {rev} did not build (see the log)")
+    return torch.ops.conveyor_cpu_base.paged_attention
+
+
+def make_case(heads: int, kv_heads: int, query_lens: list[int], seq_lens: list[int], dtype: torch.dtype):
+    """q, a cache filled with random K/V on shuffled blocks, and the kernel's metadata."""
+    gen = torch.Generator().manual_seed(0)
+    needed = [-(-s // BLOCK) for s in seq_lens]
+    perm = (torch.randperm(sum(needed), generator=gen) + 1).tolist()
+    tables, used = [], 0
+    for n in needed:
+        tables.append(perm[used : used + n])
+        used += n
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK)
+    cache = torch.randn(2, sum(needed) + 1, BLOCK, kv_heads, HEAD_DIM, generator=gen).to(dtype)
+    q = torch.randn(sum(query_lens), heads, HEAD_DIM, generator=gen).to(dtype)
+    args = (q, cache, meta.block_tables.to(torch.int32).contiguous(), meta.seq_lens.to(torch.int32),
+            meta.query_start_loc.to(torch.int32))
+    kv_bytes = sum(seq_lens) * kv_heads * HEAD_DIM * 2 * cache.element_size()
+    flops = sum(4 * HEAD_DIM * heads * sum(range(s - ql + 1, s + 1)) for ql, s in zip(query_lens, seq_lens))
+    return args, kv_bytes, flops
+
+
+def _time(op, args, reps: int, clock=time.perf_counter) -> float:
+    out = torch.empty_like(args[0])
+    op(out, *args, HEAD_DIM**-0.5)
+    t0 = clock()
+    for _ in range(reps):
+        op(out, *args, HEAD_DIM**-0.5)
+    return (clock() - t0) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", default="9256104", help="git revision of the baseline kernel source")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="q and cache dtype")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the calling thread's CPU time, not wall time (with --threads 1, on a busy machine)")
+    ap.add_argument("--target-s", type=float, default=0.3, help="seconds per variant per case per round")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from engine.kernels.cpu_extension import cpu_ops_available
+
+    if not cpu_ops_available():
+        raise SystemExit("the C++ CPU attention extension could not be built on this machine (see the log)")
+    ops = {"base": build_baseline(args.against), "new": torch.ops.conveyor_cpu.paged_attention}
+    dtype = getattr(torch, args.dtype)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"\n## Kernel {args.against} (base) vs working tree (new), {args.dtype}, "
+          f"{'CPU' if args.cpu_time else 'wall'} ms per call: "
+          f"median [min] of {args.rounds} rounds\n")
+    print("| case | base ms | new ms | speed-up | base GB/s | new GB/s | base GFLOP/s | new GFLOP/s |")
+    print("| --- |" + " ---: |" * 7)
+    for name, (heads, kv_heads, query_lens, seq_lens) in CASES.items():
+        case_args, kv_bytes, flops = make_case(heads, kv_heads, query_lens, seq_lens, dtype)
+        outs = {}
+        for label, op in ops.items():
+            outs[label] = torch.empty_like(case_args[0])
+            op(outs[label], *case_args, HEAD_DIM**-0.5)
+        diff = (outs["base"].float() - outs["new"].float()).abs().max().item()
+        assert diff < (1e-4 if dtype == torch.float32 else 3e-2), f"{name}: kernels disagree by {diff}"
+        reps = max(1, round(args.target_s / _time(ops["base"], case_args, 1)))
+        times = {label: [] for label in ops}
+        for _ in range(args.rounds):
+            for label, op in ops.items():
+                times[label].append(_time(op, case_args, reps, clock))
+        med = {label: statistics.median(t) for label, t in times.items()}
+        cells = [f"{med[k] * 1e3:.3f} [{min(times[k]) * 1e3:.3f}]" for k in ops]
+        rates = [f"{kv_bytes / med[k] / 1e9:.1f}" for k in ops] + [f"{flops / med[k] / 1e9:.1f}" for k in ops]
+        print(f"| {name} | " + " | ".join(cells) + f" | {med['base'] / med['new']:.2f}x | " + " | ".join(rates) + " |")
+    print(f"\nLoad average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+if __name__ == "__main__":
+    main()
