@@ -21,15 +21,17 @@ same engine settings and policy objects as the simulator; a fresh engine per run
 the order (fcfs, slo, then slo, fcfs, ...), so a steady drift in the machine's speed cancels.
 Before each run it records the 1-minute load average and a reference matmul time (another
 process may share the machine). It prints, per run, goodput, mean and p90 TTFT, mean TPOT, and
-the share of requests meeting each target, then the simulator's prediction for the same trace,
-and writes everything (with every request's TTFT and TPOT) to ``--report``.
+the share of requests meeting each target, beside the simulator's figures at that run's speed
+(the cost model scaled by how much slower the run's steps were than it predicts for the same
+shapes: a shared machine's speed moves), then the simulator's prediction for the same trace, and
+writes everything (with every request's TTFT and TPOT) to ``--report``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.calibrate import add_engine_args, host_info, reference_matmul_s
@@ -69,6 +71,13 @@ def predict(args: argparse.Namespace, trace: list[TraceRequest], cost_model: Cos
     return out
 
 
+def scaled(cost_model: CostModel, factor: float) -> CostModel:
+    """Every step ``factor`` times as long: the cost model at a loaded machine's speed."""
+    return replace(cost_model, row_residual_s=tuple(factor * v for v in cost_model.row_residual_s),
+                   **{k: factor * getattr(cost_model, k) for k in
+                      ("base_s", "per_token_s", "per_context_token_s", "per_seq_s", "multi_row_s")})
+
+
 def line(label: str, f: dict) -> str:
     return (f"{label:<34}{f['goodput']:>8.1%}{f['ttft_mean_s']:>9.2f}{f['ttft_p90_s']:>9.2f}{f['tpot_mean_s']:>9.3f}"
             f"{f['ttft_met']:>9.0%}{f['tpot_met']:>9.0%}")
@@ -85,10 +94,16 @@ def run(args: argparse.Namespace) -> dict:
             res = validate_one(args, trace, policy, cost_model)
             real = figures(res["real_requests"], args.ttft_slo, args.tpot_slo)
             report["engine"] = res["engine"]
+            # the machine's speed in this run: its steps' time over the cost model's for the same shapes
+            slower = 1 + res["diagnostics"]["cost_model_error_on_real_steps"]
+            slower = 1 / slower if slower > 0 else float("nan")
+            at_speed = predict(args, trace, scaled(cost_model, slower), **res["engine"])[policy]
             report["runs"].append({"pair": pair, "policy": policy, "load_1m_before": load,
-                                   "matmul_ms_before": 1e3 * matmul, "real": real,
+                                   "matmul_ms_before": 1e3 * matmul, "steps_slower_than_cost_model": slower,
+                                   "real": real, "sim_at_this_speed": at_speed,
                                    "real_requests": res["real_requests"], "real_steps": len(res["real_steps"])})
-            print(line(f"pair {pair} {policy:<5} load {load:.2f} mm {1e3 * matmul:.2f}ms", real), flush=True)
+            print(line(f"pair {pair} {policy:<5} load {load:.2f} steps x{slower:.2f}", real), flush=True)
+            print(line(f"  simulator at that speed", at_speed), flush=True)
     engine = report.get("engine", {"num_blocks": args.num_blocks, "max_model_len": 8192, "vocab_size": 49152})
     report["simulator"] = predict(args, trace, cost_model, engine["num_blocks"], engine["max_model_len"],
                                   engine["vocab_size"])
