@@ -104,7 +104,10 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._pending: list[RequestOutput] = []  # outputs to hand out on the next step (aborts)
         self.stats = EngineStats(num_blocks=self.num_blocks, block_size=block_size,
-                                 max_loras=config.max_loras if config.enable_lora else 0)
+                                 max_loras=config.max_loras if config.enable_lora else 0,
+                                 dtype=str(self.dtype).removeprefix("torch."),
+                                 linear_backend=self.model.linear_backend,
+                                 attention_backend=self.model.attention_backend)
         self.debug = os.environ.get("CONVEYOR_DEBUG", "") == "1"  # full integrity check every step
         self.failures = StepFailures(self.scheduler, self.outputs, self.check_integrity)
 

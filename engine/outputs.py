@@ -152,4 +152,8 @@ class EngineStats:
     running_lora_adapters: list[str] = field(default_factory=list)
     waiting_lora_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0  # 0 when LoRA is disabled
+    # how the model runs (conveyor_model_config_info): "" until the engine has loaded
+    dtype: str = ""
+    linear_backend: str = ""
+    attention_backend: str = ""
     extra: dict = field(default_factory=dict)

@@ -134,6 +134,14 @@ class _EngineCollector:
         for m, model, s in snapshots:
             info.add_metric([model, str(s.block_size), str(s.num_blocks), str(m.prefix_caching)], 1.0)
         yield info
+        run = GaugeMetricFamily("conveyor_model_config_info", "How the model runs: weights/compute dtype, "
+                                "the linear layers' GEMM and the attention kernel (chosen at start; "
+                                "the log says why).", labels=["model_name", "dtype", "linear_backend",
+                                                              "attention_backend"])
+        for m, model, s in snapshots:
+            if s.dtype:  # loaded
+                run.add_metric([model, s.dtype, s.linear_backend, s.attention_backend], 1.0)
+        yield run
         yield gauge("conveyor_num_waiting_tokens", "Prompt tokens of waiting requests.",
                     lambda m, s: s.num_waiting_tokens)
         yield counter("conveyor_engine_steps", "Engine steps run.", lambda m, s: s.num_steps)

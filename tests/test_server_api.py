@@ -184,6 +184,14 @@ def test_metrics_names_after_requests(server, client):
     assert server.metric("vllm:e2e_request_latency_seconds_count") >= 1
     info = [k for k in m if k.startswith("vllm:cache_config_info")][0]
     assert 'block_size="16"' in info and 'num_gpu_blocks="512"' in info
+    import torch
+
+    from engine.models.prepack import resolve_linear_backend
+
+    linear = resolve_linear_backend("auto", torch.float32, torch.device("cpu"))[0]  # onednn on x86 torch builds
+    run = [k for k in m if k.startswith("conveyor_model_config_info")][0]
+    assert 'dtype="float32"' in run and f'linear_backend="{linear}"' in run
+    assert 'attention_backend="torch"' in run  # the tiny server's flag (tests/test_server_harness.py)
 
 
 def test_openapi_validates_and_docs_are_local(http):

@@ -36,6 +36,9 @@ class CausalLM(nn.Module):
     vocab_shard: Shard | None = None
     # `lm_head_weight()` packed for oneDNN by engine/models/prepack.py; None: F.linear on it
     packed_lm_head: torch.Tensor | None = None
+    # what runs the linear layers and the attention (set by load_model; logged and in /metrics)
+    linear_backend: str = "torch"
+    attention_backend: str = ""
 
     def forward(
         self,

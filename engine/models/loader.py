@@ -210,6 +210,7 @@ def load_model(
     model.requires_grad_(False)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
+    model.linear_backend, model.attention_backend = linear, backend.name
     if linear == "onednn":
         start = time.perf_counter()
         n = prepack_linears(model)
