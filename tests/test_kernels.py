@@ -432,13 +432,15 @@ def test_engine_greedy_cpu_kernel_matches_torch_and_transformers(tmp_path):
     assert tokens["cpu"] == tokens["torch"] == expected
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 2, 36)], ids=["smollm", "gqa2_d36"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_kernel_token_bit_identical_as_decode_prefill_or_chunk(dtype):
+def test_cpu_kernel_token_bit_identical_as_decode_prefill_or_chunk(dtype, heads, kv_heads, d):
     """Recompute after preemption prefills tokens that were first computed as decodes: with the
     same cache contents, the C++ kernel gives each token bit-identical outputs whichever way it is
-    batched (a decode among others, a row of a fresh prefill, a row of a chunk over a prefix)."""
+    batched (a decode among others, a row of a fresh prefill, a row of a chunk over a prefix).
+    head_dim 36 also takes the columns past the last 8-column chunk one by one."""
     backend = _cpu_backend()
-    bs, heads, kv_heads, d, n = 16, 9, 3, 64, 75
+    bs, n = 16, 75
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(n, heads, d, generator=gen).to(dtype)
     k, v = (torch.randn(n, kv_heads, d, generator=gen).to(dtype) for _ in range(2))
