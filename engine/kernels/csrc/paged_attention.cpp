@@ -330,9 +330,10 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
     const int n = tile_n(i);
     const int64_t* slot_off = offsets[i % (kKeyAhead + 1)];
     const int64_t* next_off = offsets[(i + 1) % (kKeyAhead + 1)];
+    const int n_next = tile_n(i + 1), n_ahead = tile_n(i + kKeyAhead);
     int64_t* ahead_off = offsets[(i + kKeyAhead) % (kKeyAhead + 1)];
-    tile_offsets(pb, table, ts + kKeyAhead * kTileKeys, tile_n(i + kKeyAhead), ahead_off);
-    for (int p = 0; p < tile_n(i + kKeyAhead); ++p) prefetch_row(k_head + ahead_off[p], D);
+    tile_offsets(pb, table, ts + kKeyAhead * kTileKeys, n_ahead, ahead_off);
+    for (int p = 0; p < n_ahead; ++p) prefetch_row(k_head + ahead_off[p], D);
     std::fill(s, s + rows * kTileKeys, -std::numeric_limits<float>::infinity());
     const float* krow[kTileKeys];  // key rows as floats: in the cache itself for a float cache
     for (int p = 0; p < n; ++p) krow[p] = key_row(k_head + slot_off[p], kt + p * D, D);
@@ -356,7 +357,7 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
         for (int d = 0; d < D; ++d) ar[d] *= corr;
       }
     }
-    for (int p = 0; p < tile_n(i + 1); ++p) prefetch_row(v_head + next_off[p], D);
+    for (int p = 0; p < n_next; ++p) prefetch_row(v_head + next_off[p], D);
     accumulate_values(s, rows, G, v_head, slot_off, n, ts, first_pos, D, vt, acc);
   }
   for (int t = 0; t < ntok; ++t)
