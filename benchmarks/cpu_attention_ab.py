@@ -9,8 +9,9 @@ the new tokens are already in the cache), on scattered blocks of 16 slots:
   with the 56M random Llama's heads (8 query heads, 4 KV heads, head_dim 64);
 - decode batch 16 at 1K and a fresh 2048-token prefill, with SmolLM2-135M's (9 heads, 3 KV heads).
 
-Figures are medians of the rounds (min in brackets), ms per call; GB/s counts each sequence's
-K and V once (what a decode reads); GFLOP/s counts 4 * head_dim per (query head, visible key).
+Figures are medians of the rounds (min in brackets), ms per call; GB/s (decodes only) counts each
+sequence's K and V once, what a decode reads; GFLOP/s counts 4 * head_dim per (query head,
+visible key). The two kernels' outputs are checked to agree first.
 
     python -m benchmarks.cpu_attention_ab --against 9256104 --rounds 3 --threads 1
 """
@@ -120,7 +121,9 @@ def main() -> None:
                 times[label].append(_time(op, case_args, reps, clock))
         med = {label: statistics.median(t) for label, t in times.items()}
         cells = [f"{med[k] * 1e3:.3f} [{min(times[k]) * 1e3:.3f}]" for k in ops]
-        rates = [f"{kv_bytes / med[k] / 1e9:.1f}" for k in ops] + [f"{flops / med[k] / 1e9:.1f}" for k in ops]
+        decode = max(query_lens) == 1  # a prefill re-reads K/V per query tile: GB/s would mislead
+        rates = [f"{kv_bytes / med[k] / 1e9:.1f}" if decode else "-" for k in ops]
+        rates += [f"{flops / med[k] / 1e9:.1f}" for k in ops]
         print(f"| {name} | " + " | ".join(cells) + f" | {med['base'] / med['new']:.2f}x | " + " | ".join(rates) + " |")
     print(f"\nLoad average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
