@@ -3,7 +3,8 @@
 The earlier source (`git show REV:engine/kernels/csrc/paged_attention.cpp`) is built under
 another op namespace (`conveyor_cpu_base`), so both kernels run on the same tensors, interleaved
 round after round (a busy machine slows them alike). Only the kernel call is timed (the K/V of
-the new tokens are already in the cache), on scattered blocks of 16 slots:
+the new tokens are already in the cache), on scattered blocks of 16 slots, one kernel first in
+even rounds, the other in odd ones:
 
 - decode batch 32 at 256- and 1K-token contexts and at 150-640 (the offline benchmark's mix),
   with the 56M random Llama's heads (8 query heads, 4 KV heads, head_dim 64);
@@ -116,8 +117,8 @@ def main() -> None:
         assert diff < (1e-4 if dtype == torch.float32 else 3e-2), f"{name}: kernels disagree by {diff}"
         reps = max(1, round(args.target_s / _time(ops["base"], case_args, 1)))
         times = {label: [] for label in ops}
-        for _ in range(args.rounds):
-            for label, op in ops.items():
+        for i in range(args.rounds):  # the order alternates, so neither kernel always runs first
+            for label, op in (list(ops.items()) if i % 2 == 0 else list(ops.items())[::-1]):
                 times[label].append(_time(op, case_args, reps, clock))
         med = {label: statistics.median(t) for label, t in times.items()}
         cells = [f"{med[k] * 1e3:.3f} [{min(times[k]) * 1e3:.3f}]" for k in ops]
