@@ -142,9 +142,11 @@ class _TimedBackend:
         return out
 
 
-def bench_decode_step(rounds: int, context: int, batch: int, steps: int) -> None:
-    """One engine, prefilled once; then rounds of `steps` decode steps alternate between the two
-    attention backends (both read the same paged cache), so load changes hit both alike."""
+def bench_decode_step(rounds: int, context: int, batch: int, steps: int, backends: dict | None = None) -> None:
+    """One engine, prefilled once; then rounds of `steps` decode steps alternate between the
+    attention backends (all read the same paged cache), so load changes hit them alike.
+    `backends`: {label: backend}, the torch path and the C++ kernel by default; the speed-up
+    printed is the last one's over the first one's."""
     from engine import LLM, SamplingParams
     from engine.kernels.cpu_attention import CpuPagedAttentionBackend
 
@@ -157,7 +159,9 @@ def bench_decode_step(rounds: int, context: int, batch: int, steps: int) -> None
     llm = LLM(dtype="float32", attention_backend="cpu", max_num_batched_tokens=2048, max_num_seqs=batch,
               num_blocks=batch * (-(-(context + total_steps + 8) // 16)) + 8)
     attn_modules = [m for m in llm.engine.model.modules() if hasattr(m, "backend") and hasattr(m.backend, "forward")]
-    timed = {"torch": _TimedBackend(TorchAttentionBackend()), "cpu": _TimedBackend(CpuPagedAttentionBackend())}
+    if backends is None:
+        backends = {"torch (index_select gather)": TorchAttentionBackend(), "C++ kernel": CpuPagedAttentionBackend()}
+    timed = {label: _TimedBackend(b) for label, b in backends.items()}
     params = SamplingParams(temperature=0, max_tokens=total_steps + 4, ignore_eos=True)
     for i, p in enumerate(prompts):
         llm.engine.add_request(f"r{i}", p, params)
@@ -175,12 +179,12 @@ def bench_decode_step(rounds: int, context: int, batch: int, steps: int) -> None
                 llm.engine.step()
                 results[name][0].append(time.perf_counter() - t0)
                 results[name][1].append(backend.seconds)
-    for name, (step_times, attn) in results.items():
+    for label, (step_times, attn) in results.items():
         med, a = statistics.median(step_times), statistics.median(attn)
-        label = "torch (index_select gather)" if name == "torch" else "C++ kernel"
         print(f"| {label} | {med * 1e3:.1f} [{min(step_times) * 1e3:.1f}] | {a * 1e3:.1f} | {a / med:.0%} |")
-    speedup = statistics.median(results["torch"][0]) / statistics.median(results["cpu"][0])
-    print(f"\nDecode step speed-up with the C++ kernel: {speedup:.2f}x (medians)")
+    first, last = list(results)[0], list(results)[-1]
+    speedup = statistics.median(results[first][0]) / statistics.median(results[last][0])
+    print(f"\nDecode step speed-up, {last} over {first}: {speedup:.2f}x (medians)")
 
 
 RECOMPUTE_PROMPTS = [

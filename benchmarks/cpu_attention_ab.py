@@ -15,6 +15,7 @@ sequence's K and V once, what a decode reads; GFLOP/s counts 4 * head_dim per (q
 visible key). The two kernels' outputs are checked to agree first.
 
     python -m benchmarks.cpu_attention_ab --against 9256104 --rounds 3 --threads 1
+    python -m benchmarks.cpu_attention_ab --step   # also whole decode steps of the default model, 1K contexts
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_attention import machine
+from benchmarks.cpu_attention import bench_decode_step, machine
 from engine.attention_metadata import AttentionMetadata
 
 SOURCE = "engine/kernels/csrc/paged_attention.cpp"
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="q and cache dtype")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the calling thread's CPU time, not wall time (with --threads 1, on a busy machine)")
+    ap.add_argument("--step", action="store_true", help="then decode steps of the default model with each kernel")
     ap.add_argument("--target-s", type=float, default=0.3, help="seconds per variant per case per round")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +128,11 @@ def main() -> None:
         rates = [f"{kv_bytes / med[k] / 1e9:.1f}" if decode else "-" for k in ops]
         rates += [f"{flops / med[k] / 1e9:.1f}" for k in ops]
         print(f"| {name} | " + " | ".join(cells) + f" | {med['base'] / med['new']:.2f}x | " + " | ".join(rates) + " |")
+    if args.step:
+        from engine.kernels.cpu_attention import CpuPagedAttentionBackend
+
+        bench_decode_step(args.rounds, 1024, 16, 5, {f"C++ kernel {args.against}": CpuPagedAttentionBackend(ops["base"]),
+                                                     "C++ kernel (new)": CpuPagedAttentionBackend()})
     print(f"\nLoad average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
 

@@ -20,10 +20,12 @@ class CpuPagedAttentionBackend:
 
     name = "cpu"
 
-    def __init__(self) -> None:
-        if not cpu_ops_available():
+    def __init__(self, op=None) -> None:
+        """`op`: another build of the same kernel to call (benchmarks compare versions);
+        torch.ops.conveyor_cpu.paged_attention by default."""
+        if op is None and not cpu_ops_available():
             raise RuntimeError("the CPU attention extension could not be built (see the log); use attention_backend='torch'")
-        self._op = torch.ops.conveyor_cpu.paged_attention
+        self._op = op if op is not None else torch.ops.conveyor_cpu.paged_attention
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
