@@ -9,7 +9,7 @@ bursts) at ``--rate`` requests/s, prompts lognormal with median 64 tokens (sigma
 bursty chat lengths. The engine: SmolLM2-135M (the default model) with ``--max-num-seqs 8``, so
 a burst fills the seats and a queue forms, and admission order decides who waits; with 32
 seats every request is admitted at once and no order has anything to choose (the simulator
-gives +23 points for `slo` at 8 seats and +4 at 32, 16 seeds; docs/scheduling.md).
+gives `slo` +23 goodput points at 8 seats and +3 at 32, mean of 16 seeds; docs/scheduling.md).
 
 The targets are fixed before measuring, from the engine's unloaded speed on the 2-core CPU of
 benchmarks/RESULTS.md: TTFT <= 2 s (a median 64-token prompt's prefill takes ~0.3 s alone, the
@@ -61,12 +61,14 @@ def figures(requests: list[list[float]], ttft_slo: float, tpot_slo: float) -> di
 
 
 def predict(args: argparse.Namespace, trace: list[TraceRequest], cost_model: CostModel,
-            num_blocks: int, max_model_len: int = 8192, vocab_size: int = 49152) -> dict:
-    """The simulator's figures per policy for this trace and engine settings."""
+            num_blocks: int, max_model_len: int = 8192, vocab_size: int = 49152,
+            policy_cost_model: CostModel | None = None) -> dict:
+    """The simulator's figures per policy for this trace and engine settings; `slo` estimates
+    prefill with ``policy_cost_model`` (default: ``cost_model``), as the real run's did."""
     config = sim_config(args, num_blocks, max_model_len, vocab_size)
     out = {}
     for policy in POLICIES:
-        result = simulate(trace, make_policy_for(policy, args, cost_model), config, cost_model)
+        result = simulate(trace, make_policy_for(policy, args, policy_cost_model or cost_model), config, cost_model)
         out[policy] = figures([[r.ttft, r.tpot] for r in result.records], args.ttft_slo, args.tpot_slo)
     return out
 
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> dict:
             # the machine's speed in this run: its steps' time over the cost model's for the same shapes
             slower = 1 + res["diagnostics"]["cost_model_error_on_real_steps"]
             slower = 1 / slower if slower > 0 else float("nan")
-            at_speed = predict(args, trace, scaled(cost_model, slower), **res["engine"])[policy]
+            at_speed = predict(args, trace, scaled(cost_model, slower), **res["engine"],
+                               policy_cost_model=cost_model)[policy]
             report["runs"].append({"pair": pair, "policy": policy, "load_1m_before": load,
                                    "matmul_ms_before": 1e3 * matmul, "steps_slower_than_cost_model": slower,
                                    "real": real, "sim_at_this_speed": at_speed,
