@@ -12,6 +12,7 @@ from typing import Any
 from engine.errors import show
 from engine.sampling_params import SEED_RANGE
 from server.errors import bad_request
+from server.json_fields import JsonFields, token_id_list
 from server.structured_request import parse_structured
 from server.tool_request import ToolsRequest, parse_tools
 
@@ -19,130 +20,6 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 INT64 = (-(2 ** 63), 2 ** 63 - 1)  # bounds of integer fields that have no tighter ones
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def _as_int(value: Any) -> int | None:
-    """`value` as an int when it is a JSON integer: an int (not a bool), or a float with no
-    fractional part (JSON Schema counts 2.0 as an integer, as do OpenAI's SDKs); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _token_ids(value: Any) -> list[int] | None:
-    """`value` as a list of non-negative ints, or None if it is not one."""
-    if not isinstance(value, list):
-        return None
-    ids = [_as_int(v) for v in value]
-    return None if any(i is None or i < 0 for i in ids) else ids
-
-
-class _Fields:
-    """Typed access to a JSON object's fields; each getter raises a 400 naming the field."""
-
-    def __init__(self, body: Any, prefix: str = "") -> None:
-        if not isinstance(body, dict):
-            raise bad_request(f"{prefix or 'request body'} must be a JSON object", prefix or None)
-        self.body = body
-        self.prefix = prefix
-
-    def _name(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def _present(self, name: str) -> bool:
-        return self.body.get(name) is not None
-
-    def integer(self, name: str, default: int | None = None, lo: int | None = None,
-                hi: int | None = None) -> int | None:
-        if not self._present(name):
-            return default
-        value = _as_int(self.body[name])
-        if value is None:
-            raise bad_request(f"{self._name(name)} must be an integer, got {show(self.body[name])}",
-                              self._name(name))
-        self._range(name, value, lo, hi)
-        return value
-
-    def number(self, name: str, default: float | None = None, lo: float | None = None,
-               hi: float | None = None) -> float | None:
-        if not self._present(name):
-            return default
-        value = self.body[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise bad_request(f"{self._name(name)} must be a number, got {show(value)}", self._name(name))
-        if value in (float("inf"), float("-inf")) or (isinstance(value, int) and abs(value) > 1e308):
-            raise bad_request(f"{self._name(name)} must be a finite number", self._name(name))
-        self._range(name, value, lo, hi)
-        return float(value)
-
-    def boolean(self, name: str, default: bool = False) -> bool:
-        if not self._present(name):
-            return default
-        value = self.body[name]
-        if not isinstance(value, bool):
-            raise bad_request(f"{self._name(name)} must be a boolean, got {show(value)}", self._name(name))
-        return value
-
-    def string(self, name: str, default: str | None = None) -> str | None:
-        if not self._present(name):
-            return default
-        value = self.body[name]
-        if not isinstance(value, str):
-            raise bad_request(f"{self._name(name)} must be a string, got {show(value)}", self._name(name))
-        return value
-
-    def int_list(self, name: str) -> list[int] | None:
-        if not self._present(name):
-            return None
-        value = _token_ids(self.body[name])
-        if value is None:
-            raise bad_request(f"{self._name(name)} must be a list of non-negative integers",
-                              self._name(name))
-        return value
-
-    def logit_bias(self) -> dict[int, float] | None:
-        """OpenAI's `logit_bias`: an object from token ids (as decimal strings) to numbers in
-        [-100, 100]; ids past the vocabulary are refused later, by the engine."""
-        if not self._present("logit_bias"):
-            return None
-        value = self.body["logit_bias"]
-        if not isinstance(value, dict):
-            raise bad_request("logit_bias must be an object mapping token ids to numbers", "logit_bias")
-        out = {}
-        for key, bias in value.items():
-            if not (key.isascii() and key.isdigit() and len(key) <= 18):
-                raise bad_request(f"logit_bias keys must be token ids (decimal strings), got {show(key)}",
-                                  "logit_bias")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-                raise bad_request(f"logit_bias values must be numbers in [-100, 100], got {show(bias)}",
-                                  "logit_bias")
-            out[int(key)] = float(bias)
-        return out
-
-    def stop(self) -> list[str] | None:
-        if not self._present("stop"):
-            return None
-        value = self.body["stop"]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise bad_request("stop must be a non-empty string or a list of non-empty strings", "stop")
-        return value
-
-    def _range(self, name: str, value: float, lo: float | None, hi: float | None) -> None:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise bad_request(f"{self._name(name)} must be in {bounds}, got {show(value)}", self._name(name))
-
-    def reject_unsupported(self, name: str) -> None:
-        value = self.body.get(name)
-        # identity for False: `True in (1,)` holds in Python, and echo=true must be refused
-        if not (value is None or value is False or value in ([], {}, "")):
-            raise bad_request(f"{name} is not supported by this server", name, code="unsupported")
 
 
 @dataclass
@@ -161,7 +38,7 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
-def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+def _common(f: JsonFields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     for name in ("suffix", "functions", "echo"):
         f.reject_unsupported(name)
     n = f.integer("n", 1, 1, MAX_N)
@@ -175,7 +52,7 @@ def _common(f: _Fields, max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     stream_options = f.body.get("stream_options")
     include_usage = False
     if stream_options is not None:
-        include_usage = _Fields(stream_options, "stream_options").boolean("include_usage")
+        include_usage = JsonFields(stream_options, "stream_options").boolean("include_usage")
     user = f.string("user")
     sampling = {
         "n": n,
@@ -220,7 +97,7 @@ class CompletionRequest(GenerationRequest):
 
     @classmethod
     def from_json(cls, body: Any) -> "CompletionRequest":
-        f = _Fields(body)
+        f = JsonFields(body)
         f.reject_unsupported("tools")  # tools are a chat feature
         common = _common(f, ("max_tokens",))
         logprobs = f.integer("logprobs", None, 0, MAX_LOGPROBS)
@@ -234,7 +111,7 @@ def _prompt(value: Any) -> str | list[int]:
         if not value:
             raise bad_request("prompt must not be empty", "prompt")
         return value
-    ids = _token_ids(value)
+    ids = token_id_list(value)
     if ids:
         return ids
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
@@ -251,7 +128,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     @classmethod
     def from_json(cls, body: Any) -> "ChatCompletionRequest":
-        f = _Fields(body)
+        f = JsonFields(body)
         common = _common(f, ("max_completion_tokens", "max_tokens"))
         top_logprobs = f.integer("top_logprobs", None, 0, MAX_LOGPROBS)
         want_logprobs = f.boolean("logprobs")
@@ -275,7 +152,7 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     out = []
     for i, msg in enumerate(value):
         name = f"messages[{i}]"
-        f = _Fields(msg, name)
+        f = JsonFields(msg, name)
         role = f.string("role")
         if role not in CHAT_ROLES:
             raise bad_request(f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {show(role)}",
@@ -303,8 +180,8 @@ def _tool_calls(value: Any, name: str) -> list[dict[str, Any]]:
         raise bad_request(f"{name} must be a list of tool calls", name)
     out = []
     for j, call in enumerate(value):
-        c = _Fields(call, f"{name}[{j}]")
-        fn = _Fields(call.get("function"), f"{name}[{j}].function")
+        c = JsonFields(call, f"{name}[{j}]")
+        fn = JsonFields(call.get("function"), f"{name}[{j}].function")
         if c.string("type", "function") != "function":
             raise bad_request(f"{name}[{j}].type must be function", f"{name}[{j}].type")
         call_id, fn_name, args = c.string("id"), fn.string("name"), fn.string("arguments", "{}")
@@ -345,7 +222,7 @@ class TokenizeRequest:
 
     @classmethod
     def from_json(cls, body: Any) -> "TokenizeRequest":
-        f = _Fields(body)
+        f = JsonFields(body)
         prompt = f.string("prompt")
         messages = _messages(body["messages"]) if body.get("messages") is not None else None
         if (prompt is None) == (messages is None):
@@ -361,7 +238,7 @@ class DetokenizeRequest:
 
     @classmethod
     def from_json(cls, body: Any) -> "DetokenizeRequest":
-        f = _Fields(body)
+        f = JsonFields(body)
         tokens = f.int_list("tokens")
         if tokens is None:
             raise bad_request("tokens is required: a list of token ids", "tokens")
