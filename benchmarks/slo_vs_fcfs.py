@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.calibrate import add_engine_args, host_info, reference_matmul_s
@@ -73,13 +73,6 @@ def predict(args: argparse.Namespace, trace: list[TraceRequest], cost_model: Cos
     return out
 
 
-def scaled(cost_model: CostModel, factor: float) -> CostModel:
-    """Every step ``factor`` times as long: the cost model at a loaded machine's speed."""
-    return replace(cost_model, row_residual_s=tuple(factor * v for v in cost_model.row_residual_s),
-                   **{k: factor * getattr(cost_model, k) for k in
-                      ("base_s", "per_token_s", "per_context_token_s", "per_seq_s", "multi_row_s")})
-
-
 def line(label: str, f: dict) -> str:
     return (f"{label:<34}{f['goodput']:>8.1%}{f['ttft_mean_s']:>9.2f}{f['ttft_p90_s']:>9.2f}{f['tpot_mean_s']:>9.3f}"
             f"{f['ttft_met']:>9.0%}{f['tpot_met']:>9.0%}")
@@ -99,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
             # the machine's speed in this run: its steps' time over the cost model's for the same shapes
             slower = 1 + res["diagnostics"]["cost_model_error_on_real_steps"]
             slower = 1 / slower if slower > 0 else float("nan")
-            at_speed = predict(args, trace, scaled(cost_model, slower), **res["engine"],
+            at_speed = predict(args, trace, cost_model.scaled(slower), **res["engine"],
                                policy_cost_model=cost_model)[policy]
             report["runs"].append({"pair": pair, "policy": policy, "load_1m_before": load,
                                    "matmul_ms_before": 1e3 * matmul, "steps_slower_than_cost_model": slower,

@@ -63,6 +63,6 @@ def test_sim_only_command_writes_the_prediction(tmp_path, capsys):
 def test_scaled_cost_model_makes_every_step_proportionally_longer():
     fitted = CostModel(base_s=0.05, per_token_s=0.003, per_context_token_s=1e-5, per_seq_s=1e-4, multi_row_s=0.03,
                        row_residual_s=(0.0, 0.01, -0.02))
-    slow = slo_vs_fcfs.scaled(fitted, 1.5)
+    slow = fitted.scaled(1.5)
     for shape in [(1, 100, 1), (2, 300, 2), (3, 40, 3), (64, 64, 1), (300, 900, 5)]:
         assert math.isclose(slow.step_time(*shape), 1.5 * fitted.step_time(*shape))

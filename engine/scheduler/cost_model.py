@@ -126,6 +126,11 @@ class CostModel:
                 "linear_terms_mean_abs_rel_error": float((np.abs(x @ coef - y) * w).mean())}
         return replace(model, fit_info=info)
 
+    def scaled(self, factor: float) -> "CostModel":
+        """Every step ``factor`` times as long (e.g. the machine's speed during one run)."""
+        return replace(self, row_residual_s=tuple(factor * v for v in self.row_residual_s),
+                       **{k: factor * getattr(self, k) for k in _COEFFS})
+
     # -- files --------------------------------------------------------------------------------
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
