@@ -1,4 +1,5 @@
-"""Builds and loads the C++ CPU kernels (`csrc/*.cpp`) on first use.
+"""Builds and loads the C++ CPU kernels (`csrc/*.cpp`: paged attention, fused elementwise ops)
+as one extension on first use.
 
 The extension is compiled with `torch.utils.cpp_extension.load` for the host's ISA
 (`-O3 -march=native`, OpenMP) into a cache folder keyed by the torch version, the source and the
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp",)
+SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp", Path(__file__).parent / "csrc" / "fused_ops.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 
 
@@ -112,8 +113,9 @@ def _remove_stale_lock(out_dir: Path) -> None:
 
 @functools.lru_cache(maxsize=1)
 def cpu_ops_available() -> bool:
-    """True when `torch.ops.conveyor_cpu.paged_attention` is usable, building it on first use on
-    this host; False (logged once per process) when it cannot be built."""
+    """True when the `torch.ops.conveyor_cpu` ops (paged attention, the fused elementwise ops of
+    `fused_ops.cpp`) are usable, building them on first use on this host; False (logged once per
+    process) when they cannot be built."""
     if not _registered() and not build_and_load():
         return False
     if not _registered():
@@ -122,5 +124,9 @@ def cpu_ops_available() -> bool:
     return True
 
 
+# Every op the sources register: a build cached from older sources lacks some of them.
+OPS = ("paged_attention", "rms_norm", "add_rms_norm", "rotary_", "silu_and_mul")
+
+
 def _registered() -> bool:
-    return hasattr(torch.ops.conveyor_cpu, "paged_attention")
+    return all(hasattr(torch.ops.conveyor_cpu, op) for op in OPS)

@@ -1,13 +1,20 @@
-"""Small fused ops used by the models. Each function has a plain-torch body (reference and CPU
-path); on CUDA tensors it dispatches to the Triton kernel in `triton_ops.py` when Triton imports.
+"""Small fused ops used by the models. Each function has a plain-torch body (the reference, and
+the fallback); on CUDA tensors it dispatches to the Triton kernel in `triton_ops.py` when Triton
+imports, on float32/bfloat16 CPU tensors to the C++ kernels of `csrc/fused_ops.cpp` when the CPU
+extension builds (`cpu_extension.cpu_ops_available`).
 
-Guarantees: the result is the same math whichever path runs (up to floating-point rounding).
+Guarantees: the result is the same math whichever path runs, with the same rounding points (the
+C++ residual add and rotary are bit-identical to the torch bodies; RMSNorm and SiLU differ in the
+last bits only: summation order, exp).
 """
 from __future__ import annotations
 
 import torch
 
+from engine.kernels import cpu_extension
 from engine.kernels.optional_triton import triton_module
+
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_ops():
@@ -18,6 +25,18 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and _triton_ops() is not None
 
 
+def _use_cpu_kernel(*tensors: torch.Tensor) -> bool:
+    """The C++ kernels take CPU tensors of one supported dtype, and have no autograd formula."""
+    x = tensors[0]
+    if x.device.type != "cpu" or x.dtype not in _CPU_KERNEL_DTYPES:
+        return False
+    if any(t.dtype != x.dtype for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return cpu_extension.cpu_ops_available()
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +44,11 @@ def rms_norm(
     value is x itself. Statistics are computed in float32."""
     if _use_triton(x):
         return _triton_ops().rms_norm(x, weight, eps, residual)
+    parts = (x, weight) if residual is None else (x, weight, residual)
+    if all(t.is_contiguous() for t in parts) and _use_cpu_kernel(*parts):
+        if residual is None:
+            return torch.ops.conveyor_cpu.rms_norm(x, weight, eps), x
+        return torch.ops.conveyor_cpu.add_rms_norm(x, residual, weight, eps)
     return rms_norm_torch(x, weight, eps, residual)
 
 
@@ -42,6 +66,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     the rotary dims). cos, sin: [T, rotary_dim // 2]. Dims past rotary_dim are left as they are."""
     if _use_triton(q):
         _triton_ops().apply_rotary(q, k, cos, sin)
+        return
+    # q and k are usually views into the fused QKV output: the kernel takes any token and head
+    # strides, only the dims must be contiguous.
+    layout_ok = q.stride(-1) == 1 and k.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    if layout_ok and cos.dtype == sin.dtype == torch.float32 and _use_cpu_kernel(q, k):
+        torch.ops.conveyor_cpu.rotary_(q, k, cos, sin)
         return
     apply_rotary_torch(q, k, cos, sin)
 
@@ -64,6 +94,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2 * I] holding gate then up; returns silu(gate) * up, shape [..., I]."""
     if _use_triton(x):
         return _triton_ops().silu_and_mul(x)
+    if x.is_contiguous() and _use_cpu_kernel(x):
+        return torch.ops.conveyor_cpu.silu_and_mul(x)
     return silu_and_mul_torch(x)
 
 
