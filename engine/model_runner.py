@@ -10,12 +10,14 @@ final hidden states instead.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.block_table_buffer import BlockTableBuffer
 from engine.pooling import pool_chunk
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingRow
 from engine.scheduler.output import SampledTokens, SchedulerOutput
 
 
@@ -89,13 +91,35 @@ class ModelRunner:
         if not sample_rows:
             return SampledTokens(pooled=pooled)
         last_token = meta.query_start_loc[1:].to(torch.long) - 1
-        logits = self.model.compute_logits(hidden[last_token[sample_rows]])
+        sampled_hidden = hidden[last_token[sample_rows]]
         sampling = [items[i] for i in sample_rows]
         rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar)
                 for s in sampling]
-        result = self.sampler(logits, rows)
+        head = getattr(self.model, "greedy_head", None)
+        only_argmax = self.sampler.needs_only_argmax(rows) if head is not None else []
+        if any(only_argmax):
+            result = self._sample_with_greedy_head(head, sampled_hidden, rows, only_argmax)
+        else:
+            result = self.sampler(self.model.compute_logits(sampled_hidden), rows)
         return SampledTokens([s.request_id for s in sampling], result.token_ids, result.logprobs,
                              result.chosen_logprobs, pooled)
+
+    def _sample_with_greedy_head(self, head, hidden: torch.Tensor, rows: list[SamplingRow],
+                                 only_argmax: list[bool]) -> SamplerOutput:
+        """Rows that need only the argmax take it from the greedy head (no full logits); the
+        others go through the full logits and the sampler as usual. Batch order is kept; the
+        greedy rows' logprobs are None and their chosen logprobs NaN (none were asked for)."""
+        n = len(rows)
+        tokens, logprobs, chosen = [0] * n, [None] * n, [math.nan] * n
+        greedy = [i for i in range(n) if only_argmax[i]]
+        for i, t in zip(greedy, head.argmax(hidden[greedy]).tolist()):
+            tokens[i] = t
+        rest = [i for i in range(n) if not only_argmax[i]]
+        if rest:
+            out = self.sampler(self.model.compute_logits(hidden[rest]), [rows[i] for i in rest])
+            for j, i in enumerate(rest):
+                tokens[i], logprobs[i], chosen[i] = out.token_ids[j], out.logprobs[j], out.chosen_logprobs[j]
+        return SamplerOutput(tokens, logprobs, chosen)
 
     @staticmethod
     def _pool(items: list, hidden: torch.Tensor, meta: AttentionMetadata) -> dict[str, torch.Tensor]:

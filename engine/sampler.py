@@ -82,6 +82,16 @@ class Sampler:
             chosen_logprobs=chosen,
         )
 
+    def needs_only_argmax(self, rows: list[SamplingRow]) -> list[bool]:
+        """Per row: True when `__call__` would return argmax of the raw logits for it and read
+        nothing else from them (greedy, no logprobs, none of steps 1-3), so a head that yields
+        only the argmax (engine/models/greedy_head.py) may stand in for the full logits."""
+        return [r.params.temperature < _MIN_TEMPERATURE and r.params.logprobs is None
+                and len(r.output_token_ids) >= r.params.min_tokens and r.params.repetition_penalty == 1.0
+                and not r.params.presence_penalty and not r.params.frequency_penalty
+                and not r.params.logit_bias and not r.params.allowed_token_ids and r.grammar is None
+                for r in rows]
+
     def penalize(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Steps 1-3 (min_tokens, repetition, presence/frequency, logit_bias, allowed_token_ids).
         Returns `logits` itself when

@@ -15,6 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.kernels import onednn_linear
 from engine.kernels.ops import rms_norm
+from engine.models.greedy_head import GreedyHead
 from engine.models.spec import KVCacheSpec
 from engine.models.tensor_parallel import Shard, TPContext, materialize
 
@@ -36,6 +37,9 @@ class CausalLM(nn.Module):
     vocab_shard: Shard | None = None
     # `lm_head_weight()` packed for oneDNN by engine/models/prepack.py; None: F.linear on it
     packed_lm_head: torch.Tensor | None = None
+    # argmax-only LM head for greedy rows (engine/models/greedy_head.py, built by prepack);
+    # None: greedy rows take the full logits like every other row
+    greedy_head: GreedyHead | None = None
     # what runs the linear layers and the attention (set by load_model; logged and in /metrics)
     linear_backend: str = "torch"
     attention_backend: str = ""

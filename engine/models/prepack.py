@@ -9,11 +9,14 @@ is not measured yet, and torch's bf16 matmul already calls oneDNN on such CPUs.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
 
 from engine.kernels import onednn_linear
+from engine.models import greedy_head
+from engine.models.greedy_head import GreedyHead
 from engine.models.parallel_linear import PackableLinear
 
 logger = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ def _drop_dense(module: nn.Module, name: str = "weight") -> None:
 def prepack_linears(model: nn.Module) -> int:
     """Packs every projection's weight and the LM head for oneDNN; returns how many. Dense
     projection weights are dropped (they are not read again); the LM head keeps its dense
-    weight only when it is the embedding matrix (tied), which the embedding lookup still reads."""
+    weight when it is the embedding matrix (tied), which the embedding lookup still reads, or
+    when the greedy head (engine/models/greedy_head.py) is built, which recomputes rows of it."""
     count = 0
     for module in model.modules():
         if isinstance(module, PackableLinear) and module.packed is None:
@@ -58,7 +62,30 @@ def prepack_linears(model: nn.Module) -> int:
             count += 1
     head = model.lm_head_weight()
     model.packed_lm_head = onednn_linear.pack(head)
+    model.greedy_head = _build_greedy_head(model, head)
     lm_head = getattr(model, "lm_head", None)
-    if isinstance(lm_head, nn.Linear) and lm_head.weight is head:
+    # the greedy head recomputes its candidates from the dense rows: an untied head keeps them
+    if isinstance(lm_head, nn.Linear) and lm_head.weight is head and model.greedy_head is None:
         _drop_dense(lm_head)
     return count + 1
+
+
+def _build_greedy_head(model: nn.Module, head: torch.Tensor) -> GreedyHead | None:
+    """The argmax-only head for greedy rows where it can run (float32 on CPU with fbgemm, the
+    whole vocabulary on this process), else None; logs the choice and its memory."""
+    reason = None
+    if model.vocab_shard is not None or model.tp.size > 1:
+        reason = "tensor parallel (vocab-parallel head)"
+    if reason is None:
+        reason = greedy_head.unsupported_reason(head)
+    if reason is not None:
+        logger.info("greedy LM head: full float32 logits (%s)", reason)
+        return None
+    start = time.perf_counter()
+    built = GreedyHead(head, model.packed_lm_head)
+    tied = not isinstance(getattr(model, "lm_head", None), nn.Linear) or model.lm_head.weight is not head
+    kept = 0 if tied else head.numel() * head.element_size()
+    logger.info("greedy LM head: int8 screening + exact float32 recompute, %.1f s, +%.0f MiB int8%s",
+                time.perf_counter() - start, built.nbytes / (1 << 20),
+                "" if tied else f", +{kept / (1 << 20):.0f} MiB dense head kept (untied)")
+    return built
