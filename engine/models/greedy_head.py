@@ -32,9 +32,20 @@ import torch.nn.functional as F
 from engine.kernels import int8_linear, onednn_linear
 
 _SLACK = 1.0 + 2.0 ** -10  # the bound's own float32 rounding (as in int8_linear)
+_BLOCK = 64  # tokens per block of the one full pass over the approximate logits (a block max)
 _GATHER_CHUNK = 16384  # candidate (row, token) pairs recomputed at once: bounds the gathered copy
 _RETRY_FIRST, _RETRY_MAX = 64, 4096  # calls on the full head before screening is tried again
 _GIVE_UP_FRACTION = 0.5  # smoothed fallback fraction above which screening stops paying
+
+
+def _block_max(a: torch.Tensor) -> torch.Tensor:
+    """[R, N] -> [R, ceil(N / _BLOCK)]: the max of each block of _BLOCK columns."""
+    rows, n = a.shape
+    full = n // _BLOCK * _BLOCK
+    out = a[:, :full].reshape(rows, -1, _BLOCK).amax(dim=2)
+    if full < n:
+        out = torch.cat([out, a[:, full:].amax(dim=1, keepdim=True)], dim=1)
+    return out
 
 
 def unsupported_reason(weight: torch.Tensor) -> str | None:
@@ -51,8 +62,7 @@ def unsupported_reason(weight: torch.Tensor) -> str | None:
 
 @dataclass
 class ScreenResult:
-    """One `screen` call: ``tokens`` [R] int64, ``candidates`` [R] each row's candidate count
-    (for a row whose quick superset was already past 4 x max_candidates, that superset's size),
+    """One `screen` call: ``tokens`` [R] int64, ``candidates`` [R] each row's candidate count,
     ``fallback`` [R] bool rows that ran the full head instead."""
 
     tokens: torch.Tensor
@@ -116,29 +126,36 @@ class GreedyHead:
         xs = torch.where(finite.unsqueeze(1), x, torch.zeros_like(x))
         ap = int8_linear.approx(xs, self.int8)
         a, w = ap.values, self.int8
-        top = a.argmax(dim=1)
+        # One pass over a: the max of each block of _BLOCK tokens. The row's max (and its index,
+        # for t) and the blocks that can hold candidates follow from these; only those blocks'
+        # entries are read again.
+        blocks = _block_max(a)
+        n = a.shape[1]
+        lanes = torch.arange(_BLOCK)
+        top_cols = (blocks.argmax(dim=1, keepdim=True) * _BLOCK + lanes).clamp_max_(n - 1)
+        top_vals, at = a.gather(1, top_cols).max(dim=1)
+        top = top_cols.gather(1, at.unsqueeze(1)).squeeze(1)
         b_top = (w.margin[top] + ap.row_r * w.l2[top] + ap.row_xhat * w.err_l2[top]) * _SLACK
-        t = a.gather(1, top.unsqueeze(1)).squeeze(1) - b_top
-        # a superset first, with the row's largest B (one pass), then each pair's own B
+        t = top_vals - b_top
+        # a superset first, with the row's largest B, then each pair's own B
         b_max = (w.margin.max() + ap.row_r * w.l2.max() + ap.row_xhat * w.err_l2.max()) * _SLACK
-        superset = (a + b_max.unsqueeze(1)) >= t.unsqueeze(1)
-        # a row whose superset is far past the limit falls back without listing it
-        super_counts = superset.sum(dim=1)
-        hopeless = super_counts > 4 * self.max_candidates
-        if bool(hopeless.any()):
-            superset[hopeless] = False
-        r_idx, n_idx = superset.nonzero(as_tuple=True)
+        rb, bb = ((blocks + b_max.unsqueeze(1)) >= t.unsqueeze(1)).nonzero(as_tuple=True)
+        cols = bb.unsqueeze(1) * _BLOCK + lanes  # [blocks, _BLOCK]; past n only in a last short block
+        flat = (rb.unsqueeze(1) * n + cols.clamp_max(n - 1)).view(-1)
+        vals = a.reshape(-1).index_select(0, flat).view(cols.shape)  # (a is contiguous: a view)
+        inside = (cols < n) & ((vals + b_max[rb].unsqueeze(1)) >= t[rb].unsqueeze(1))
+        pick = inside.view(-1).nonzero().squeeze(1)
+        r_idx, n_idx = rb.index_select(0, pick // _BLOCK), cols.view(-1).index_select(0, pick)
         b = (w.margin[n_idx] + ap.row_r[r_idx] * w.l2[n_idx] + ap.row_xhat[r_idx] * w.err_l2[n_idx]) * _SLACK
-        keep = (a[r_idx, n_idx] + b) >= t[r_idx]
+        keep = (vals.view(-1).index_select(0, pick) + b) >= t[r_idx]
         r_idx, n_idx = r_idx[keep], n_idx[keep]
         counts = torch.bincount(r_idx, minlength=rows)
-        counts = torch.where(hopeless, super_counts, counts)
-        fallback = (counts > self.max_candidates) | ~finite | hopeless
+        fallback = (counts > self.max_candidates) | ~finite
         tokens = torch.empty(rows, dtype=torch.long)
         screened = ~fallback[r_idx]
         if bool(screened.any()):
             r_idx, n_idx = r_idx[screened], n_idx[screened]
-            z = torch.cat([(self.dense[n] * x[r]).sum(dim=1)
+            z = torch.cat([(self.dense.index_select(0, n) * x.index_select(0, r)).sum(dim=1)
                            for r, n in zip(r_idx.split(_GATHER_CHUNK), n_idx.split(_GATHER_CHUNK))])
             best = torch.full((rows,), float("-inf")).scatter_reduce(0, r_idx, z, "amax")
             at_best = z == best[r_idx]

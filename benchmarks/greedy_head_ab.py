@@ -1,0 +1,153 @@
+"""The greedy LM head (engine/models/greedy_head.py) against the full float32 head, one process.
+
+Head level: the final hidden states a model produced for real prompts (SmolLM2-135M, the
+default model) or random-token prompts (the random 56M Llama the peer benchmark uses, if
+benchmarks/out/h14_run2/models/llama-56m exists) are fed to both heads at 1, 8, 16, 32 and 64
+rows, alternating which runs first, `--rounds` rounds; CPU time (time.process_time) per call,
+median over rounds. Both answer argmax(hidden @ W^T); the screened one is checked to agree. The
+candidate counts (how many tokens a row recomputes in float32) and the fallback fraction decide
+whether screening pays: they are printed over all collected rows.
+
+End to end (`--e2e`): `LLM.generate`, greedy, 32 requests of 128 prompt tokens -> 64 new
+tokens, screening on and off alternating, `--rounds` rounds, wall and CPU seconds.
+
+    nice python -m benchmarks.greedy_head_ab --rounds 2 --e2e
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from benchmarks.cpu_attention import machine
+from engine import LLM, SamplingParams
+
+RANDOM_56M = "benchmarks/out/h14_run2/models/llama-56m"
+ROWS = (1, 8, 16, 32, 64)
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
+    "produce books far faster than scribes. Within fifty years presses operated in more than two "
+    "hundred European cities, and the price of books fell sharply. Scholars argue about how much "
+    "the press changed religion, science and politics, but few doubt that cheap printed pamphlets "
+    "helped ideas travel. Today we face a similar shift: language models write, translate and "
+    "summarise text, and engineers must decide how to run them cheaply on ordinary computers. A "
+    "central processing unit has a handful of cores, each with vector units that multiply many "
+    "numbers at once; memory bandwidth, cache sizes and the width of those vector units decide how "
+    "fast a matrix multiplication can run. Questions people ask a small assistant: What is the "
+    "capital of France? How do I bake bread at home? Explain photosynthesis to a child. Write a "
+    "short poem about the sea. List three prime numbers and explain why they are prime."
+)
+
+
+def _prompts(llm: LLM, real: bool, n: int, length: int) -> list[list[int]]:
+    if real:
+        ids = llm.get_tokenizer().encode(TEXT)
+        return [(ids * 2)[5 * i:5 * i + length] for i in range(n)]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 1000, (length,), generator=gen).tolist() for _ in range(n)]
+
+
+def collect_hidden(llm: LLM, real: bool) -> torch.Tensor:
+    """The rows the LM head saw while generating greedily (screening off while collecting)."""
+    model = llm.engine.model
+    head, model.greedy_head = model.greedy_head, None
+    seen, compute = [], model.compute_logits
+    model.compute_logits = lambda h: seen.append(h.detach().clone()) or compute(h)
+    try:
+        llm.generate(_prompts(llm, real, 12, 48), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        del model.compute_logits
+        model.greedy_head = head
+    return torch.cat(seen)
+
+
+def _cpu_ms(fn, reps: int) -> float:
+    start = time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - start) / reps * 1e3
+
+
+def head_level(name: str, llm: LLM, real: bool, rounds: int) -> None:
+    head = llm.engine.model.greedy_head
+    if head is None:
+        print(f"{name}: no greedy head on this machine/model")
+        return
+    hidden = collect_hidden(llm, real)
+    res = head.screen(hidden)
+    want = head.full_logits(hidden).argmax(dim=1)
+    c = res.candidates.double()
+    print(f"\n{name}: {hidden.shape[0]} rows, vocab {head.int8.out_features} x hidden {head.int8.in_features}; "
+          f"mismatches {int((res.tokens != want).sum())}; candidates per row mean {c.mean():.1f} median "
+          f"{c.median():.0f} p90 {c.quantile(0.9):.0f} max {c.max():.0f}; fallback rows "
+          f"{res.fallback.double().mean():.0%}")
+    print("| rows | full fp32 head ms | screened ms | speedup | mean candidates | fallback |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for rows in ROWS:
+        x = hidden[torch.arange(rows) * 7 % hidden.shape[0]]
+        reps = max(3, 64 // rows)
+        full, screened = [], []
+        for r in range(rounds):
+            order = [("full", lambda: head.full_logits(x).argmax(dim=1)), ("screen", lambda: head.screen(x))]
+            for kind, fn in (order if r % 2 == 0 else order[::-1]):
+                fn()  # warm (oneDNN primitive for this row count)
+                (full if kind == "full" else screened).append(_cpu_ms(fn, reps))
+        s = head.screen(x)
+        f, sc = statistics.median(full), statistics.median(screened)
+        print(f"| {rows} | {f:.2f} | {sc:.2f} | {f / sc:.2f}x | {s.candidates.double().mean():.0f} | "
+              f"{s.fallback.double().mean():.0%} |")
+
+
+def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
+    model = llm.engine.model
+    head = model.greedy_head
+    if head is None:
+        return
+    prompts = _prompts(llm, real, 32, 128)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    tokens = {}
+    for r in range(rounds):
+        for kind in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            model.greedy_head = head if kind == "on" else None
+            wall, cpu = time.perf_counter(), time.process_time()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            times[kind].append((time.perf_counter() - wall, time.process_time() - cpu))
+            tokens[kind] = [o.outputs[0].token_ids for o in outs]
+    model.greedy_head = head
+    same = tokens["on"] == tokens["off"]
+    print(f"\n{name} end to end, 32 x (128 -> 64) greedy, wall / CPU s per round; outputs identical: {same}")
+    for kind in ("off", "on"):
+        print(f"  screening {kind}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in times[kind]))
+    off = statistics.median(c for _, c in times["off"])
+    on = statistics.median(c for _, c in times["on"])
+    print(f"  CPU time on/off: {on / off:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--e2e", action="store_true", help="also LLM.generate with screening on and off")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine())
+    print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    cases = [("SmolLM2-135M (default model, real text)", None, True)]
+    if os.path.isdir(RANDOM_56M):
+        cases.append(("random 56M Llama (random-token prompts)", RANDOM_56M, False))
+    for name, path, real in cases:
+        llm = LLM(path, dtype="float32", num_threads=args.threads)
+        head_level(name, llm, real, args.rounds)
+        if args.e2e:
+            end_to_end(name, llm, real, args.rounds)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
