@@ -2,14 +2,16 @@
 bodies of `engine/kernels/ops.py`, and a tiny Llama's greedy tokens through the engine with them.
 
 Tolerances, and why:
-- the residual sum and the rotary: bit-identical (`torch.equal`) in float32 and bfloat16. Both
-  are the same elementwise products and sums with the same rounding points, no FMA contraction;
-- RMSNorm, float32: rtol 1e-5. Only the summation order of the squares differs (8-lane partial
-  sums against torch's), a relative change of a few ulp in the mean square, half that in the
-  scale; bfloat16: one bf16 ulp (rtol 2^-7), since that tiny change can flip one rounding;
+- RMSNorm with its residual sum, and the rotary: bit-identical (`torch.equal`) in float32 and
+  bfloat16: the same products and sums with the same rounding points (no FMA contraction), the
+  squares summed in the order of torch's CPU sum kernel, torch's own rsqrt. (Not merely close:
+  a tiny random model amplifies one ulp of a norm scale to 1e-4 in its logits, the tolerance
+  of tests/test_models.py against transformers.) Shown on this AVX2 host; the sum order follows
+  torch's vector width, so an AVX-512 host is expected to match too, untested;
 - SiLU, float32: rtol 5e-7 (4 ulp). The kernel's exp is a polynomial with max error < 1 ulp
   (checked below) against torch's Sleef exp; the division and the multiply round alike.
-  bfloat16: one bf16 ulp, as for RMSNorm.
+  bfloat16: one bf16 ulp (rtol 2^-7), since a last-bit change of the float value can flip the
+  rounding to bf16.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, rtol32: fl
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,hidden", [(1, 1), (3, 7), (33, 19), (32, 512), (5, 576), (2, 1000)])
+@pytest.mark.parametrize("rows,hidden", [(1, 1), (3, 7), (2, 8), (33, 19), (32, 512), (5, 576), (2, 1000), (2, 20000)])
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no_residual"])
 def test_rms_norm_matches_torch(dtype, rows, hidden, with_residual):
     gen = torch.Generator().manual_seed(rows * hidden)
@@ -44,7 +46,7 @@ def test_rms_norm_matches_torch(dtype, rows, hidden, with_residual):
     want_out, want_sum = ops.rms_norm_torch(x, w, 1e-5, res)
     with torch.inference_mode():
         got_out, got_sum = ops.rms_norm(x, w, 1e-5, res)
-    _close(got_out, want_out, dtype, 1e-5)
+    assert torch.equal(got_out, want_out)
     assert torch.equal(got_sum, want_sum)
     if not with_residual:
         assert got_sum is x

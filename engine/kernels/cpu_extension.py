@@ -26,7 +26,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp", Path(__file__).parent / "csrc" / "fused_ops.cpp")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp")
+HEADERS = (CSRC / "vec8.h",)  # part of the build's cache key, like the sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 
 
@@ -55,7 +57,7 @@ def _build_name(sources, cflags) -> str:
     digest = hashlib.sha256()
     for part in (torch.__version__, platform.machine(), _cpu_fingerprint(), " ".join(cflags)):
         digest.update(part.encode())
-    for src in sources:
+    for src in (*sources, *HEADERS):
         digest.update(Path(src).read_bytes())
     return f"conveyor_cpu_{digest.hexdigest()[:16]}"
 

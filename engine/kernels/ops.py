@@ -3,11 +3,13 @@ the fallback); on CUDA tensors it dispatches to the Triton kernel in `triton_ops
 imports, on float32/bfloat16 CPU tensors to the C++ kernels of `csrc/fused_ops.cpp` when the CPU
 extension builds (`cpu_extension.cpu_ops_available`).
 
-Guarantees: the result is the same math whichever path runs, with the same rounding points (the
-C++ residual add and rotary are bit-identical to the torch bodies; RMSNorm and SiLU differ in the
-last bits only: summation order, exp).
+Guarantees: the result is the same math whichever path runs, with the same rounding points. The
+C++ RMSNorm (with its residual add) and rotary are bit-identical to the torch bodies on an AVX2
+host (tested); SiLU differs in the last bits only (its exp).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -37,6 +39,13 @@ def _use_cpu_kernel(*tensors: torch.Tensor) -> bool:
     return cpu_extension.cpu_ops_available()
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_float_lanes() -> int:
+    """Floats per torch CPU vector (Vectorized<float>): the C++ RMSNorm sums the squares in the
+    order of torch's sum kernel, which depends on it (16 with AVX-512 kernels, else 8)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +55,10 @@ def rms_norm(
         return _triton_ops().rms_norm(x, weight, eps, residual)
     parts = (x, weight) if residual is None else (x, weight, residual)
     if all(t.is_contiguous() for t in parts) and _use_cpu_kernel(*parts):
+        lanes = _torch_float_lanes()
         if residual is None:
-            return torch.ops.conveyor_cpu.rms_norm(x, weight, eps), x
-        return torch.ops.conveyor_cpu.add_rms_norm(x, residual, weight, eps)
+            return torch.ops.conveyor_cpu.rms_norm(x, weight, eps, lanes), x
+        return torch.ops.conveyor_cpu.add_rms_norm(x, residual, weight, eps, lanes)
     return rms_norm_torch(x, weight, eps, residual)
 
 

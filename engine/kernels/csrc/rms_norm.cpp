@@ -1,0 +1,178 @@
+// Residual add + RMSNorm for CPU rows, bit-identical to `ops.rms_norm_torch` on the host it was
+// tested on (AVX2): s = x + residual (rounded to T), then in float32
+// normed = s * rsqrt(sum(s*s) / n + eps), rounded to T, times the weight (rounded to T).
+//
+// Bit-identity needs the reference's summation order of the squares, which is torch's CPU sum
+// kernel over a contiguous last dim (aten/src/ATen/native/cpu/SumKernel.cpp: vectorized_inner_sum
+// -> row_sum -> multi_row_sum), reproduced by `sum_squares`; its vector width is torch's
+// Vectorized<float> (8 on AVX2, 16 on AVX-512: the caller passes it). The rsqrt is torch's own
+// kernel (at::rsqrt_ over the rows' mean squares), as its vectorized rsqrt differs from 1/sqrt in
+// the last bit. Why bother: a tiny random model amplifies a one-ulp change of a norm scale to
+// 1e-4 in the logits, the tolerance of the tests against transformers.
+//
+// Two passes over each row (add + squares; scale), rows spread over torch's intra-op threads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "vec8.h"
+
+namespace {
+
+using namespace conveyor_vec;
+
+constexpr int kIlp = 4, kLevels = 4;  // torch's row_sum / multi_row_sum constants
+
+int64_t ceil_log2(int64_t x) {  // c10::utils::CeilLog2: 1 for x <= 2
+  if (x <= 2) return 1;
+  int64_t bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(x - 1); v; v >>= 1) ++bits;
+  return bits;
+}
+
+// sum(s*s) over one row of n (n >= 8 * K) in torch's order, vectors of 8*K floats: the vectors
+// are read as rows of kIlp, summed into kIlp accumulators with a cascade every level_step rows;
+// the leftover vectors go into the first accumulator, then the others are added to it. The scalar
+// tail is summed first, then the lanes are added one by one.
+template <int K, typename T> float sum_squares(const T* s, int64_t n) {
+  constexpr int64_t W = 8 * K;
+  const int64_t nvec = n / W, size = nvec / kIlp;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  auto square = [&](int64_t vec, int c) {
+    const v8 a = load(s + vec * W + 8 * c);
+    return opaque(a * a);
+  };
+  v8 acc[kLevels][kIlp][K];
+  for (auto& level : acc)
+    for (auto& chain : level)
+      for (auto& part : chain) part = splat(0.0f);
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k)
+        for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + square(i * kIlp + k, c);
+    for (int lv = 1; lv < kLevels; ++lv) {
+      for (int k = 0; k < kIlp; ++k)
+        for (int c = 0; c < K; ++c) {
+          acc[lv][k][c] = acc[lv][k][c] + acc[lv - 1][k][c];
+          acc[lv - 1][k][c] = splat(0.0f);
+        }
+      if ((i & (level_mask << (lv * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < kIlp; ++k)
+      for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + square(i * kIlp + k, c);
+  for (int lv = 1; lv < kLevels; ++lv)
+    for (int k = 0; k < kIlp; ++k)
+      for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + acc[lv][k][c];
+  for (int64_t v = size * kIlp; v < nvec; ++v)
+    for (int c = 0; c < K; ++c) acc[0][0][c] = acc[0][0][c] + square(v, c);
+  for (int k = 1; k < kIlp; ++k)
+    for (int c = 0; c < K; ++c) acc[0][0][c] = acc[0][0][c] + acc[0][k][c];
+  float total = 0.0f;
+  for (int64_t e = nvec * W; e < n; ++e) {
+    const float a = static_cast<float>(s[e]);
+    total += opaque(a * a);
+  }
+  for (int c = 0; c < K; ++c)
+    for (int l = 0; l < 8; ++l) total += acc[0][0][c][l];
+  return total;
+}
+
+// Rows shorter than one vector: torch sums them with scalar accumulators (row_sum over floats).
+template <typename T> float sum_squares_short(const T* s, int64_t n) {
+  float acc[kIlp] = {0.0f, 0.0f, 0.0f, 0.0f};
+  auto square = [&](int64_t e) {
+    const float a = static_cast<float>(s[e]);
+    return opaque(a * a);
+  };
+  const int64_t size = n / kIlp;  // < 16 rows: no cascade step
+  for (int64_t i = 0; i < size; ++i)
+    for (int k = 0; k < kIlp; ++k) acc[k] += square(i * kIlp + k);
+  for (int64_t e = size * kIlp; e < n; ++e) acc[0] += square(e);
+  for (int k = 1; k < kIlp; ++k) acc[0] += acc[k];
+  return acc[0];
+}
+
+template <typename T>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor& w, at::Tensor& out,
+                   at::Tensor* sum, float eps, int64_t lanes) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const T* xp = x.data_ptr<T>();
+  const T* rp = res ? res->data_ptr<T>() : nullptr;
+  T* sp = sum ? sum->data_ptr<T>() : nullptr;
+  const T* src = sp ? sp : xp;  // the rows that are normalised
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::Tensor scale = at::empty({rows}, x.options().dtype(at::kFloat));
+  float* scale_p = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (rp) {
+        for (int64_t i = 0; i < n; i += 8) {
+          const int64_t m = std::min<int64_t>(8, n - i);
+          store_n(sp + r * n + i, rounded<T>(load_n(xp + r * n + i, m) + load_n(rp + r * n + i, m)), m);
+        }
+      }
+      const T* row = src + r * n;
+      const float ss = n < lanes ? sum_squares_short(row, n)
+                                 : (lanes == 16 ? sum_squares<2>(row, n) : sum_squares<1>(row, n));
+      scale_p[r] = ss / static_cast<float>(n) + eps;
+    }
+  });
+  scale.rsqrt_();
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const v8 inv = splat(scale_p[r]);
+      for (int64_t i = 0; i < n; i += 8) {
+        const int64_t m = std::min<int64_t>(8, n - i);
+        store_n(op + r * n + i, rounded<T>(load_n(src + r * n + i, m) * inv) * load_n(wp + i, m), m);
+      }
+    }
+  });
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& w, int64_t lanes) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 && x.size(-1) > 0, "rms_norm: x layout");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(-1) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "rms_norm: weight must be [hidden] in x's dtype");
+  TORCH_CHECK(lanes == 8 || lanes == 16, "rms_norm: lanes must be 8 or 16");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, int64_t lanes) {
+  check_norm_args(x, w, lanes);
+  at::Tensor out = at::empty_like(x);
+  by_dtype("rms_norm", x.scalar_type(), [&](auto tag) {
+    rms_norm_rows<decltype(tag)>(x, nullptr, w, out, nullptr, static_cast<float>(eps), lanes);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w,
+                                                double eps, int64_t lanes) {
+  check_norm_args(x, w, lanes);
+  TORCH_CHECK(res.sizes() == x.sizes() && res.is_contiguous() && res.scalar_type() == x.scalar_type(),
+              "add_rms_norm: residual must match x");
+  at::Tensor out = at::empty_like(x), sum = at::empty_like(x);
+  by_dtype("add_rms_norm", x.scalar_type(), [&](auto tag) {
+    rms_norm_rows<decltype(tag)>(x, &res, w, out, &sum, static_cast<float>(eps), lanes);
+  });
+  return {out, sum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, int lanes) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, int lanes) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+}
