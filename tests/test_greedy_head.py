@@ -27,14 +27,28 @@ def _case(seed: int, vocab: int = 3000, hidden: int = 64, rows: int = 12):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_screened_argmax_equals_full_argmax(seed):
+@pytest.mark.parametrize("outliers", [0, 4, 32])
+def test_screened_argmax_equals_full_argmax(seed, outliers):
     w, x = _case(seed)
-    head = GreedyHead(w)
+    head = GreedyHead(w, outliers=outliers)
     res = head.screen(x)
     assert torch.equal(res.tokens, F.linear(x, w).argmax(dim=1))
     assert not bool(res.fallback.any()) and int(res.candidates.max()) < 1024
     for i in (0, 5):  # a row alone gives the same token
         assert torch.equal(head.argmax(x[i:i + 1]), res.tokens[i:i + 1])
+
+
+@pytest.mark.parametrize("outliers", [0, 3, 32])
+def test_split_approximation_within_its_bound(outliers):
+    """Step 1 with outlier channels split off: |x·w_n - a_n| <= B_n against float64."""
+    w, x = _case(11, vocab=700, hidden=96, rows=9)
+    x[2, :5] = -200.0  # several outliers in one row
+    head = GreedyHead(w, outliers=outliers)
+    a, alpha, beta, gamma = head._approx(x)
+    wq = head.int8
+    bound = alpha[:, None] * wq.l2 + beta[:, None] * wq.err_l2 + gamma[:, None] * wq.margin
+    err = (x.double() @ w.double().T - a.double()).abs()
+    assert bool((err <= bound.double()).all())
 
 
 def test_ties_and_near_ties():
@@ -47,7 +61,7 @@ def test_ties_and_near_ties():
     w[9] = w[best[1]] * (1 + 1e-4)
     w[11] = w[best[2]] * (1 - 1e-4)
     logits = F.linear(x, w)
-    res = GreedyHead(w).screen(x)
+    res = GreedyHead(w, outliers=8).screen(x)
     assert res.tokens[0] == 3
     assert res.tokens[1] == 9
     assert res.tokens[2] == best[2]

@@ -7,15 +7,22 @@ BLAS) differ from these only by float32 rounding, so the two can disagree only o
 within that rounding.
 
 How (engine/kernels/int8_linear.py holds the bound's derivation):
-  1. a ≈ x' @ W^T through fbgemm's int8 GEMM (x' = x / max|x| per row), with B such that
-     |x'·w_n - a_n| <= B_n for any float32 evaluation of x'·w_n.
+  1. a ≈ x @ W^T with B such that |x·w_n - a_n| <= B_n for any float32 evaluation of x·w_n.
+     Trained models' hidden states have a few outlier channels (SmolLM2: max|x| ~10x the RMS),
+     which would make the int8 activation step, and so B, too coarse. So the `outliers`
+     channels largest in |x| over the call's rows (O) are split off (as LLM.int8() does):
+     a = int8(x with O zeroed) + x_O @ W_O^T in float32 (from a transposed copy of the head),
+     and B = the int8 part's bound (times that part's row scale m_r) + a float32 rounding
+     margin scaled by the full max|x| (it covers the float32 product over O, the sum, and any
+     float32 evaluation order of the reference). O depends on the batch, so a and B do, but
+     the answer (step 3) does not.
   2. t = a_j - B_j at j = argmax a is a lower bound on the row's largest logit, so every n
      with a_n + B_n < t is below it: the candidates are {n : a_n + B_n >= t}. (Rounding is
      monotone and every B is an upper bound, so the float32 comparisons keep this true.)
   3. The candidates' logits are recomputed in float32 from the dense rows; the largest wins,
      lowest index among ties. A row with more than `max_candidates` candidates, or a non-finite
      entry, takes the full float32 head instead (`fallback`).
-Rows are independent of each other: which rows share a call changes nothing.
+The tokens are independent of which rows share a call.
 
 Cost control: when most rows of recent calls fell back (the bound is loose for this model's
 hidden states), screening is a net loss, so `argmax` then runs the full head for a while and
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from engine.kernels import int8_linear, onednn_linear
 
 _SLACK = 1.0 + 2.0 ** -10  # the bound's own float32 rounding (as in int8_linear)
-_BLOCK = 64  # tokens per block of the one full pass over the approximate logits (a block max)
+_BLOCK = 32  # tokens per block of the one full pass over the approximate logits (a block max)
 _GATHER_CHUNK = 16384  # candidate (row, token) pairs recomputed at once: bounds the gathered copy
 _RETRY_FIRST, _RETRY_MAX = 64, 4096  # calls on the full head before screening is tried again
 _GIVE_UP_FRACTION = 0.5  # smoothed fallback fraction above which screening stops paying
@@ -73,15 +80,23 @@ class ScreenResult:
 class GreedyHead:
     """Holds the int8 copy of the head and references to its dense (and oneDNN-packed) forms."""
 
-    def __init__(self, dense: torch.Tensor, packed: torch.Tensor | None = None, max_candidates: int = 1024):
+    def __init__(self, dense: torch.Tensor, packed: torch.Tensor | None = None, max_candidates: int = 1024,
+                 outliers: int = 32):
         """``dense`` [vocab, hidden] float32 (shared, not copied); ``packed`` its oneDNN form for
-        the full-head path (None: F.linear on ``dense``)."""
+        the full-head path (None: F.linear on ``dense``); ``outliers`` channels per call computed
+        in float32 (0: none, and no transposed copy)."""
         reason = unsupported_reason(dense)
         if reason is not None:
             raise ValueError(f"greedy head screening is not available: {reason}")
         self.dense = dense.detach()
         self.packed = packed
         self.int8 = int8_linear.pack(self.dense)
+        self.outliers = max(0, min(outliers, dense.shape[1] - 2))
+        # [hidden, vocab]: the outlier channels' rows of W^T are contiguous
+        self.dense_t = self.dense.t().contiguous() if self.outliers else None
+        # each block's largest bound pieces: a bound for every token of the block at once
+        w = self.int8
+        self._block_pieces = [_block_max(v.unsqueeze(0)).squeeze(0) for v in (w.margin, w.l2, w.err_l2)]
         self.max_candidates = max_candidates
         self._fallback_ema = 0.0  # smoothed fraction of rows that fell back
         self._skip = 0  # calls left on the full head before screening is tried again
@@ -89,8 +104,10 @@ class GreedyHead:
 
     @property
     def nbytes(self) -> int:
-        """Memory this head adds (the int8 copy; the dense weight is shared)."""
-        return self.int8.nbytes
+        """Memory this head adds: the int8 copy and the transposed float32 copy (the dense
+        weight itself is shared)."""
+        extra = 0 if self.dense_t is None else self.dense_t.numel() * self.dense_t.element_size()
+        return self.int8.nbytes + extra
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -117,6 +134,22 @@ class GreedyHead:
             self._skip, self._fallback_ema = self._wait, -1.0
         return result.tokens
 
+    def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(a [R, N], alpha, beta, gamma [R]) with |x·w_n - a_rn| <= B_rn = alpha_r ||w_n||_2
+        + beta_r ||w_n - ŵ_n||_2 + gamma_r margin_n before the _SLACK factor (step 1)."""
+        exact = None
+        if self.outliers:
+            chans = x.abs().amax(dim=0).topk(self.outliers).indices
+            exact = x.index_select(1, chans) @ self.dense_t.index_select(0, chans)
+            x_int8 = x.index_fill(1, chans, 0.0)
+        else:
+            x_int8 = x
+        ap = int8_linear.approx(x_int8, self.int8)
+        m = ap.row_scale
+        a = ap.values.mul_(m.unsqueeze(1)) if exact is None else exact.addcmul_(ap.values, m.unsqueeze(1))
+        full_max = x.abs().amax(dim=1)
+        return a, m * ap.row_r, m * ap.row_xhat, m + full_max
+
     @torch.no_grad()
     def screen(self, x: torch.Tensor) -> ScreenResult:
         """Steps 1-3 of the module doc for every row of ``x`` [R, hidden] float32."""
@@ -124,8 +157,8 @@ class GreedyHead:
         rows = x.shape[0]
         finite = torch.isfinite(x).all(dim=1)
         xs = torch.where(finite.unsqueeze(1), x, torch.zeros_like(x))
-        ap = int8_linear.approx(xs, self.int8)
-        a, w = ap.values, self.int8
+        a, alpha, beta, gamma = self._approx(xs)
+        w = self.int8
         # One pass over a: the max of each block of _BLOCK tokens. The row's max (and its index,
         # for t) and the blocks that can hold candidates follow from these; only those blocks'
         # entries are read again.
@@ -135,20 +168,22 @@ class GreedyHead:
         top_cols = (blocks.argmax(dim=1, keepdim=True) * _BLOCK + lanes).clamp_max_(n - 1)
         top_vals, at = a.gather(1, top_cols).max(dim=1)
         top = top_cols.gather(1, at.unsqueeze(1)).squeeze(1)
-        b_top = (w.margin[top] + ap.row_r * w.l2[top] + ap.row_xhat * w.err_l2[top]) * _SLACK
+        b_top = (gamma * w.margin[top] + alpha * w.l2[top] + beta * w.err_l2[top]) * _SLACK
         t = top_vals - b_top
-        # a superset first, with the row's largest B, then each pair's own B
-        b_max = (w.margin.max() + ap.row_r * w.l2.max() + ap.row_xhat * w.err_l2.max()) * _SLACK
-        rb, bb = ((blocks + b_max.unsqueeze(1)) >= t.unsqueeze(1)).nonzero(as_tuple=True)
-        cols = bb.unsqueeze(1) * _BLOCK + lanes  # [blocks, _BLOCK]; past n only in a last short block
-        flat = (rb.unsqueeze(1) * n + cols.clamp_max(n - 1)).view(-1)
-        vals = a.reshape(-1).index_select(0, flat).view(cols.shape)  # (a is contiguous: a view)
-        inside = (cols < n) & ((vals + b_max[rb].unsqueeze(1)) >= t[rb].unsqueeze(1))
-        pick = inside.view(-1).nonzero().squeeze(1)
-        r_idx, n_idx = rb.index_select(0, pick // _BLOCK), cols.view(-1).index_select(0, pick)
-        b = (w.margin[n_idx] + ap.row_r[r_idx] * w.l2[n_idx] + ap.row_xhat[r_idx] * w.err_l2[n_idx]) * _SLACK
-        keep = (vals.view(-1).index_select(0, pick) + b) >= t[r_idx]
-        r_idx, n_idx = r_idx[keep], n_idx[keep]
+        # blocks that may hold a candidate (each block's largest B), then each token's own B
+        margin_b, l2_b, err_b = (v.unsqueeze(0) for v in self._block_pieces)
+        b_block = (gamma.unsqueeze(1) * margin_b + alpha.unsqueeze(1) * l2_b + beta.unsqueeze(1) * err_b) * _SLACK
+        rb, bb = ((blocks + b_block) >= t.unsqueeze(1)).nonzero(as_tuple=True)
+        cols = (bb.unsqueeze(1) * _BLOCK + lanes).view(-1)  # past n only in a last short block
+        rows_of = rb.repeat_interleave(_BLOCK)
+        inside = (cols < n).nonzero().squeeze(1)
+        r_idx, n_idx = rows_of.index_select(0, inside), cols.index_select(0, inside)
+        vals = a.reshape(-1).index_select(0, r_idx * n + n_idx)  # (a is contiguous: a view)
+        at_row = [v.index_select(0, r_idx) for v in (gamma, alpha, beta, t)]
+        b = at_row[0] * w.margin.index_select(0, n_idx)
+        b.addcmul_(at_row[1], w.l2.index_select(0, n_idx)).addcmul_(at_row[2], w.err_l2.index_select(0, n_idx))
+        keep = ((vals + b.mul_(_SLACK)) >= at_row[3]).nonzero().squeeze(1)
+        r_idx, n_idx = r_idx.index_select(0, keep), n_idx.index_select(0, keep)
         counts = torch.bincount(r_idx, minlength=rows)
         fallback = (counts > self.max_candidates) | ~finite
         tokens = torch.empty(rows, dtype=torch.long)
