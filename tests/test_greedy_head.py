@@ -44,9 +44,8 @@ def test_split_approximation_within_its_bound(outliers):
     w, x = _case(11, vocab=700, hidden=96, rows=9)
     x[2, :5] = -200.0  # several outliers in one row
     head = GreedyHead(w, outliers=outliers)
-    a, alpha, beta, gamma = head._approx(x)
-    wq = head.int8
-    bound = alpha[:, None] * wq.l2 + beta[:, None] * wq.err_l2 + gamma[:, None] * wq.margin
+    a, coef = head._approx(x)
+    bound = coef.double() @ head._pieces.double().T
     err = (x.double() @ w.double().T - a.double()).abs()
     assert bool((err <= bound.double()).all())
 

@@ -79,7 +79,7 @@ class Int8Weight:
         return self.out_features * (self.in_features + 5 * 4)
 
 
-def _round_up(x64: torch.Tensor) -> torch.Tensor:
+def round_up(x64: torch.Tensor) -> torch.Tensor:
     """float64 -> float32, never below the float64 value."""
     x32 = x64.float()
     return torch.where(x32.double() < x64, torch.nextafter(x32, torch.tensor(float("inf"))), x32)
@@ -105,7 +105,7 @@ def pack(weight: torch.Tensor) -> Int8Weight:
     err = w64 - q.int_repr().double() * used_scale.unsqueeze(1)
     err_l1 = err.abs().sum(dim=1)
     margin = 2.0 * (k + 16) * _U * (1.0 + ACT_STEP) * (w64.abs().sum(dim=1) + err_l1)
-    return Int8Weight(packed, n, k, _round_up(w64.norm(dim=1)), _round_up(err.norm(dim=1)), _round_up(margin))
+    return Int8Weight(packed, n, k, round_up(w64.norm(dim=1)), round_up(err.norm(dim=1)), round_up(margin))
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def approx(x: torch.Tensor, weight: Int8Weight) -> Int8Approx:
     x64 = xn.double()
     dist = (x64 - ACT_STEP * torch.round(x64 / ACT_STEP)).abs() + ACT_STEP / 64
     r = dist.norm(dim=1)
-    return Int8Approx(values, m, _round_up(r), _round_up(x64.norm(dim=1) + r), weight)
+    return Int8Approx(values, m, round_up(r), round_up(x64.norm(dim=1) + r), weight)
 
 
 @torch.no_grad()

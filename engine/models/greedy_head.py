@@ -11,11 +11,13 @@ How (engine/kernels/int8_linear.py holds the bound's derivation):
      Trained models' hidden states have a few outlier channels (SmolLM2: max|x| ~10x the RMS),
      which would make the int8 activation step, and so B, too coarse. So the `outliers`
      channels largest in |x| over the call's rows (O) are split off (as LLM.int8() does):
-     a = int8(x with O zeroed) + x_O @ W_O^T in float32 (from a transposed copy of the head),
-     and B = the int8 part's bound (times that part's row scale m_r) + a float32 rounding
-     margin scaled by the full max|x| (it covers the float32 product over O, the sum, and any
-     float32 evaluation order of the reference). O depends on the batch, so a and B do, but
-     the answer (step 3) does not.
+     a = int8(x with O zeroed) + x_O @ W̃_O^T in float32, W̃ a transposed float16 copy of the
+     head (half the memory of a float32 one), and B = the int8 part's bound (times that part's
+     row scale m_r) + ||x_O||_1 max_k |w_nk - w̃_nk| (the float16 rounding, exact per token)
+     + a float32 rounding margin scaled by the full max|x| (it covers the float32 product over
+     O, the sum, and any float32 evaluation order of the reference). B = coef_r · pieces_n:
+     four per-row coefficients times four per-token numbers. O depends on the batch, so a and
+     B do, but the answer (step 3) does not.
   2. t = a_j - B_j at j = argmax a is a lower bound on the row's largest logit, so every n
      with a_n + B_n < t is below it: the candidates are {n : a_n + B_n >= t}. (Rounding is
      monotone and every B is an upper bound, so the float32 comparisons keep this true.)
@@ -93,10 +95,19 @@ class GreedyHead:
         self.int8 = int8_linear.pack(self.dense)
         self.outliers = max(0, min(outliers, dense.shape[1] - 2))
         # [hidden, vocab]: the outlier channels' rows of W^T are contiguous
-        self.dense_t = self.dense.t().contiguous() if self.outliers else None
-        # each block's largest bound pieces: a bound for every token of the block at once
+        half = self.dense.half()
+        if self.outliers and not bool(torch.isfinite(half).all()):
+            half = None  # past float16's range: no split
+            self.outliers = 0
+        # [hidden, vocab]: the outlier channels' rows of W̃^T are contiguous
+        self.dense_t = half.t().contiguous() if self.outliers else None
+        half_err = (self.dense.double() - half.double()).abs().amax(dim=1) if self.outliers else None
         w = self.int8
-        self._block_pieces = [_block_max(v.unsqueeze(0)).squeeze(0) for v in (w.margin, w.l2, w.err_l2)]
+        pieces = [w.margin, w.l2, w.err_l2, torch.zeros_like(w.l2) if half_err is None else
+                  int8_linear.round_up(half_err)]
+        self._pieces = torch.stack(pieces, dim=1).contiguous()  # [N, 4]: B_rn = coef_r · pieces_n
+        # each block's largest pieces: a bound for every token of the block at once
+        self._block_pieces = torch.stack([_block_max(v.unsqueeze(0)).squeeze(0) for v in pieces], dim=1)
         self.max_candidates = max_candidates
         self._fallback_ema = 0.0  # smoothed fraction of rows that fell back
         self._skip = 0  # calls left on the full head before screening is tried again
@@ -104,7 +115,7 @@ class GreedyHead:
 
     @property
     def nbytes(self) -> int:
-        """Memory this head adds: the int8 copy and the transposed float32 copy (the dense
+        """Memory this head adds: the int8 copy and the transposed float16 copy (the dense
         weight itself is shared)."""
         extra = 0 if self.dense_t is None else self.dense_t.numel() * self.dense_t.element_size()
         return self.int8.nbytes + extra
@@ -134,21 +145,23 @@ class GreedyHead:
             self._skip, self._fallback_ema = self._wait, -1.0
         return result.tokens
 
-    def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(a [R, N], alpha, beta, gamma [R]) with |x·w_n - a_rn| <= B_rn = alpha_r ||w_n||_2
-        + beta_r ||w_n - ŵ_n||_2 + gamma_r margin_n before the _SLACK factor (step 1)."""
-        exact = None
+    def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a [R, N], coef [R, 4]) with |x·w_n - a_rn| <= coef_r · pieces_n (step 1), before
+        the _SLACK factor; pieces_n = (margin_n, ||w_n||_2, ||w_n - ŵ_n||_2, float16 error)."""
+        exact, outlier_l1 = None, torch.zeros(x.shape[0])
         if self.outliers:
             chans = x.abs().amax(dim=0).topk(self.outliers).indices
-            exact = x.index_select(1, chans) @ self.dense_t.index_select(0, chans)
+            x_out = x.index_select(1, chans)
+            exact = x_out @ self.dense_t.index_select(0, chans).float()
+            outlier_l1 = int8_linear.round_up(x_out.double().abs().sum(dim=1))
             x_int8 = x.index_fill(1, chans, 0.0)
         else:
             x_int8 = x
         ap = int8_linear.approx(x_int8, self.int8)
         m = ap.row_scale
         a = ap.values.mul_(m.unsqueeze(1)) if exact is None else exact.addcmul_(ap.values, m.unsqueeze(1))
-        full_max = x.abs().amax(dim=1)
-        return a, m * ap.row_r, m * ap.row_xhat, m + full_max
+        coef = torch.stack([m + x.abs().amax(dim=1), m * ap.row_r, m * ap.row_xhat, outlier_l1], dim=1)
+        return a, coef
 
     @torch.no_grad()
     def screen(self, x: torch.Tensor) -> ScreenResult:
@@ -157,8 +170,7 @@ class GreedyHead:
         rows = x.shape[0]
         finite = torch.isfinite(x).all(dim=1)
         xs = torch.where(finite.unsqueeze(1), x, torch.zeros_like(x))
-        a, alpha, beta, gamma = self._approx(xs)
-        w = self.int8
+        a, coef = self._approx(xs)
         # One pass over a: the max of each block of _BLOCK tokens. The row's max (and its index,
         # for t) and the blocks that can hold candidates follow from these; only those blocks'
         # entries are read again.
@@ -168,21 +180,17 @@ class GreedyHead:
         top_cols = (blocks.argmax(dim=1, keepdim=True) * _BLOCK + lanes).clamp_max_(n - 1)
         top_vals, at = a.gather(1, top_cols).max(dim=1)
         top = top_cols.gather(1, at.unsqueeze(1)).squeeze(1)
-        b_top = (gamma * w.margin[top] + alpha * w.l2[top] + beta * w.err_l2[top]) * _SLACK
-        t = top_vals - b_top
+        t = top_vals - (coef * self._pieces.index_select(0, top)).sum(dim=1) * _SLACK
         # blocks that may hold a candidate (each block's largest B), then each token's own B
-        margin_b, l2_b, err_b = (v.unsqueeze(0) for v in self._block_pieces)
-        b_block = (gamma.unsqueeze(1) * margin_b + alpha.unsqueeze(1) * l2_b + beta.unsqueeze(1) * err_b) * _SLACK
+        b_block = (coef @ self._block_pieces.t()) * _SLACK
         rb, bb = ((blocks + b_block) >= t.unsqueeze(1)).nonzero(as_tuple=True)
         cols = (bb.unsqueeze(1) * _BLOCK + lanes).view(-1)  # past n only in a last short block
         rows_of = rb.repeat_interleave(_BLOCK)
         inside = (cols < n).nonzero().squeeze(1)
         r_idx, n_idx = rows_of.index_select(0, inside), cols.index_select(0, inside)
         vals = a.reshape(-1).index_select(0, r_idx * n + n_idx)  # (a is contiguous: a view)
-        at_row = [v.index_select(0, r_idx) for v in (gamma, alpha, beta, t)]
-        b = at_row[0] * w.margin.index_select(0, n_idx)
-        b.addcmul_(at_row[1], w.l2.index_select(0, n_idx)).addcmul_(at_row[2], w.err_l2.index_select(0, n_idx))
-        keep = ((vals + b.mul_(_SLACK)) >= at_row[3]).nonzero().squeeze(1)
+        b = (coef.index_select(0, r_idx) * self._pieces.index_select(0, n_idx)).sum(dim=1)
+        keep = ((vals + b.mul_(_SLACK)) >= t.index_select(0, r_idx)).nonzero().squeeze(1)
         r_idx, n_idx = r_idx.index_select(0, keep), n_idx.index_select(0, keep)
         counts = torch.bincount(r_idx, minlength=rows)
         fallback = (counts > self.max_candidates) | ~finite

@@ -85,7 +85,7 @@ def _build_greedy_head(model: nn.Module, head: torch.Tensor) -> GreedyHead | Non
     built = GreedyHead(head, model.packed_lm_head)
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear) or model.lm_head.weight is not head
     kept = 0 if tied else head.numel() * head.element_size()
-    logger.info("greedy LM head: int8 screening + exact float32 recompute, %.1f s, +%.0f MiB int8%s",
+    logger.info("greedy LM head: int8 screening + exact float32 recompute, %.1f s, +%.0f MiB (int8 + float16 copies)%s",
                 time.perf_counter() - start, built.nbytes / (1 << 20),
                 "" if tied else f", +{kept / (1 << 20):.0f} MiB dense head kept (untied)")
     return built
