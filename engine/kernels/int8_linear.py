@@ -48,6 +48,7 @@ import torch
 ACT_STEP = 2.0 / 127.0
 _U = 2.0 ** -24  # unit roundoff of float32
 _SLACK = 1.0 + 2.0 ** -10  # covers the float32 rounding of the bound's own arithmetic
+_STATS_ROWS = 4096  # weight rows per float64 slice when computing the bound pieces
 
 
 def unsupported_reason() -> str | None:
@@ -101,11 +102,15 @@ def pack(weight: torch.Tensor) -> Int8Weight:
         q = torch.quantize_per_channel(w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(q, None)
     used_scale = q.q_per_channel_scales().float().double()  # fbgemm multiplies by float32 scales
-    w64 = w.double()
-    err = w64 - q.int_repr().double() * used_scale.unsqueeze(1)
-    err_l1 = err.abs().sum(dim=1)
-    margin = 2.0 * (k + 16) * _U * (1.0 + ACT_STEP) * (w64.abs().sum(dim=1) + err_l1)
-    return Int8Weight(packed, n, k, round_up(w64.norm(dim=1)), round_up(err.norm(dim=1)), round_up(margin))
+    codes = q.int_repr()
+    stats = torch.empty(n, 4, dtype=torch.float64)  # ||w||_1, ||w||_2, ||w - ŵ||_1, ||w - ŵ||_2
+    for start in range(0, n, _STATS_ROWS):  # in float64, a slice at a time (no full float64 copy)
+        rows = slice(start, start + _STATS_ROWS)
+        w64 = w[rows].double()
+        err = w64 - codes[rows].double() * used_scale[rows].unsqueeze(1)
+        stats[rows] = torch.stack([w64.abs().sum(dim=1), w64.norm(dim=1), err.abs().sum(dim=1), err.norm(dim=1)], 1)
+    margin = 2.0 * (k + 16) * _U * (1.0 + ACT_STEP) * (stats[:, 0] + stats[:, 2])
+    return Int8Weight(packed, n, k, round_up(stats[:, 1]), round_up(stats[:, 3]), round_up(margin))
 
 
 @dataclass(frozen=True)
