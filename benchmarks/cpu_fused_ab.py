@@ -11,7 +11,8 @@ after round; figures are medians of the rounds (min in brackets), microseconds p
 Part 2, end to end: `LLM.generate`, greedy, 32 requests of 128 prompt tokens -> 64 new tokens on
 the 56M Llama (`--model`; a tiny random Llama when absent), with the fused kernels on, and off
 (`ops._use_cpu_kernel` patched to refuse in this process only: the C++ attention stays on in both
-arms). Arms alternate; the greedy tokens of the two arms are compared.
+arms), after one untimed run of each. Arms alternate; the greedy tokens of the two arms are
+compared.
 
     python -m benchmarks.cpu_fused_ab --rounds 3 --threads 1
 """
@@ -111,7 +112,9 @@ def bench_engine(model: str | None, rounds: int, threads: int, requests: int, pr
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, vocab - 5, (prompt_len,), generator=gen).tolist() for _ in range(requests)]
     params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
+    for on in (True, False):  # warm-up: oneDNN primitives for every batch shape, allocator growth
+        with fused(on):
+            llm.generate(prompts, params, use_tqdm=False)
     print(f"\n## End to end: LLM.generate on {model}, float32, {requests} requests {prompt_len} -> {out_len} "
           f"tokens greedy, {threads} thread(s)\n")
     print("| round | arm | wall s | CPU s | tokens/s |")

@@ -59,13 +59,12 @@ void rotate(T* base, int64_t t0, int64_t t1, int64_t heads, int64_t st, int64_t 
     const float* s = sin + t * half;
     for (int64_t h = 0; h < heads; ++h) {
       T* p = base + t * st + h * sh;
-      for (int64_t i = 0; i < half; i += 8) {
-        const int64_t m = std::min<int64_t>(8, half - i);
+      for_chunks(half, [&](int64_t i, auto m) {
         const v8 vc = rounded<T>(load_n(c + i, m)), vs = rounded<T>(load_n(s + i, m));
         const v8 x1 = load_n(p + i, m), x2 = load_n(p + half + i, m);
         store_n(p + i, rounded<T>(x1 * vc) - rounded<T>(x2 * vs), m);
         store_n(p + half + i, rounded<T>(x2 * vc) + rounded<T>(x1 * vs), m);
-      }
+      });
     }
   }
 }
@@ -99,11 +98,10 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tens
 // out = T(T(g / (1 + exp(-g))) * u) per element, g the first half of a row and u the second.
 template <typename T> void silu_mul_row(const T* x, T* out, int64_t inner) {
   const v8 one = splat(1.0f);
-  for (int64_t i = 0; i < inner; i += 8) {
-    const int64_t m = std::min<int64_t>(8, inner - i);
+  for_chunks(inner, [&](int64_t i, auto m) {
     const v8 g = load_n(x + i, m);
     store_n(out + i, rounded<T>(g / (one + exp8(-g))) * load_n(x + inner + i, m), m);
-  }
+  });
 }
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
@@ -132,10 +130,7 @@ at::Tensor vec_exp(const at::Tensor& x) {
   at::Tensor out = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); i += 8) {
-    const int64_t m = std::min<int64_t>(8, x.numel() - i);
-    store_n(op + i, exp8(load_n(xp + i, m)), m);
-  }
+  for_chunks(x.numel(), [&](int64_t i, auto m) { store_n(op + i, exp8(load_n(xp + i, m)), m); });
   return out;
 }
 

@@ -114,10 +114,11 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor&
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (rp) {
-        for (int64_t i = 0; i < n; i += 8) {
-          const int64_t m = std::min<int64_t>(8, n - i);
-          store_n(sp + r * n + i, rounded<T>(load_n(xp + r * n + i, m) + load_n(rp + r * n + i, m)), m);
-        }
+        const T *x_row = xp + r * n, *r_row = rp + r * n;
+        T* s_row = sp + r * n;
+        for_chunks(n, [&](int64_t i, auto m) {
+          store_n(s_row + i, rounded<T>(load_n(x_row + i, m) + load_n(r_row + i, m)), m);
+        });
       }
       const T* row = src + r * n;
       const float ss = n < lanes ? sum_squares_short(row, n)
@@ -129,10 +130,11 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor* res, const at::Tensor&
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const v8 inv = splat(scale_p[r]);
-      for (int64_t i = 0; i < n; i += 8) {
-        const int64_t m = std::min<int64_t>(8, n - i);
-        store_n(op + r * n + i, rounded<T>(load_n(src + r * n + i, m) * inv) * load_n(wp + i, m), m);
-      }
+      const T* s_row = src + r * n;
+      T* o_row = op + r * n;
+      for_chunks(n, [&](int64_t i, auto m) {
+        store_n(o_row + i, rounded<T>(load_n(s_row + i, m) * inv) * load_n(wp + i, m), m);
+      });
     }
   });
 }

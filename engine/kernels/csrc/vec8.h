@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace conveyor_vec {
 
@@ -84,17 +85,25 @@ template <> inline v8 rounded<bf16>(v8 v) { return as_float(bf16_bits(v) << 16);
 
 // The first m (<= 8) elements at p, zero padded; and the store of the first m lanes. A ragged
 // tail goes through the same vector arithmetic as the body.
-template <typename T> inline v8 load_n(const T* p, int64_t m) {
+template <typename T, typename M> inline v8 load_n(const T* p, M m) {
   if (m == 8) return load(p);
   T buf[8] = {};
-  std::copy(p, p + m, buf);
+  std::copy(p, p + static_cast<int64_t>(m), buf);
   return load(buf);
 }
-template <typename T> inline void store_n(T* p, v8 v, int64_t m) {
+template <typename T, typename M> inline void store_n(T* p, v8 v, M m) {
   if (m == 8) return store(p, v);
   T buf[8];
   store(buf, v);
-  std::copy(buf, buf + m, p);
+  std::copy(buf, buf + static_cast<int64_t>(m), p);
+}
+
+// f(i, m) for i = 0, 8, 16, ... < n, m the elements from i on (at most 8): the body's m is a
+// compile-time 8 (so load_n / store_n are plain vector moves there), only the tail's is not.
+template <typename F> inline void for_chunks(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) f(i, std::integral_constant<int64_t, 8>{});
+  if (i < n) f(i, n - i);
 }
 
 // Calls f(float{}) or f(bf16{}) for the tensor dtype t; other dtypes are an error.
