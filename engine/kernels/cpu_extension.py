@@ -86,13 +86,14 @@ def build_and_load(sources=SOURCES, cflags=CFLAGS, root: Path | None = None) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(out_dir)
         if not any(out_dir.glob("*.so")):
-            log.info("building the CPU attention kernel for this host into %s (once, ~30-60 s)", out_dir)
+            log.info("building the CPU kernels (attention, fused elementwise ops) for this host into %s "
+                     "(once, ~30-60 s)", out_dir)
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
                            extra_ldflags=["-fopenmp"], build_directory=str(out_dir), is_python_module=False,
                            verbose=False)
     except Exception as exc:  # no compiler, ninja or headers; a build error
         lines = str(exc).strip().splitlines()
-        log.warning("CPU attention kernel unavailable, using the plain-torch attention path: %s",
+        log.warning("CPU kernels unavailable, using the plain-torch attention path and elementwise ops: %s",
                     lines[-1] if lines else type(exc).__name__)
         return False
     return True
@@ -121,7 +122,7 @@ def cpu_ops_available() -> bool:
     if not _registered() and not build_and_load():
         return False
     if not _registered():
-        log.warning("CPU attention kernel built but its ops did not register; using the plain-torch path")
+        log.warning("CPU kernels built but their ops did not register; using the plain-torch path")
         return False
     return True
 
