@@ -9,8 +9,9 @@ within that rounding.
 How (engine/kernels/int8_linear.py holds the bound's derivation):
   1. a ≈ x @ W^T with B such that |x·w_n - a_n| <= B_n for any float32 evaluation of x·w_n.
      Trained models' hidden states have a few outlier channels (SmolLM2: max|x| ~10x the RMS),
-     which would make the int8 activation step, and so B, too coarse. So the `outliers`
-     channels largest in |x| over the call's rows (O) are split off (as LLM.int8() does):
+     which would make the int8 activation step, and so B, too coarse. So the channels whose
+     max |x| over the call's rows is over twice the median channel's (at most `outliers` of
+     them, the largest: O) are split off (as LLM.int8() does):
      a = int8(x with O zeroed) + x_O @ W̃_O^T in float32, W̃ a transposed float16 copy of the
      head (half the memory of a float32 one), and B = the int8 part's bound (times that part's
      row scale m_r) + ||x_O||_1 max_k |w_nk - w̃_nk| (the float16 rounding, exact per token)
@@ -44,6 +45,7 @@ _SLACK = 1.0 + 2.0 ** -10  # the bound's own float32 rounding (as in int8_linear
 _BLOCK = 32  # tokens per block of the one full pass over the approximate logits (a block max)
 _GATHER_CHUNK = 16384  # candidate (row, token) pairs recomputed at once: bounds the gathered copy
 _RETRY_FIRST, _RETRY_MAX = 64, 4096  # calls on the full head before screening is tried again
+_OUTLIER_FACTOR = 2.0  # a channel is an outlier when its max |x| over the call is this x the median one
 _GIVE_UP_FRACTION = 0.5  # smoothed fallback fraction above which screening stops paying
 
 
@@ -151,8 +153,11 @@ class GreedyHead:
         """(a [R, N], coef [R, 4]) with |x·w_n - a_rn| <= coef_r · pieces_n (step 1), before
         the _SLACK factor; pieces_n = (margin_n, ||w_n||_2, ||w_n - ŵ_n||_2, float16 error)."""
         exact, outlier_l1 = None, torch.zeros(x.shape[0])
-        if self.outliers:
-            chans = x.abs().amax(dim=0).topk(self.outliers).indices
+        col_max = x.abs().amax(dim=0)
+        # only channels well above the typical one are worth their float32 product
+        k = min(self.outliers, int((col_max > _OUTLIER_FACTOR * col_max.median()).sum()))
+        if k:
+            chans = col_max.topk(k).indices
             x_out = x.index_select(1, chans)
             exact = x_out @ self.dense_t.index_select(0, chans).float()
             outlier_l1 = int8_linear.round_up(x_out.double().abs().sum(dim=1))
