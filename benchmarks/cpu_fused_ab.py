@@ -131,9 +131,12 @@ def bench_engine(model: str | None, rounds: int, threads: int, requests: int, pr
             label = "fused" if on else "torch"
             print(f"| {i} | {label} | {wall:.2f} | {cpu:.2f} | {requests * out_len / wall:.1f} |")
     med = {on: statistics.median(v) for on, v in walls.items()}
+    # each round runs both arms back to back: its ratio cancels the drift of a shared machine
+    paired = sorted(t / f for t, f in zip(walls[False], walls[True]))
     same = sum(a == b for a, b in zip(tokens[True], tokens[False]))
     print(f"\nMedian wall: torch {med[False]:.2f} s, fused {med[True]:.2f} s ({med[False] / med[True]:.3f}x); "
-          f"greedy tokens identical for {same}/{requests} requests")
+          f"per-round torch/fused ratios {', '.join(f'{r:.3f}' for r in paired)} "
+          f"(median {statistics.median(paired):.3f}); greedy tokens identical for {same}/{requests} requests")
 
 
 def main() -> None:
