@@ -163,3 +163,18 @@ def test_mixed_batch(tmp_path):
     for d_got, d_want in zip(got, want):
         assert [d_got[t] for t in sorted(d_got)] == pytest.approx([d_want[t] for t in sorted(d_want)], abs=1e-4)
     assert on[0].outputs[0].logprobs is None
+
+
+def test_sampler_predicate_names_what_needs_full_logits():
+    from engine.sampler import Sampler, SamplingRow
+
+    def row(output=(), grammar=None, **kw):
+        params = SamplingParams(**{"temperature": 0.0, "repetition_penalty": 1.0, **kw})
+        return SamplingRow(params, [5, 6], list(output), None, grammar)
+
+    rows = [row(), row(temperature=0.7), row(logprobs=0), row(repetition_penalty=1.1),
+            row(presence_penalty=0.5), row(frequency_penalty=0.5), row(logit_bias={3: 1.0}),
+            row(allowed_token_ids=[3, 4]), row(min_tokens=2, output=[1]), row(min_tokens=2, output=[1, 2]),
+            row(grammar=object()), row(repetition_penalty=None)]  # None resolves to 1.0
+    assert Sampler({2}).needs_only_argmax(rows) == [True, False, False, False, False, False, False, False,
+                                                    False, True, False, True]
