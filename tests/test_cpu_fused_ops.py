@@ -1,13 +1,15 @@
-"""The fused C++ CPU elementwise kernels (`engine/kernels/csrc/fused_ops.cpp`) against the torch
-bodies of `engine/kernels/ops.py`, and a tiny Llama's greedy tokens through the engine with them.
+"""The fused C++ CPU elementwise kernels (`engine/kernels/csrc/fused_ops.cpp`, `rms_norm.cpp`)
+against the torch bodies of `engine/kernels/ops.py`, and a tiny Llama's greedy tokens through the
+engine with them.
 
 Tolerances, and why:
 - RMSNorm with its residual sum, and the rotary: bit-identical (`torch.equal`) in float32 and
   bfloat16: the same products and sums with the same rounding points (no FMA contraction), the
   squares summed in the order of torch's CPU sum kernel, torch's own rsqrt. (Not merely close:
   a tiny random model amplifies one ulp of a norm scale to 1e-4 in its logits, the tolerance
-  of tests/test_models.py against transformers.) Shown on this AVX2 host; the sum order follows
-  torch's vector width, so an AVX-512 host is expected to match too, untested;
+  of tests/test_models.py against transformers.) Shown on an AVX2 host; the sum order follows
+  torch's x86 vector width, so an AVX-512 host is expected to match too, untested; elsewhere
+  RMSNorm is held to rtol 1e-5 (a different summation order: a few ulp in the mean square);
 - SiLU, float32: rtol 5e-7 (4 ulp). The kernel's exp is a polynomial with max error < 1 ulp
   (checked below) against torch's Sleef exp; the division and the multiply round alike.
   bfloat16: one bf16 ulp (rtol 2^-7), since a last-bit change of the float value can flip the
@@ -27,6 +29,9 @@ pytestmark = pytest.mark.skipif(not cpu_extension.cpu_ops_available(),
 
 DTYPES = [torch.float32, torch.bfloat16]
 BF16_ULP = 2.0**-7
+# The RMSNorm kernel follows torch's x86 vector width (8 or 16 floats); on other hosts (NEON,
+# SVE) its summation order may differ from torch's, so there it is held to rtol 1e-5 instead.
+RMS_BIT_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, rtol32: float) -> None:
@@ -46,7 +51,10 @@ def test_rms_norm_matches_torch(dtype, rows, hidden, with_residual):
     want_out, want_sum = ops.rms_norm_torch(x, w, 1e-5, res)
     with torch.inference_mode():
         got_out, got_sum = ops.rms_norm(x, w, 1e-5, res)
-    assert torch.equal(got_out, want_out)
+    if RMS_BIT_EXACT:
+        assert torch.equal(got_out, want_out)
+    else:
+        _close(got_out, want_out, dtype, 1e-5)
     assert torch.equal(got_sum, want_sum)
     if not with_residual:
         assert got_sum is x
