@@ -42,7 +42,8 @@ def _use_cpu_kernel(*tensors: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=1)
 def _torch_float_lanes() -> int:
     """Floats per torch CPU vector (Vectorized<float>): the C++ RMSNorm sums the squares in the
-    order of torch's sum kernel, which depends on it (16 with AVX-512 kernels, else 8)."""
+    order of torch's sum kernel, which depends on it (16 with AVX-512 kernels, 8 with AVX2). On
+    other ISAs 8 may not be torch's width: the sums then differ from torch's in the last bits."""
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
