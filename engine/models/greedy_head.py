@@ -96,16 +96,17 @@ class GreedyHead:
         self.packed = packed
         self.int8 = int8_linear.pack(self.dense)
         self.outliers = max(0, min(outliers, dense.shape[1] - 2))
-        # [hidden, vocab]: the outlier channels' rows of W^T are contiguous
-        half = self.dense.half()
-        if self.outliers and not bool(torch.isfinite(half).all()):
-            half = None  # past float16's range: no split
+        self.dense_t, half_err = None, None
+        half = self.dense.half() if self.outliers else None
+        if half is not None and bool(torch.isfinite(half).all()):  # else past float16's range: no split
+            # [hidden, vocab]: the outlier channels' rows of W̃^T are contiguous
+            self.dense_t = half.t().contiguous()
+            # float16 -> float32 is exact, and so is the float32 difference (the two agree to
+            # 11 bits: Sterbenz), so its max per row needs no float64 copy
+            half_err = (self.dense - half.float()).abs().amax(dim=1).double()
+        else:
             self.outliers = 0
-        # [hidden, vocab]: the outlier channels' rows of W̃^T are contiguous
-        self.dense_t = half.t().contiguous() if self.outliers else None
-        # float16 -> float32 is exact, so the float32 difference is exact too (Sterbenz-like:
-        # the two agree to 11 bits) and its max per row needs no float64 copy
-        half_err = (self.dense - half.float()).abs().amax(dim=1).double() if self.outliers else None
+        del half
         w = self.int8
         pieces = [w.margin, w.l2, w.err_l2, torch.zeros_like(w.l2) if half_err is None else
                   int8_linear.round_up(half_err)]
