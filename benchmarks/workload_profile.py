@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 
 import torch
+
+from benchmarks.workloads import fixed_workload, mixed_workload
 
 # op-name prefixes -> part (first match wins); labelled regions take precedence
 _PARTS = (
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--mixed", action="store_true",
+                   help="the throughput benchmark's mixed workload (prompts 16-512, outputs 16-128) instead")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
@@ -76,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         _wrap(model.greedy_head, "argmax", _LABELS[0])
     _wrap(model, "compute_logits", _LABELS[1])
     _wrap(type(runner.sampler), "__call__", _LABELS[2])  # dunder: looked up on the type
-    rng = random.Random(a.seed)
-    vocab = llm.engine.hf_config.vocab_size
-    prompts = [[rng.randrange(10, vocab) for _ in range(a.prompt_len)] for _ in range(a.num_requests)]
-    params = SamplingParams(max_tokens=a.output_len, ignore_eos=True, temperature=0)
+    # the same requests as benchmarks/throughput.py's (same builders, same seed)
+    wl = (mixed_workload(a.num_requests, (16, 512), (16, 128), a.seed) if a.mixed
+          else fixed_workload(a.num_requests, a.prompt_len, a.output_len, a.seed))
+    prompts = [list(r.prompt_ids) for r in wl.requests]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in wl.requests]
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
     c0, t0 = time.process_time(), time.time()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -90,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         part = _part(ev)
         totals[part] = totals.get(part, 0.0) + ev.self_cpu_time_total / 1000.0
     total = sum(totals.values())
-    print(f"model {a.model or 'default'}, {a.dtype}, {a.threads} thread(s), {a.num_requests} x {a.prompt_len} -> "
-          f"{a.output_len}; run: {cpu:.2f} CPU-s, {wall:.2f} wall-s; profiled ops: {total / 1000:.2f} s; "
-          f"load {os.getloadavg()[0]:.2f}")
+    print(f"model {a.model or 'default'}, {a.dtype}, {a.threads} thread(s), workload {wl.name}; "
+          f"run: {cpu:.2f} CPU-s, {wall:.2f} wall-s; profiled ops: {total / 1000:.2f} s; load {os.getloadavg()[0]:.2f}")
     print("| part | self CPU ms | share |\n| --- | ---: | ---: |")
     for part, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {ms:.0f} | {100 * ms / total:.1f} % |")
