@@ -1,0 +1,71 @@
+"""Linear layers on CPU through our own AVX2/FMA float32 GEMM (csrc/cpu_gemm.cpp), with each
+weight packed once at load into 16-column panels.
+
+Guarantees: `linear(x, pack(w), b)` equals `F.linear(x, w, b)` to float32 rounding (the sum is
+one FMA chain per output in k order, then one add of the bias; BLAS and oneDNN sum in other
+orders), and each row's result is bit-identical whatever other rows share the call (any M, any
+thread count): a request's outputs do not depend on the batch it was scheduled in.
+
+Why: on a 2-core AVX2 EPYC (1 thread) the kernel, with software prefetch of the weight stream,
+measured faster than oneDNN's packed matmul with weights streamed from memory, and its entry
+costs ~1 us against ~18 us for `torch.ops.mkldnn._linear_pointwise` (benchmarks/RESULTS.md,
+benchmarks/cpu_gemm_ab.py). Needs the C++ extension built for an AVX2 + FMA host:
+`unsupported_reason` says why not otherwise, and callers then use oneDNN or `F.linear`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kernels.cpu_extension import cpu_ops_available
+
+# Rows per block: every block streams the whole weight once; within a block a panel (K x 16)
+# stays in L1/L2 for its row tiles. Measured by benchmarks/cpu_gemm_ab.py.
+BLOCK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class CpuPackedWeight:
+    """A weight [out_features, in_features] packed for `linear` (panels [ceil(out/16), in, 16])."""
+
+    panels: torch.Tensor
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() * self.panels.element_size()
+
+
+def unsupported_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """None when `pack`/`linear` work for weights of `dtype` on `device`; otherwise why not."""
+    if device.type != "cpu":
+        return f"the cpu GEMM runs on CPU only, not {device.type}"
+    if dtype != torch.float32:
+        return f"the cpu GEMM is float32 only, not {str(dtype).removeprefix('torch.')}"
+    if not cpu_ops_available():
+        return "the C++ CPU extension could not be built on this host"
+    if not hasattr(torch.ops.conveyor_cpu, "cpu_gemm"):
+        return "this CPU has no AVX2 + FMA (the cpu GEMM was not compiled)"
+    return None
+
+
+def pack(weight: torch.Tensor) -> CpuPackedWeight:
+    """The [out, in] float32 weight in the kernel's panel layout (a copy). Raises RuntimeError
+    where `unsupported_reason` is not None."""
+    w = weight.detach()
+    reason = unsupported_reason(w.dtype, w.device)
+    if reason is not None:
+        raise RuntimeError(f"cpu GEMM unavailable: {reason}")
+    return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w), int(w.shape[0]))
+
+
+def linear(x: torch.Tensor, packed: CpuPackedWeight, bias: torch.Tensor | None,
+           block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """x @ W^T (+ bias) for float32 x [..., in], with W packed by `pack`."""
+    if x.dim() == 2:
+        return torch.ops.conveyor_cpu.cpu_gemm(x, packed.panels, packed.out_features, bias, block_rows)
+    lead = x.shape[:-1]
+    y = torch.ops.conveyor_cpu.cpu_gemm(x.reshape(-1, x.shape[-1]), packed.panels, packed.out_features,
+                                        bias, block_rows)
+    return y.reshape(*lead, packed.out_features)
