@@ -59,8 +59,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fcfs, priority, sjf, fair, slo, or module:Class for your own (docs/scheduling.md)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
-    p.add_argument("--linear-backend", default="auto", choices=["auto", "onednn", "torch"],
-                   help="GEMMs of the linear layers; auto: oneDNN with weights packed once for float32 on CPU, "
+    p.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "onednn", "torch"],
+                   help="GEMMs of the linear layers; cpu: own AVX2 GEMM (float32, batch-invariant rows), LM head "
+                        "oneDNN; auto: cpu for float32 on CPU where the C++ kernels build, else oneDNN there, "
                         "else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,

@@ -29,7 +29,7 @@ class EngineConfig:
     static_batching: bool = False
     # Execution
     attention_backend: str = "auto"  # auto | torch | triton | cpu
-    linear_backend: str = "auto"  # auto | onednn | torch (engine/models/prepack.py)
+    linear_backend: str = "auto"  # auto | cpu | onednn | torch (engine/models/prepack.py)
     enforce_eager: bool = False
     num_threads: int | None = None
     # Tensor parallelism (engine/distributed/, docs/scaling.md): the model split over this many
@@ -62,8 +62,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.attention_backend not in ("auto", "torch", "triton", "cpu"):
             raise ValueError(f"attention_backend must be auto, torch, triton or cpu, got {self.attention_backend!r}")
-        if self.linear_backend not in ("auto", "onednn", "torch"):
-            raise ValueError(f"linear_backend must be auto, onednn or torch, got {self.linear_backend!r}")
+        if self.linear_backend not in ("auto", "cpu", "onednn", "torch"):
+            raise ValueError(f"linear_backend must be auto, cpu, onednn or torch, got {self.linear_backend!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         tp = self.tensor_parallel_size

@@ -211,10 +211,11 @@ def load_model(
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
     model.linear_backend, model.attention_backend = linear, backend.name
-    if linear == "onednn":
+    if linear in ("onednn", "cpu"):
         start = time.perf_counter()
-        n = prepack_linears(model)
-        logger.info("linear layers: oneDNN, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
+        n = prepack_linears(model, linear)
+        logger.info("linear layers: %s, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
+                    "own AVX2 GEMM (cpu), LM head oneDNN" if linear == "cpu" else "oneDNN",
                     n, time.perf_counter() - start, linear_why)
     else:
         logger.info("linear layers: torch (%s)", linear_why)

@@ -4,7 +4,7 @@ row-parallel (input features split, partial outputs summed with an all-reduce).
 Both are `nn.Linear` subclasses with the usual ``weight``/``bias`` parameters, so modules that
 wrap projections by name (LoRA) and the weight loader see ordinary linears. At tensor-parallel
 size 1 they hold the whole matrix and run exactly `F.linear`, or, once `prepack_linears`
-(engine/models/prepack.py) has given them a ``packed`` weight, oneDNN's matmul on it (the
+(engine/models/prepack.py) has given them a ``packed`` weight, oneDNN's or our own CPU GEMM on it (the
 dense ``weight`` is then a meta tensor: shape and dtype only).
 
 A column-parallel layer can be a fusion of several checkpoint projections (q/k/v, gate/up):
@@ -20,17 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import onednn_linear
+from engine.kernels import cpu_gemm, onednn_linear
 from engine.models.tensor_parallel import Shard, TPContext, materialize, take
 
 
 class PackableLinear(nn.Linear):
-    """`nn.Linear` whose weight may be replaced by a oneDNN-packed copy (``packed``)."""
+    """`nn.Linear` whose weight may be replaced by a packed copy (``packed``): oneDNN's (an
+    mkldnn tensor) or the cpu GEMM's (`cpu_gemm.CpuPackedWeight`)."""
 
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | cpu_gemm.CpuPackedWeight | None = None
 
     def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W^T (+ bias) with this rank's weight, packed or dense."""
+        if isinstance(self.packed, cpu_gemm.CpuPackedWeight):
+            return cpu_gemm.linear(x, self.packed, bias)
         if self.packed is not None:
             return onednn_linear.linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)

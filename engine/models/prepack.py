@@ -1,8 +1,11 @@
 """Which GEMM runs the linear layers, and packing the weights for oneDNN once after loading.
 
 ``linear_backend``: "torch" is `F.linear` (BLAS); "onednn" runs every projection and the LM
-head through oneDNN with weights packed once (engine/kernels/onednn_linear.py); "auto" picks
-oneDNN for float32 on CPU (measured faster there) and torch otherwise (GPUs, float16, bfloat16).
+head through oneDNN with weights packed once (engine/kernels/onednn_linear.py); "cpu" runs the
+projections through our own AVX2 GEMM (engine/kernels/cpu_gemm.py: rows bit-identical whatever
+the batch) and the LM head through oneDNN; "auto" picks "cpu" for float32 on CPU where the C++
+extension is built (measured 1.01-1.7x faster than oneDNN at 1-2,048 rows, benchmarks/RESULTS.md),
+else oneDNN for float32 on CPU, and torch otherwise (GPUs, float16, bfloat16).
 bfloat16 through oneDNN needs native bf16 kernels (AVX-512 BF16/AMX) and must be asked for: it
 is not measured yet, and torch's bf16 matmul already calls oneDNN on such CPUs.
 """
@@ -14,22 +17,28 @@ import time
 import torch
 from torch import nn
 
-from engine.kernels import onednn_linear
+from engine.kernels import cpu_gemm, onednn_linear
 from engine.models import greedy_head
 from engine.models.greedy_head import GreedyHead
 from engine.models.parallel_linear import PackableLinear
 
 logger = logging.getLogger(__name__)
 
-LINEAR_BACKENDS = ("auto", "onednn", "torch")
+LINEAR_BACKENDS = ("auto", "cpu", "onednn", "torch")
 
 
 def resolve_linear_backend(name: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
-    """("onednn" | "torch", why). Raises ValueError naming ``linear_backend`` when "onednn" is
-    asked for where it cannot run, or the name is unknown."""
+    """("cpu" | "onednn" | "torch", why). Raises ValueError naming ``linear_backend`` when "cpu"
+    or "onednn" is asked for where it cannot run, or the name is unknown."""
     if name not in LINEAR_BACKENDS:
         raise ValueError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {name!r}")
     reason = onednn_linear.unsupported_reason(dtype, device)
+    if name == "cpu":
+        # the LM head stays on oneDNN, so "cpu" needs both
+        why = cpu_gemm.unsupported_reason(dtype, device) or reason
+        if why is not None:
+            raise ValueError(f"linear_backend 'cpu' is not available: {why}")
+        return "cpu", "asked for"
     if name == "onednn" and reason is not None:
         raise ValueError(f"linear_backend 'onednn' is not available: {reason}")
     if name == "torch":
@@ -38,6 +47,8 @@ def resolve_linear_backend(name: str, dtype: torch.dtype, device: torch.device) 
         return "torch", f"auto: {reason}"
     if name == "auto" and dtype != torch.float32:
         return "torch", "auto: oneDNN is picked for float32 only (bfloat16 not measured yet)"
+    if name == "auto" and cpu_gemm.unsupported_reason(dtype, device) is None:
+        return "cpu", "auto: own AVX2 GEMM, weights packed once, faster than oneDNN and BLAS on CPU"
     return "onednn", "asked for" if name == "onednn" else "auto: weights packed once, faster than BLAS on CPU"
 
 
@@ -49,15 +60,16 @@ def _drop_dense(module: nn.Module, name: str = "weight") -> None:
 
 
 @torch.no_grad()
-def prepack_linears(model: nn.Module) -> int:
-    """Packs every projection's weight and the LM head for oneDNN; returns how many. Dense
+def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
+    """Packs every projection's weight for `backend` ("onednn" or "cpu": engine/kernels/
+    cpu_gemm.py) and the LM head for oneDNN; returns how many. Dense
     projection weights are dropped (they are not read again); the LM head keeps its dense
     weight when it is the embedding matrix (tied), which the embedding lookup still reads, or
     when the greedy head (engine/models/greedy_head.py) is built, which recomputes rows of it."""
     count = 0
     for module in model.modules():
         if isinstance(module, PackableLinear) and module.packed is None:
-            module.packed = onednn_linear.pack(module.weight)
+            module.packed = cpu_gemm.pack(module.weight) if backend == "cpu" else onednn_linear.pack(module.weight)
             _drop_dense(module)
             count += 1
     head = model.lm_head_weight()

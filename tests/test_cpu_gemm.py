@@ -1,0 +1,119 @@
+"""The cpu GEMM linear backend (engine/kernels/cpu_gemm.py, csrc/cpu_gemm.cpp,
+engine/models/prepack.py): values against `F.linear`, rows bit-identical whatever the batch,
+bias, leading dimensions, a whole model against torch's GEMM, the backend choice and its errors,
+and the fallback when the C++ extension is unavailable.
+
+Tolerance: float32, the kernel sums in k order with FMAs, BLAS in blocks; with inputs ~N(0, 1)
+and weights ~N(0, 1/K) outputs are O(1) and agree to atol 1e-4, rtol 1e-4.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import cpu_gemm, onednn_linear
+from engine.models import prepack
+from engine.models.loader import load_hf_config, load_model, resolve_model
+from engine.models.prepack import resolve_linear_backend
+from tests.checkpoints import make_tiny_checkpoint
+from tests.test_models import PagedRunner, random_prompt
+
+CPU = torch.device("cpu")
+needs_cpu_gemm = pytest.mark.skipif(cpu_gemm.unsupported_reason(torch.float32, CPU) is not None,
+                                    reason="cpu GEMM not built on this host (no compiler or no AVX2 + FMA)")
+
+
+def _data(n, k, m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    return w, torch.randn(n, generator=gen), torch.randn(m, k, generator=gen)
+
+
+@needs_cpu_gemm
+@pytest.mark.parametrize("n,k", [(16, 8), (1000, 101), (7, 33), (96, 1), (200, 1536)])
+def test_values_match_f_linear(n, k):
+    w, b, x = _data(n, k, 2048, n + k)
+    packed = cpu_gemm.pack(w)
+    assert packed.panels.shape == ((n + 15) // 16, k, 16) and packed.out_features == n
+    for m in (*range(1, 71), 2048):
+        for bias in (None, b):
+            got = cpu_gemm.linear(x[:m], packed, bias)
+            torch.testing.assert_close(got, F.linear(x[:m], w, bias), atol=1e-4, rtol=1e-4)
+    assert cpu_gemm.linear(x[:0], packed, b).shape == (0, n)
+
+
+@needs_cpu_gemm
+def test_bias_added_after_the_chain_and_leading_dims_kept():
+    w, b, x = _data(40, 24, 9, 1)
+    packed = cpu_gemm.pack(w)
+    # one float32 add of the bias to the bias-free result: bit-identical
+    assert torch.equal(cpu_gemm.linear(x, packed, b), cpu_gemm.linear(x, packed, None) + b)
+    x3 = x.reshape(3, 3, 24)
+    got = cpu_gemm.linear(x3, packed, b)
+    assert got.shape == (3, 3, 40) and torch.equal(got.reshape(9, 40), cpu_gemm.linear(x, packed, b))
+    # a non-contiguous input gives the same result as its contiguous copy
+    xt = torch.randn(24, 9).t()
+    assert torch.equal(cpu_gemm.linear(xt, packed, b), cpu_gemm.linear(xt.contiguous(), packed, b))
+
+
+@needs_cpu_gemm
+@pytest.mark.parametrize("block_rows", [64, 5])
+def test_row_bits_do_not_depend_on_the_batch(block_rows):
+    w, b, x = _data(1000, 131, 300, 2)
+    packed = cpu_gemm.pack(w)
+    full = cpu_gemm.linear(x, packed, b, block_rows)
+    for row in (0, 7, 150, 299):
+        alone = cpu_gemm.linear(x[row:row + 1], packed, b, block_rows)
+        assert torch.equal(alone[0], full[row])
+        for m in (2, 5, 6, 7, 13, 32, 64, 65, 129):  # the row at every position of batches of many sizes
+            start = max(0, min(row - m // 2, 300 - m))
+            got = cpu_gemm.linear(x[start:start + m], packed, b, block_rows)
+            assert torch.equal(got[row - start], full[row]), (row, m)
+    assert torch.equal(cpu_gemm.linear(x, packed, b, 64), cpu_gemm.linear(x, packed, b, 5))
+
+
+@needs_cpu_gemm
+def test_backend_choice_and_errors():
+    assert resolve_linear_backend("cpu", torch.float32, CPU)[0] == "cpu"
+    assert resolve_linear_backend("auto", torch.float32, CPU)[0] == "cpu"
+    assert resolve_linear_backend("onednn", torch.float32, CPU)[0] == "onednn"
+    assert resolve_linear_backend("auto", torch.bfloat16, CPU)[0] == "torch"
+    with pytest.raises(ValueError, match="linear_backend 'cpu'.*float32 only"):
+        resolve_linear_backend("cpu", torch.bfloat16, CPU)
+    with pytest.raises(ValueError, match="linear_backend 'cpu'.*CPU only"):
+        resolve_linear_backend("cpu", torch.float32, torch.device("cuda"))
+    with pytest.raises(ValueError, match="linear_backend must be one of auto, cpu, onednn, torch"):
+        resolve_linear_backend("avx", torch.float32, CPU)
+
+
+def test_falls_back_when_the_extension_is_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "cpu_ops_available", lambda: False)
+    assert "could not be built" in cpu_gemm.unsupported_reason(torch.float32, CPU)
+    with pytest.raises(ValueError, match="linear_backend 'cpu' is not available.*could not be built"):
+        resolve_linear_backend("cpu", torch.float32, CPU)
+    with pytest.raises(RuntimeError, match="cpu GEMM unavailable"):
+        cpu_gemm.pack(torch.zeros(4, 4))
+    want = "onednn" if onednn_linear.unsupported_reason(torch.float32, CPU) is None else "torch"
+    assert resolve_linear_backend("auto", torch.float32, CPU)[0] == want
+
+
+@needs_cpu_gemm
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False)])
+def test_model_matches_torch_gemm(tmp_path, arch, tied):
+    path = make_tiny_checkpoint(str(tmp_path / arch), arch, with_tokenizer=False, tie_word_embeddings=tied)
+    src = resolve_model(path)
+    cfg = load_hf_config(src)
+    dense = load_model(src, cfg, torch.float32, "cpu", linear_backend="torch")
+    packed = load_model(src, cfg, torch.float32, "cpu", linear_backend="cpu")
+    assert packed.linear_backend == "cpu" and packed.packed_lm_head is not None  # head stays on oneDNN
+    projections = [m for m in packed.modules() if isinstance(m, prepack.PackableLinear)]
+    assert projections and all(isinstance(m.packed, cpu_gemm.CpuPackedWeight) and m.weight.is_meta
+                               for m in projections)
+    gen = torch.Generator().manual_seed(0)
+    for prompt_id, n in enumerate((5, 19, 33)):
+        feeds = [(str(prompt_id), random_prompt(n, gen))]
+        want = PagedRunner(dense).step(feeds)[0]
+        got = PagedRunner(packed).step(feeds)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
