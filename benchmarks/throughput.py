@@ -29,10 +29,10 @@ from benchmarks.peers import hf_continuous, llamacpp, vllm_cpu
 from benchmarks.stats import RunResult, markdown_table, median_summary, ratio_table, summarize_run
 from benchmarks.workloads import Workload, fixed_workload, mixed_workload
 
-ALL_SYSTEMS = ("conveyor", "conveyor-static", "conveyor-blas", "hf-static", "hf-continuous",
+ALL_SYSTEMS = ("conveyor", "conveyor-static", "conveyor-blas", "conveyor-onednn", "hf-static", "hf-continuous",
                "llama.cpp-server", "vllm-server", "vllm-offline")
 QUICK_SYSTEMS = ("conveyor", "conveyor-static", "hf-static", "hf-continuous", "llama.cpp-server")
-IN_PROCESS = ("conveyor", "conveyor-static", "conveyor-blas", "hf-static", "hf-continuous")
+IN_PROCESS = ("conveyor", "conveyor-static", "conveyor-blas", "conveyor-onednn", "hf-static", "hf-continuous")
 
 # ~56M parameters: 25M in the (tied) embedding, 3.2M per layer
 LLAMA_56M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,

@@ -11,7 +11,7 @@ import sys
 
 from benchmarks.workloads import Workload
 
-SYSTEMS = ("conveyor", "conveyor-static", "conveyor-blas", "hf-static", "hf-continuous")
+SYSTEMS = ("conveyor", "conveyor-static", "conveyor-blas", "conveyor-onednn", "hf-static", "hf-continuous")
 
 
 def peak_rss_bytes() -> int:
@@ -22,11 +22,12 @@ def peak_rss_bytes() -> int:
 
 
 def run_system(system: str, model_dir: str, workload: Workload, threads: int, dtype: str, opts: dict):
-    if system in ("conveyor", "conveyor-static", "conveyor-blas"):
+    if system in ("conveyor", "conveyor-static", "conveyor-blas", "conveyor-onednn"):
         from benchmarks.peers import conveyor
 
         # conveyor-blas: the linear layers through torch's BLAS GEMM instead of packed oneDNN
-        linear = "torch" if system == "conveyor-blas" else "auto"
+        # conveyor-onednn: every projection through oneDNN (auto picks the own "cpu" GEMM where it builds)
+        linear = {"conveyor-blas": "torch", "conveyor-onednn": "onednn"}.get(system, "auto")
         return conveyor.run(model_dir, workload, threads, dtype, static=system == "conveyor-static",
                             linear_backend=linear, **opts)
     if system == "hf-static":

@@ -49,7 +49,7 @@ def run(model_dir: str | None, workload: Workload, threads: int, dtype: str, sta
         err = None if n == req.output_len else f"expected {req.output_len} tokens, got {n}"
         records.append(RequestRecord(len(req.prompt_ids), n, m.first_token_time - t0, m.finished_time - t0,
                                      error=err))
-    name = "conveyor-static" if static else ("conveyor-blas" if linear_backend == "torch" else "conveyor")
+    name = "conveyor-static" if static else {"torch": "conveyor-blas", "onednn": "conveyor-onednn"}.get(linear_backend, "conveyor")
     return RunResult(name, workload.name, wall, records,
                      notes={"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
                             "block_size": block_size, "kv_cache_bytes": kv, "linear_backend": linear_backend,
