@@ -130,7 +130,7 @@ def test_engine_greedy_matches_transformers_and_screening_off(tmp_path, tied):
     steps = 8
     llm = LLM(path, dtype="float32", num_blocks=128)
     head = llm.engine.model.greedy_head
-    assert head is not None and llm.engine.model.linear_backend == "onednn"
+    assert head is not None and llm.engine.model.linear_backend in ("cpu", "onednn")  # the LM head is oneDNN in both
     seen = _counting(head)
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     on = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
