@@ -3,9 +3,10 @@
 ``linear_backend``: "torch" is `F.linear` (BLAS); "onednn" runs every projection and the LM
 head through oneDNN with weights packed once (engine/kernels/onednn_linear.py); "cpu" runs the
 projections through our own AVX2 GEMM (engine/kernels/cpu_gemm.py: rows bit-identical whatever
-the batch) and the LM head through oneDNN; "auto" picks "cpu" for float32 on CPU where the C++
-extension is built (measured 1.01-1.7x faster than oneDNN at 1-2,048 rows, benchmarks/RESULTS.md),
-else oneDNN for float32 on CPU, and torch otherwise (GPUs, float16, bfloat16).
+the batch) and the LM head through oneDNN; "auto" picks "cpu" for float32 on AVX2 CPUs where the
+C++ extension is built (measured 1.01-1.7x faster than oneDNN at 1-2,048 rows, benchmarks/RESULTS.md;
+on AVX-512 hosts oneDNN has wider kernels and the AVX2 kernel is unmeasured), else oneDNN for
+float32 on CPU, and torch otherwise (GPUs, float16, bfloat16).
 bfloat16 through oneDNN needs native bf16 kernels (AVX-512 BF16/AMX) and must be asked for: it
 is not measured yet, and torch's bf16 matmul already calls oneDNN on such CPUs.
 """
@@ -48,7 +49,11 @@ def resolve_linear_backend(name: str, dtype: torch.dtype, device: torch.device) 
     if name == "auto" and dtype != torch.float32:
         return "torch", "auto: oneDNN is picked for float32 only (bfloat16 not measured yet)"
     if name == "auto" and cpu_gemm.unsupported_reason(dtype, device) is None:
-        return "cpu", "auto: own AVX2 GEMM, weights packed once, faster than oneDNN and BLAS on CPU"
+        if torch.backends.cpu.get_cpu_capability() == "AVX2":
+            return "cpu", "auto: own AVX2 GEMM, weights packed once, faster than oneDNN and BLAS on CPU"
+        # the kernel is AVX2 code, measured on AVX2 hosts only; here oneDNN has wider kernels
+        return "onednn", (f"auto: weights packed once for oneDNN (this CPU's capability is "
+                          f"{torch.backends.cpu.get_cpu_capability()}; the cpu GEMM is measured on AVX2 only)")
     return "onednn", "asked for" if name == "onednn" else "auto: weights packed once, faster than BLAS on CPU"
 
 
