@@ -24,7 +24,8 @@ from benchmarks.workloads import fixed_workload, mixed_workload
 
 # op-name prefixes -> part (first match wins); labelled regions take precedence
 _PARTS = (
-    ("linears (oneDNN / BLAS)", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")),
+    ("linears (own GEMM / oneDNN / BLAS)", ("conveyor_cpu::cpu_gemm", "mkldnn::_linear_pointwise", "aten::addmm",
+                                            "aten::mm", "aten::linear")),
     ("paged attention (C++)", ("conveyor_cpu::paged_attention",)),
     ("norm, rotary, SiLU (fused C++)", ("conveyor_cpu::",)),
     ("norm, rotary, SiLU, residual (torch)", ("aten::rms_norm", "aten::_fused_rms_norm", "aten::silu", "aten::mul",
