@@ -61,7 +61,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="attention kernels; auto: triton on GPU, the C++ kernel (cpu) on CPU when it compiles, else torch")
     p.add_argument("--linear-backend", default="auto", choices=["auto", "cpu", "onednn", "torch"],
                    help="GEMMs of the linear layers; cpu: own AVX2 GEMM (float32, batch-invariant rows), LM head "
-                        "oneDNN; auto: cpu for float32 on CPU where the C++ kernels build, else oneDNN there, "
+                        "oneDNN; auto: cpu for float32 on AVX2 CPUs where the C++ kernels build, else oneDNN on CPU, "
                         "else torch")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that set none, and for dummy weights")
     p.add_argument("--num-threads", type=int, default=None,

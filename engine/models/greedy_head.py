@@ -35,11 +35,12 @@ tries screening again after `_RETRY_FIRST` calls, doubling the wait after each f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import int8_linear, onednn_linear
+from engine.kernels import int8_linear
 
 _SLACK = 1.0 + 2.0 ** -10  # the bound's own float32 rounding (as in int8_linear)
 _BLOCK = 32  # tokens per block of the one full pass over the approximate logits (a block max)
@@ -82,18 +83,19 @@ class ScreenResult:
 
 
 class GreedyHead:
-    """Holds the int8 copy of the head and references to its dense (and oneDNN-packed) forms."""
+    """Holds the int8 copy of the head, a reference to its dense form and the full head's path."""
 
-    def __init__(self, dense: torch.Tensor, packed: torch.Tensor | None = None, max_candidates: int = 1024,
-                 outliers: int = 32):
-        """``dense`` [vocab, hidden] float32 (shared, not copied); ``packed`` its oneDNN form for
-        the full-head path (None: F.linear on ``dense``); ``outliers`` channels per call computed
-        in float32 (0: none, and no transposed copy)."""
+    def __init__(self, dense: torch.Tensor, full_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 max_candidates: int = 1024, outliers: int = 32):
+        """``dense`` [vocab, hidden] float32 (shared, not copied); ``full_logits`` the model's own
+        full head for the fallback path ([R, hidden] -> float32 [R, vocab]; None: F.linear on
+        ``dense``); ``outliers`` channels per call computed in float32 (0: none, and no
+        transposed copy). Raises ValueError saying why when screening cannot run here."""
         reason = unsupported_reason(dense)
         if reason is not None:
             raise ValueError(f"greedy head screening is not available: {reason}")
         self.dense = dense.detach()
-        self.packed = packed
+        self._full_logits = full_logits
         self.int8 = int8_linear.pack(self.dense)
         self.outliers = max(0, min(outliers, dense.shape[1] - 2))
         self.dense_t, half_err = None, None
@@ -126,8 +128,8 @@ class GreedyHead:
         return self.int8.nbytes + extra
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return onednn_linear.linear(x, self.packed, None).float()
+        if self._full_logits is not None:
+            return self._full_logits(x)
         return F.linear(x, self.dense).float()
 
     @torch.no_grad()

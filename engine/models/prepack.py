@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu_gemm, onednn_linear
-from engine.models import greedy_head
 from engine.models.greedy_head import GreedyHead
 from engine.models.parallel_linear import PackableLinear
 
@@ -90,16 +89,15 @@ def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
 def _build_greedy_head(model: nn.Module, head: torch.Tensor) -> GreedyHead | None:
     """The argmax-only head for greedy rows where it can run (float32 on CPU with fbgemm, the
     whole vocabulary on this process), else None; logs the choice and its memory."""
-    reason = None
     if model.vocab_shard is not None or model.tp.size > 1:
-        reason = "tensor parallel (vocab-parallel head)"
-    if reason is None:
-        reason = greedy_head.unsupported_reason(head)
-    if reason is not None:
-        logger.info("greedy LM head: full float32 logits (%s)", reason)
+        logger.info("greedy LM head: full float32 logits (tensor parallel: vocab-parallel head)")
         return None
     start = time.perf_counter()
-    built = GreedyHead(head, model.packed_lm_head)
+    try:  # the constructor checks where screening can run (greedy_head.unsupported_reason)
+        built = GreedyHead(head, model.compute_logits)
+    except ValueError as exc:
+        logger.info("greedy LM head: full float32 logits (%s)", exc)
+        return None
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear) or model.lm_head.weight is not head
     kept = 0 if tied else head.numel() * head.element_size()
     logger.info("greedy LM head: int8 screening + exact float32 recompute, %.1f s, +%.0f MiB (int8 + float16 copies)%s",
