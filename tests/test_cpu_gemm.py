@@ -119,3 +119,72 @@ def test_model_matches_torch_gemm(tmp_path, arch, tied):
         got = PagedRunner(packed).step(feeds)[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def _rounded(n, k, seed, dtype):
+    """Weights exactly representable in `dtype` (as loaded from a checkpoint stored in it)."""
+    w, b, _ = _data(n, k, 1, seed)
+    return w.to(dtype).float(), b
+
+
+@needs_cpu_gemm
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(16, 8), (1000, 101), (7, 33), (40, 1), (200, 1536)])
+def test_16bit_panels_are_bit_identical_to_float32_panels(storage, n, k):
+    w, b = _rounded(n, k, n * k, storage)
+    wide, narrow = cpu_gemm.pack(w, torch.float32), cpu_gemm.pack(w, storage)
+    assert narrow.panels.dtype == storage and narrow.nbytes * 2 == wide.nbytes
+    gen = torch.Generator().manual_seed(k)
+    for m in (1, 5, 32, 100):
+        x = torch.randn(m, k, generator=gen)
+        for bias in (None, b):
+            got = cpu_gemm.linear(x, narrow, bias)
+            assert torch.equal(got, cpu_gemm.linear(x, wide, bias)), (m, bias is None)
+    x3 = torch.randn(4, 25, k, generator=gen)
+    assert torch.equal(cpu_gemm.linear(x3, narrow, b), cpu_gemm.linear(x3, wide, b))
+    torch.testing.assert_close(cpu_gemm.linear(x3, narrow, b), F.linear(x3, w, b), atol=1e-4, rtol=1e-4)
+
+
+@needs_cpu_gemm
+def test_storage_is_the_narrowest_exact_one():
+    bf16, _ = _rounded(33, 20, 0, torch.bfloat16)
+    fp16, _ = _rounded(33, 20, 0, torch.float16)
+    assert not cpu_gemm.exact_in(fp16, torch.bfloat16)  # fp16 keeps mantissa bits bf16 lacks
+    assert cpu_gemm.pack(bf16).panels.dtype == torch.bfloat16
+    assert cpu_gemm.pack(fp16).panels.dtype == torch.float16
+    assert cpu_gemm.pack(_data(33, 20, 1, 0)[0]).panels.dtype == torch.float32  # not exact in either
+    big = bf16.clone()
+    big[3, 4] = 2.0 ** 20  # exact in bf16, out of float16's range
+    assert cpu_gemm.pack(big).panels.dtype == torch.bfloat16 and not cpu_gemm.exact_in(big, torch.float16)
+    nan = bf16.clone()
+    nan[0, 0] = float("nan")  # never "exact": kept in float32
+    assert cpu_gemm.pack(nan).panels.dtype == torch.float32
+    with pytest.raises(ValueError, match="storage torch.float16 does not hold"):
+        cpu_gemm.pack(big, torch.float16)
+
+
+@needs_cpu_gemm
+def test_bf16_checkpoint_packs_bf16_panels_with_float32_panel_bits(tmp_path, monkeypatch):
+    """A bf16 checkpoint loaded in float32: every projection gets bf16 panels, and the model's
+    logits are bit-identical to float32 panels (and close to torch's GEMM, same argmax)."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_checkpoint(str(tmp_path / "f32"), "llama", with_tokenizer=False)
+    AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    src = resolve_model(str(tmp_path / "bf16"))
+    cfg = load_hf_config(src)
+    narrow = load_model(src, cfg, torch.float32, "cpu", linear_backend="cpu")
+    dense = load_model(src, cfg, torch.float32, "cpu", linear_backend="torch")
+    monkeypatch.setattr(cpu_gemm, "STORAGE_DTYPES", (torch.float32,))
+    wide = load_model(src, cfg, torch.float32, "cpu", linear_backend="cpu")
+    kinds = {m.packed.panels.dtype for m in narrow.modules() if isinstance(m, prepack.PackableLinear)}
+    assert kinds == {torch.bfloat16}
+    assert {m.packed.panels.dtype for m in wide.modules() if isinstance(m, prepack.PackableLinear)} == {torch.float32}
+    gen = torch.Generator().manual_seed(0)
+    for prompt_id, n in enumerate((5, 33)):
+        feeds = [(str(prompt_id), random_prompt(n, gen))]
+        got = PagedRunner(narrow).step(feeds)[0]
+        assert torch.equal(got, PagedRunner(wide).step(feeds)[0])
+        want = PagedRunner(dense).step(feeds)[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))

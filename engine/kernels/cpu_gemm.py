@@ -11,6 +11,12 @@ measured faster than oneDNN's packed matmul with weights streamed from memory, a
 costs ~1 us against ~18 us for `torch.ops.mkldnn._linear_pointwise` (benchmarks/RESULTS.md,
 benchmarks/cpu_gemm_ab.py). Needs the C++ extension built for an AVX2 + FMA host:
 `unsupported_reason` says why not otherwise, and callers then use oneDNN or `F.linear`.
+
+Storage: `pack` keeps the panels in bfloat16 (else float16) when every weight of the matrix is
+exactly representable there, as weights loaded from a bf16 (or fp16) checkpoint are; the kernel
+converts them back to the same float32 values before each FMA, so results are bit-identical to
+float32 panels, with half the memory and half the weight traffic of a decode step (which streams
+every weight from memory). Other weights (e.g. dequantized GGUF blocks) keep float32 panels.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ BLOCK_ROWS = 64
 class CpuPackedWeight:
     """A weight [out_features, in_features] packed for `linear` (panels [ceil(out/16), in, 16])."""
 
-    panels: torch.Tensor
+    panels: torch.Tensor  # float32, bfloat16 or float16: exact copies of the float32 weights
     out_features: int
 
     @property
@@ -50,14 +56,30 @@ def unsupported_reason(dtype: torch.dtype, device: torch.device) -> str | None:
     return None
 
 
-def pack(weight: torch.Tensor) -> CpuPackedWeight:
-    """The [out, in] float32 weight in the kernel's panel layout (a copy). Raises RuntimeError
-    where `unsupported_reason` is not None."""
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # tried in this order
+
+
+def exact_in(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every float32 value of `weight` survives a round trip through `dtype` unchanged
+    (NaNs and values out of range never do)."""
+    return dtype == torch.float32 or torch.equal(weight.to(dtype).float(), weight)
+
+
+def pack(weight: torch.Tensor, storage: torch.dtype | None = None) -> CpuPackedWeight:
+    """The [out, in] float32 weight in the kernel's panel layout (a copy), stored in `storage`,
+    or when None in the first of bfloat16, float16, float32 that holds every weight exactly.
+    Raises ValueError when an asked-for `storage` does not hold the weights exactly, and
+    RuntimeError where `unsupported_reason` is not None."""
     w = weight.detach()
     reason = unsupported_reason(w.dtype, w.device)
     if reason is not None:
         raise RuntimeError(f"cpu GEMM unavailable: {reason}")
-    return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w), int(w.shape[0]))
+    if storage is not None and (storage not in STORAGE_DTYPES or not exact_in(w, storage)):
+        raise ValueError(f"cpu GEMM storage {storage} does not hold these float32 weights exactly")
+    for dtype in (storage,) if storage is not None else STORAGE_DTYPES:
+        if exact_in(w, dtype):
+            return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w.to(dtype)), int(w.shape[0]))
+    raise AssertionError("unreachable: float32 storage is always exact")
 
 
 def linear(x: torch.Tensor, packed: CpuPackedWeight, bias: torch.Tensor | None,

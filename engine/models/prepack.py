@@ -56,6 +56,10 @@ def resolve_linear_backend(name: str, dtype: torch.dtype, device: torch.device) 
     return "onednn", "asked for" if name == "onednn" else "auto: weights packed once, faster than BLAS on CPU"
 
 
+_STORED_NAMES = {torch.bfloat16: "bf16-stored (exact)", torch.float16: "fp16-stored (exact)",
+                 torch.float32: "float32-stored"}
+
+
 def _drop_dense(module: nn.Module, name: str = "weight") -> None:
     """Replaces a parameter by a meta tensor of its shape and dtype: its memory is freed, and
     any code that still computed with it would fail loudly instead of reading stale values."""
@@ -66,16 +70,25 @@ def _drop_dense(module: nn.Module, name: str = "weight") -> None:
 @torch.no_grad()
 def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
     """Packs every projection's weight for `backend` ("onednn" or "cpu": engine/kernels/
-    cpu_gemm.py) and the LM head for oneDNN; returns how many. Dense
+    cpu_gemm.py, in bf16/fp16 panels where that holds the matrix exactly, logged) and the LM
+    head for oneDNN; returns how many. Dense
     projection weights are dropped (they are not read again); the LM head keeps its dense
     weight when it is the embedding matrix (tied), which the embedding lookup still reads, or
     when the greedy head (engine/models/greedy_head.py) is built, which recomputes rows of it."""
     count = 0
+    stored: dict[torch.dtype, list[int]] = {}  # own GEMM panels: storage dtype -> [count, bytes]
     for module in model.modules():
         if isinstance(module, PackableLinear) and module.packed is None:
             module.packed = cpu_gemm.pack(module.weight) if backend == "cpu" else onednn_linear.pack(module.weight)
             _drop_dense(module)
             count += 1
+            if backend == "cpu":
+                entry = stored.setdefault(module.packed.panels.dtype, [0, 0])
+                entry[0] += 1
+                entry[1] += module.packed.nbytes
+    if stored:  # 16-bit panels hold the float32 weights exactly (cpu_gemm.pack checks each matrix)
+        logger.info("own GEMM weights: %s", ", ".join(
+            f"{n} {_STORED_NAMES[dtype]} ({size / (1 << 20):.0f} MiB)" for dtype, (n, size) in stored.items()))
     head = model.lm_head_weight()
     model.packed_lm_head = onednn_linear.pack(head)
     model.greedy_head = _build_greedy_head(model, head)
