@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.kernels import int8_linear
-from engine.models.greedy_head import GreedyHead, unsupported_reason
+from engine.models.greedy_head import _OUTLIER_FACTOR, _SLACK, GreedyHead, fused_available, unsupported_reason
 from tests.checkpoints import load_reference, make_tiny_checkpoint
 from tests.test_engine import random_prompts
 
 pytestmark = pytest.mark.skipif(int8_linear.unsupported_reason() is not None,
                                 reason=f"{int8_linear.unsupported_reason()}")
+# both implementations of the per-call work: plain torch, and the C++ ops of greedy_screen.cpp
+PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not fused_available(), reason="no C++ CPU kernels"))]
 
 
 def _case(seed: int, vocab: int = 3000, hidden: int = 64, rows: int = 12):
@@ -26,11 +28,12 @@ def _case(seed: int, vocab: int = 3000, hidden: int = 64, rows: int = 12):
     return w, x
 
 
+@pytest.mark.parametrize("fused", PATHS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("outliers", [0, 4, 32])
-def test_screened_argmax_equals_full_argmax(seed, outliers):
+def test_screened_argmax_equals_full_argmax(seed, outliers, fused):
     w, x = _case(seed)
-    head = GreedyHead(w, outliers=outliers)
+    head = GreedyHead(w, outliers=outliers, fused=fused)
     res = head.screen(x)
     assert torch.equal(res.tokens, F.linear(x, w).argmax(dim=1))
     assert not bool(res.fallback.any()) and int(res.candidates.max()) < 1024
@@ -50,7 +53,8 @@ def test_split_approximation_within_its_bound(outliers):
     assert bool((err <= bound.double()).all())
 
 
-def test_ties_and_near_ties():
+@pytest.mark.parametrize("fused", PATHS)
+def test_ties_and_near_ties(fused):
     w, x = _case(7)
     best = F.linear(x, w).argmax(dim=1)
     # row 0: its winner duplicated at a lower index -> the lower index wins (exact tie)
@@ -60,37 +64,116 @@ def test_ties_and_near_ties():
     w[9] = w[best[1]] * (1 + 1e-4)
     w[11] = w[best[2]] * (1 - 1e-4)
     logits = F.linear(x, w)
-    res = GreedyHead(w, outliers=8).screen(x)
+    res = GreedyHead(w, outliers=8, fused=fused).screen(x)
     assert res.tokens[0] == 3
     assert res.tokens[1] == 9
     assert res.tokens[2] == best[2]
     assert torch.equal(res.tokens, logits.argmax(dim=1))
     assert bool((res.candidates[:3] >= 2).all())  # the ties were decided by the recompute
     # a head of identical rows: every logit ties, the first one wins
-    same = GreedyHead(w[:1].repeat(50, 1)).screen(x)
+    same = GreedyHead(w[:1].repeat(50, 1), fused=fused).screen(x)
     assert bool((same.tokens == 0).all())
 
 
-def test_fallback_rows_and_non_finite_rows():
+@pytest.mark.parametrize("fused", PATHS)
+def test_fallback_rows_and_non_finite_rows(fused):
     w, x = _case(8)
     x[4] = 0.0  # all logits 0: every token is a candidate
     x[6, 2] = float("nan")
     want = F.linear(x, w).argmax(dim=1)
-    res = GreedyHead(w, max_candidates=1).screen(x)
+    res = GreedyHead(w, max_candidates=1, fused=fused).screen(x)
     assert torch.equal(res.tokens, want)
     assert bool(res.fallback[4]) and bool(res.fallback[6]) and res.tokens[4] == 0
     assert not bool(res.fallback.all())  # rows with one candidate were still screened
 
 
-def test_pauses_when_screening_does_not_pay():
+@pytest.mark.parametrize("fused", PATHS)
+def test_pauses_when_screening_does_not_pay(fused):
     w, x = _case(9)
-    head = GreedyHead(w, max_candidates=0)  # every row falls back
+    head = GreedyHead(w, max_candidates=0, fused=fused)  # every row falls back
     want = F.linear(x, w).argmax(dim=1)
     for _ in range(10):
         assert torch.equal(head.argmax(x), want)
     assert head._skip > 0  # now on the full head for a while: the same tokens
     assert torch.equal(head.argmax(x), want)
     assert head.argmax(x[:0]).shape == (0,)
+
+
+def _rounding_ties(k: int, rows: int = 24, vocab: int = 900):
+    """Rows whose two best tokens p < q have equal exact logits: w_q is w_p with coordinates i, j
+    swapped and x_i = x_j, so only the float32 summation order separates them."""
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(vocab, k, generator=gen) * 0.05
+    x = torch.randn(rows, k, generator=gen) * torch.logspace(-2, 1, k)[torch.randperm(k, generator=gen)]
+    for r in range(rows):
+        i, j = torch.randperm(k, generator=gen)[:2].tolist()
+        x[r, j] = x[r, i]
+        p, q = 2 * r + 1, 2 * r + 100
+        w[p] = x[r] * 0.3 + torch.randn(k, generator=gen) * 0.01
+        w[q] = w[p]
+        w[q, i], w[q, j] = w[p, j], w[p, i]
+    return w, x
+
+
+@pytest.mark.skipif(not fused_available(), reason="no C++ CPU kernels")
+@pytest.mark.parametrize("k", [5, 40, 64, 576])
+def test_paths_agree_where_rounding_decides(k):
+    """The C++ op recomputes the candidates' logits in torch's summation order: bitwise the torch
+    path's logits, so the same token even where only rounding separates two tokens."""
+    w, x = _rounding_ties(k)
+    z = torch.stack([(w * row).sum(dim=1) for row in x])  # the torch path's float32 logits
+    rows = torch.arange(x.shape[0])
+    decided = z[rows, 2 * rows + 1] != z[rows, 2 * rows + 100]
+    assert bool(decided.any())  # the case is real: some pairs differ in the last bit
+    for fused in (False, True):
+        res = GreedyHead(w, outliers=4, fused=fused).screen(x)
+        assert not bool(res.fallback.any())
+        assert torch.equal(res.tokens, z.argmax(dim=1))
+
+
+@pytest.mark.skipif(not fused_available(), reason="no C++ CPU kernels")
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_paths_agree_on_batches_with_outliers(rows):
+    w, x = _case(rows, vocab=5000, hidden=96, rows=rows)
+    x[:, 3] *= 25  # an outlier channel in every row, and one more in the last row
+    x[-1, 50] = -400.0
+    torch_res = GreedyHead(w, fused=False).screen(x)
+    fused_res = GreedyHead(w, fused=True).screen(x)
+    assert torch.equal(fused_res.tokens, torch_res.tokens)
+    assert torch.equal(fused_res.tokens, F.linear(x, w).argmax(dim=1))
+    assert not bool(fused_res.fallback.any())
+    assert int((fused_res.candidates - torch_res.candidates).abs().max()) <= 1  # bounds equal to rounding
+
+
+@pytest.mark.skipif(not fused_available(), reason="no C++ CPU kernels")
+@pytest.mark.parametrize("outliers", [0, 8])
+def test_fused_prepare_within_its_bound(outliers):
+    """greedy_prepare's normalised rows, scales and coefficients: |x·w_n - a_n| <= coef · pieces_n
+    (times the slack) against float64, with a formed as the C++ screen forms it."""
+    w, x = _case(12, vocab=700, hidden=96, rows=9)
+    x[2, :5] = -200.0
+    head = GreedyHead(w, outliers=outliers, fused=True)
+    inp, m, coef, chans, finite = torch.ops.conveyor_cpu.greedy_prepare(x, head.outliers, _OUTLIER_FACTOR)
+    assert bool(finite.all()) and torch.equal(inp[-1, :2], torch.tensor([1.0, -1.0]))
+    x_in = x.index_fill(1, chans, 0.0)
+    want_xn, want_m = int8_linear.normalise_rows(x_in)
+    assert torch.equal(inp[:-1], want_xn) and torch.equal(m, want_m)
+    a = torch.ops.quantized.linear_dynamic(inp, head.int8.packed, True)[:-1] * m.unsqueeze(1)
+    if len(chans):
+        a += x[:, chans].double().matmul(head.dense_t[chans].double()).float()
+    err = (x.double() @ w.double().T - a.double()).abs()
+    assert bool((err <= (coef.double() @ head._pieces.double().T) * _SLACK).all())
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_rows_that_could_overflow_fall_back(fused):
+    w, x = _case(13)
+    x[2] = x[2].sign() * 3e38  # x·w overflows float32
+    x[3] *= 1e36
+    res = GreedyHead(w, fused=fused).screen(x)
+    assert bool(res.fallback[2]) and not bool(res.fallback[0])
+    assert torch.equal(res.tokens[[0, 1, 4, 5]], F.linear(x, w).argmax(dim=1)[[0, 1, 4, 5]])
+    assert torch.equal(res.tokens, GreedyHead(w, fused=False).screen(x).tokens)
 
 
 def test_unsupported_heads():

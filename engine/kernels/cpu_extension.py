@@ -27,7 +27,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp", CSRC / "cpu_gemm.cpp")
+SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp", CSRC / "cpu_gemm.cpp",
+           CSRC / "greedy_screen.cpp")
 HEADERS = (CSRC / "vec8.h",)  # part of the build's cache key, like the sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 

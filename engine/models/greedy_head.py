@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import int8_linear
+from engine.kernels.cpu_extension import cpu_ops_available
+from engine.kernels.ops import _torch_float_lanes
 
 _SLACK = 1.0 + 2.0 ** -10  # the bound's own float32 rounding (as in int8_linear)
 _BLOCK = 32  # tokens per block of the one full pass over the approximate logits (a block max)
@@ -48,6 +50,12 @@ _GATHER_CHUNK = 16384  # candidate (row, token) pairs recomputed at once: bounds
 _RETRY_FIRST, _RETRY_MAX = 64, 4096  # calls on the full head before screening is tried again
 _OUTLIER_FACTOR = 2.0  # a channel is an outlier when its max |x| over the call is this x the median one
 _GIVE_UP_FRACTION = 0.5  # smoothed fallback fraction above which screening stops paying
+_NO_OVERFLOW = 1e37  # torch path: rows whose |a| could come near float32's max take the full head
+
+
+def fused_available() -> bool:
+    """True when the C++ screening ops (engine/kernels/csrc/greedy_screen.cpp) can run here."""
+    return cpu_ops_available() and hasattr(torch.ops.conveyor_cpu, "greedy_screen")
 
 
 def _block_max(a: torch.Tensor) -> torch.Tensor:
@@ -86,11 +94,13 @@ class GreedyHead:
     """Holds the int8 copy of the head, a reference to its dense form and the full head's path."""
 
     def __init__(self, dense: torch.Tensor, full_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 max_candidates: int = 1024, outliers: int = 32):
+                 max_candidates: int = 1024, outliers: int = 32, fused: bool | None = None):
         """``dense`` [vocab, hidden] float32 (shared, not copied); ``full_logits`` the model's own
         full head for the fallback path ([R, hidden] -> float32 [R, vocab]; None: F.linear on
         ``dense``); ``outliers`` channels per call computed in float32 (0: none, and no
-        transposed copy). Raises ValueError saying why when screening cannot run here."""
+        transposed copy); ``fused`` runs the per-call work in the C++ ops (None: when they are
+        available; the tokens are the same either way). Raises ValueError saying why when
+        screening cannot run here."""
         reason = unsupported_reason(dense)
         if reason is not None:
             raise ValueError(f"greedy head screening is not available: {reason}")
@@ -115,7 +125,12 @@ class GreedyHead:
         self._pieces = torch.stack(pieces, dim=1).contiguous()  # [N, 4]: B_rn = coef_r · pieces_n
         # each block's largest pieces: a bound for every token of the block at once
         self._block_pieces = torch.stack([_block_max(v.unsqueeze(0)).squeeze(0) for v in pieces], dim=1)
+        self._pieces_t = self._pieces.t().contiguous()  # [4, N] and [4, blocks] for the C++ op
+        self._block_pieces_t = self._block_pieces.t().contiguous()
         self.max_candidates = max_candidates
+        self.fused = fused_available() if fused is None else fused
+        # torch path: |a_rn| <= (m_r + ||x_O||_1) K max|w| (1 + s + float16 and float32 rounding)
+        self._overflow_cap = 2.0 * dense.shape[1] * float(self.dense.abs().max())
         self._fallback_ema = 0.0  # smoothed fraction of rows that fell back
         self._skip = 0  # calls left on the full head before screening is tried again
         self._wait = _RETRY_FIRST  # the next such pause
@@ -177,6 +192,8 @@ class GreedyHead:
     def screen(self, x: torch.Tensor) -> ScreenResult:
         """Steps 1-3 of the module doc for every row of ``x`` [R, hidden] float32."""
         x = x.float().contiguous()
+        if self.fused:
+            return self._screen_fused(x)
         rows = x.shape[0]
         finite = torch.isfinite(x).all(dim=1)
         xs = torch.where(finite.unsqueeze(1), x, torch.zeros_like(x))
@@ -203,8 +220,10 @@ class GreedyHead:
         keep = ((vals + b.mul_(_SLACK)) >= t.index_select(0, r_idx)).nonzero().squeeze(1)
         r_idx, n_idx = r_idx.index_select(0, keep), n_idx.index_select(0, keep)
         counts = torch.bincount(r_idx, minlength=rows)
-        fallback = (counts > self.max_candidates) | ~finite
-        tokens = torch.empty(rows, dtype=torch.long)
+        # a float32 overflow in a would void the bound: rows where one is possible fall back
+        no_overflow = (coef[:, 0] + coef[:, 3]) * self._overflow_cap < _NO_OVERFLOW
+        fallback = (counts > self.max_candidates) | ~finite | ~no_overflow
+        tokens = torch.full((rows,), self.int8.out_features, dtype=torch.long)
         screened = ~fallback[r_idx]
         if bool(screened.any()):
             r_idx, n_idx = r_idx[screened], n_idx[screened]
@@ -212,10 +231,28 @@ class GreedyHead:
                            for r, n in zip(r_idx.split(_GATHER_CHUNK), n_idx.split(_GATHER_CHUNK))])
             best = torch.full((rows,), float("-inf")).scatter_reduce(0, r_idx, z, "amax")
             at_best = z == best[r_idx]
-            first = torch.full((rows,), self.int8.out_features, dtype=torch.long)
-            first.scatter_reduce_(0, r_idx[at_best], n_idx[at_best], "amin")
-            tokens.copy_(first)
+            tokens.scatter_reduce_(0, r_idx[at_best], n_idx[at_best], "amin")
+        fallback |= tokens == self.int8.out_features  # no logit equal to the max: a NaN among them
+        self._full_head_rows(x, tokens, fallback)
+        return ScreenResult(tokens, counts, fallback)
+
+    def _screen_fused(self, x: torch.Tensor) -> ScreenResult:
+        """`screen` through the C++ ops (engine/kernels/csrc/greedy_screen.cpp): the same steps
+        and the same float32 logits for the candidates (summed in torch's order), so the same
+        tokens; a is never materialised beyond fbgemm's output, and rows whose a holds a
+        non-finite entry (an overflow) fall back."""
+        ops = torch.ops.conveyor_cpu
+        inp, m, coef, chans, finite = ops.greedy_prepare(x, self.outliers, _OUTLIER_FACTOR)
+        values = torch.ops.quantized.linear_dynamic(inp, self.int8.packed, True)  # the sentinel row last
+        dense_t = self.dense_t if self.dense_t is not None else torch.empty(0, dtype=torch.float16)
+        tokens, counts, fallback = ops.greedy_screen(values, m, coef, x, chans, dense_t, self._pieces_t,
+                                                     self._block_pieces_t, self.dense, finite,
+                                                     self.max_candidates, _torch_float_lanes())
+        self._full_head_rows(x, tokens, fallback)
+        return ScreenResult(tokens, counts, fallback)
+
+    def _full_head_rows(self, x: torch.Tensor, tokens: torch.Tensor, fallback: torch.Tensor) -> None:
+        """tokens[fallback] = the full float32 head's argmax for those rows."""
         if bool(fallback.any()):
             idx = fallback.nonzero().squeeze(1)
             tokens[idx] = self.full_logits(x.index_select(0, idx)).argmax(dim=1)
-        return ScreenResult(tokens, counts, fallback)

@@ -1,0 +1,421 @@
+// The greedy LM head's per-call work around fbgemm's int8 GEMM (engine/models/greedy_head.py has
+// the method and the guarantee; engine/kernels/int8_linear.py the bound's derivation):
+//
+// greedy_prepare(x, outliers, factor): the outlier channels O, the normalised int8 input (rows of
+//   x with O zeroed, divided by their max |.|, plus the sentinel row [1, -1, 0, ...]), each row's
+//   scale m and its four bound coefficients coef_r = (m + max|x_r|, m ||r||_2, m ||x̂||_2, ||x_O||_1),
+//   the norms in float64 and rounded up to float32 as int8_linear.approx does.
+// greedy_screen(values, ...): a_rn = values_rn m_r + x_O · w̃_O,n (the same float32 arithmetic as
+//   the torch path, rounding the product, then the sum), B_rn = (coef_r · pieces_n)(1 + 2^-10),
+//   t_r = a_j - B_j at j = first argmax a_r, candidates {n : a_n + B_n >= t}, each recomputed as a
+//   float32 dot product summed in torch's order (so its logit is bitwise the torch path's), the
+//   largest wins, the lowest index among ties. Rows with a non-finite entry, more than
+//   max_candidates candidates or a NaN logit are flagged for the full head.
+//
+// Passes: one over a in column tiles (all rows per tile, so a tile of w̃_O stays in L1) storing
+// each block of 32 tokens' max; then per row the blocks whose max plus their largest bound reach t
+// are recomputed by the same (non-inlined) function, so a is never written out.
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "vec8.h"
+
+namespace {
+
+using namespace conveyor_vec;
+
+constexpr int64_t kBlock = 32;  // tokens per block, as greedy_head._BLOCK (block_pieces is built with it)
+constexpr int64_t kTileBlocks = 8;  // blocks per column tile of the first pass
+constexpr float kSlack = 1.0f + 1.0f / 1024.0f;  // greedy_head._SLACK
+constexpr double kStep = 2.0 / 127.0;  // int8_linear.ACT_STEP
+
+float round_up(double v) {  // float32 never below the float64 value
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// greedy_prepare
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_prepare(const at::Tensor& x,
+                                                                                       int64_t outliers,
+                                                                                       double factor) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() &&
+                  x.size(1) >= 2,
+              "greedy_prepare: x must be a contiguous float32 [rows, hidden >= 2] CPU tensor");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor finite = at::empty({rows}, x.options().dtype(at::kBool));
+  bool* fin = finite.data_ptr<bool>();
+  std::vector<float> col_max(k, 0.0f);  // over the finite rows, as the torch path's zeroed rows
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * k;
+    bool ok = true;
+    for (int64_t c = 0; c < k; ++c) ok &= std::isfinite(row[c]);
+    fin[r] = ok;
+    if (ok)
+      for (int64_t c = 0; c < k; ++c) col_max[c] = std::max(col_max[c], std::fabs(row[c]));
+  }
+  // O: the channels over `factor` x the (lower) median channel, at most `outliers`, the largest
+  std::vector<float> sorted(col_max);
+  std::nth_element(sorted.begin(), sorted.begin() + (k - 1) / 2, sorted.end());
+  const float limit = static_cast<float>(factor) * sorted[(k - 1) / 2];
+  std::vector<int64_t> order;
+  for (int64_t c = 0; c < k; ++c)
+    if (col_max[c] > limit) order.push_back(c);
+  const int64_t n_out = std::min<int64_t>(std::max<int64_t>(outliers, 0), order.size());
+  std::partial_sort(order.begin(), order.begin() + n_out, order.end(), [&](int64_t a, int64_t b) {
+    return col_max[a] > col_max[b] || (col_max[a] == col_max[b] && a < b);
+  });
+  at::Tensor chans = at::empty({n_out}, x.options().dtype(at::kLong));
+  std::copy(order.begin(), order.begin() + n_out, chans.data_ptr<int64_t>());
+  std::vector<char> is_out(k, 0);
+  for (int64_t i = 0; i < n_out; ++i) is_out[order[i]] = 1;
+
+  at::Tensor inp = at::zeros({rows + 1, k}, x.options());
+  at::Tensor scale = at::empty({rows}, x.options());
+  at::Tensor coef = at::empty({rows, 4}, x.options());
+  float *ip = inp.data_ptr<float>(), *mp = scale.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * k;
+    float* out = ip + r * k;
+    float m_in = 0.0f, m_all = 0.0f;
+    double l1_out = 0.0;
+    if (fin[r]) {  // a non-finite row is all zeros here (it takes the full head)
+      for (int64_t c = 0; c < k; ++c) {
+        const float v = std::fabs(row[c]);
+        m_all = std::max(m_all, v);
+        if (is_out[c]) l1_out += v;
+        else m_in = std::max(m_in, v);
+      }
+    }
+    const float m = m_in > 0.0f ? m_in : 1.0f;
+    double r2 = 0.0, x2 = 0.0;
+    if (fin[r]) {
+      for (int64_t c = 0; c < k; ++c) {
+        if (is_out[c]) continue;
+        const float xn = row[c] / m;  // correctly rounded, as torch's x / m: |xn| <= 1
+        out[c] = xn;
+        const double d = static_cast<double>(xn);
+        const double dist = std::fabs(d - kStep * std::nearbyint(d / kStep)) + kStep / 64;
+        r2 += dist * dist;
+        x2 += d * d;
+      }
+    }
+    const double r_norm = std::sqrt(r2);
+    mp[r] = m;
+    // the products and the sum round to nearest; the bound's 2^-10 slack covers them (as in torch)
+    cp[4 * r + 0] = m + m_all;
+    cp[4 * r + 1] = m * round_up(r_norm);
+    cp[4 * r + 2] = m * round_up(std::sqrt(x2) + r_norm);
+    cp[4 * r + 3] = round_up(l1_out);
+  }
+  ip[rows * k + 0] = 1.0f;  // the sentinel row: the input's range is exactly [-1, 1]
+  ip[rows * k + 1] = -1.0f;
+  return {inp, scale, coef, chans, finite};
+}
+
+// ---------------------------------------------------------------------------------------------
+// greedy_screen
+
+// The first m (<= 8) float16 values at p as floats, zero padded.
+inline v8 load_half(const c10::Half* p, int64_t m) {
+#if defined(__F16C__)
+  if (m == 8) {
+    v8 v;
+    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    std::memcpy(&v, &f, sizeof v);
+    return v;
+  }
+#endif
+  float buf[8] = {};
+  for (int64_t i = 0; i < m; ++i) buf[i] = static_cast<float>(p[i]);
+  return load(buf);
+}
+
+struct Screen {
+  const float* values;  // [rows, n] fbgemm's result, normalised rows
+  const float* scale;  // [rows] m
+  const float* x;  // [rows, hidden]
+  const int64_t* chans;  // [n_out]
+  const c10::Half* dense_t;  // [hidden, n]
+  const float* coef;  // [rows, 4]
+  const float* pieces;  // [4, n]: piece-major, so 8 tokens' pieces are 4 vector loads
+  const float* block_pieces;  // [4, blocks]
+  const float* dense;  // [n, hidden]
+  int64_t n, hidden, n_out, blocks;
+};
+
+// coef · p, then the slack: every operand is >= 0 and each step rounds once in a fixed order (the
+// products are opaque: no FMA contraction that could differ between call sites), so the result is
+// monotone in p, and >= the exact coef · p: 8 roundings lose < 9u relative, the slack adds 2^-10.
+// The vector form (8 tokens at p[i], p[stride + i], ...) does the same IEEE operations lane by lane.
+inline float bound(const float* c, const float* p, int64_t stride) {
+  const float s = opaque(opaque(opaque(c[0] * p[0]) + opaque(c[1] * p[stride])) + opaque(c[2] * p[2 * stride])) +
+                  opaque(c[3] * p[3 * stride]);
+  return opaque(s) * kSlack;
+}
+inline v8 bound8(const float* c, const float* p, int64_t stride) {
+  const v8 s = opaque(opaque(opaque(splat(c[0]) * load(p)) + opaque(splat(c[1]) * load(p + stride))) +
+                      opaque(splat(c[2]) * load(p + 2 * stride))) +
+               opaque(splat(c[3]) * load(p + 3 * stride));
+  return opaque(s) * splat(kSlack);
+}
+
+inline uint32_t mask(v8i lanes) {  // bit l set where lane l of a vector comparison is true
+#if defined(__AVX__)
+  __m256 f;
+  std::memcpy(&f, &lanes, sizeof f);
+  return static_cast<uint32_t>(_mm256_movemask_ps(f));
+#endif
+  uint32_t bits = 0;
+  for (int l = 0; l < 8; ++l) bits |= (lanes[l] != 0) << l;
+  return bits;
+}
+inline float hmax(v8 v) {
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+inline float hsum(v8 v) {
+  float t = 0.0f;
+  for (int l = 0; l < 8; ++l) t += v[l];
+  return t;
+}
+
+// a for row r, tokens [n0, n0 + len), len <= kBlock, into out; returns their max, NaN when one of
+// them is not finite. Not inlined: the second pass calls the same code as the first, so it
+// reproduces the first's values bitwise.
+__attribute__((noinline)) float approx_block(const Screen& s, int64_t r, int64_t n0, int64_t len, float* out) {
+  const v8 m = splat(s.scale[r]);
+  v8 mx = splat(-std::numeric_limits<float>::infinity()), poison = splat(0.0f);
+  const float* v_row = s.values + r * s.n + n0;
+  const float* x_row = s.x + r * s.hidden;
+  for (int64_t j = 0; j < len; j += 8) {
+    const int64_t w = std::min<int64_t>(8, len - j);
+    v8 exact = splat(0.0f);  // x_O · w̃_O: any float32 order is inside the bound (its margin)
+    for (int64_t i = 0; i < s.n_out; ++i) {
+      const int64_t c = s.chans[i];
+      exact = opaque(exact + splat(x_row[c]) * load_half(s.dense_t + c * s.n + n0 + j, w));
+    }
+    // as torch's exact.addcmul_(values, m) / values.mul_(m): the product rounded, then the sum
+    const v8 a = opaque(load_n(v_row + j, w) * m) + exact;
+    store_n(out + j, a, w);
+    if (w == 8) {
+      mx = a > mx ? a : mx;
+      poison = poison + (a - a);  // 0 for finite entries, NaN otherwise
+    } else {
+      for (int64_t i = 0; i < w; ++i) {
+        mx[0] = a[i] > mx[0] ? a[i] : mx[0];
+        poison[0] += a[i] - a[i];
+      }
+    }
+  }
+  return hmax(mx) + hsum(poison);
+}
+
+// sum(a * b) over n floats in the order of torch's CPU sum kernel on a contiguous row (the same
+// order rms_norm.cpp's sum_squares reproduces: the greedy head's torch path sums the materialised
+// products with .sum(dim=1)), vectors of 8*V floats.
+constexpr int kIlp = 4, kLevels = 4;
+int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(x - 1); v; v >>= 1) ++bits;
+  return bits;
+}
+template <int V> float torch_order_dot(const float* a, const float* b, int64_t n) {
+  constexpr int64_t W = 8 * V;
+  const int64_t nvec = n / W, size = nvec / kIlp;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  auto prod = [&](int64_t vec, int c) { return opaque(load(a + vec * W + 8 * c) * load(b + vec * W + 8 * c)); };
+  v8 acc[kLevels][kIlp][V];
+  for (auto& level : acc)
+    for (auto& chain : level)
+      for (auto& part : chain) part = splat(0.0f);
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k)
+        for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + prod(i * kIlp + k, c);
+    for (int lv = 1; lv < kLevels; ++lv) {
+      for (int k = 0; k < kIlp; ++k)
+        for (int c = 0; c < V; ++c) {
+          acc[lv][k][c] = acc[lv][k][c] + acc[lv - 1][k][c];
+          acc[lv - 1][k][c] = splat(0.0f);
+        }
+      if ((i & (level_mask << (lv * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < kIlp; ++k)
+      for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + prod(i * kIlp + k, c);
+  for (int lv = 1; lv < kLevels; ++lv)
+    for (int k = 0; k < kIlp; ++k)
+      for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + acc[lv][k][c];
+  for (int64_t v = size * kIlp; v < nvec; ++v)
+    for (int c = 0; c < V; ++c) acc[0][0][c] = acc[0][0][c] + prod(v, c);
+  for (int k = 1; k < kIlp; ++k)
+    for (int c = 0; c < V; ++c) acc[0][0][c] = acc[0][0][c] + acc[0][k][c];
+  float total = 0.0f;
+  for (int64_t e = nvec * W; e < n; ++e) total += opaque(a[e] * b[e]);
+  for (int c = 0; c < V; ++c)
+    for (int l = 0; l < 8; ++l) total += acc[0][0][c][l];
+  return total;
+}
+// Rows shorter than one torch vector: scalar accumulators, no cascade (torch's row_sum).
+float torch_order_dot_short(const float* a, const float* b, int64_t n) {
+  float acc[kIlp] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t size = n / kIlp;
+  for (int64_t i = 0; i < size; ++i)
+    for (int k = 0; k < kIlp; ++k) acc[k] += opaque(a[i * kIlp + k] * b[i * kIlp + k]);
+  for (int64_t e = size * kIlp; e < n; ++e) acc[0] += opaque(a[e] * b[e]);
+  for (int k = 1; k < kIlp; ++k) acc[0] += acc[k];
+  return acc[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
+    const at::Tensor& values, const at::Tensor& scale, const at::Tensor& coef, const at::Tensor& x,
+    const at::Tensor& chans, const at::Tensor& dense_t, const at::Tensor& pieces, const at::Tensor& block_pieces,
+    const at::Tensor& dense, const at::Tensor& finite, int64_t max_candidates, int64_t lanes) {
+  const int64_t rows = scale.size(0), n = dense.size(0), hidden = dense.size(1);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous() && t.is_cpu(); };
+  TORCH_CHECK(f32(values) && values.dim() == 2 && values.size(0) >= rows && values.size(1) == n,
+              "greedy_screen: values must be float32 [>= rows, vocab]");
+  TORCH_CHECK(f32(scale) && f32(coef) && coef.numel() == 4 * rows && f32(x) && x.numel() == rows * hidden,
+              "greedy_screen: scale [rows], coef [rows, 4], x [rows, hidden] float32");
+  TORCH_CHECK(f32(pieces) && pieces.numel() == 4 * n && f32(block_pieces) && block_pieces.numel() == 4 * blocks,
+              "greedy_screen: pieces [4, vocab], block_pieces [4, ceil(vocab / 32)] float32");
+  TORCH_CHECK(f32(dense) && finite.scalar_type() == at::kBool && finite.numel() == rows,
+              "greedy_screen: dense float32 [vocab, hidden], finite bool [rows]");
+  const int64_t n_out = chans.numel();
+  TORCH_CHECK(chans.scalar_type() == at::kLong && chans.is_contiguous(), "greedy_screen: chans int64");
+  TORCH_CHECK(n_out == 0 || (dense_t.scalar_type() == at::kHalf && dense_t.is_contiguous() &&
+                             dense_t.size(0) == hidden && dense_t.size(1) == n),
+              "greedy_screen: dense_t must be float16 [hidden, vocab] when there are outlier channels");
+  TORCH_CHECK(lanes == 8 || lanes == 16, "greedy_screen: lanes must be 8 or 16");
+  for (int64_t i = 0; i < n_out; ++i)
+    TORCH_CHECK(chans.data_ptr<int64_t>()[i] >= 0 && chans.data_ptr<int64_t>()[i] < hidden,
+                "greedy_screen: channel out of range");
+  const Screen s{values.data_ptr<float>(), scale.data_ptr<float>(), x.data_ptr<float>(),
+                 chans.data_ptr<int64_t>(), n_out ? dense_t.data_ptr<c10::Half>() : nullptr,
+                 coef.data_ptr<float>(), pieces.data_ptr<float>(), block_pieces.data_ptr<float>(),
+                 dense.data_ptr<float>(), n, hidden, n_out, blocks};
+  const bool* fin = finite.data_ptr<bool>();
+
+  // Pass 1: each block's max (NaN when the block holds a non-finite a).
+  std::vector<float> block_max(rows * blocks);
+  const int64_t tiles = (blocks + kTileBlocks - 1) / kTileBlocks;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, rows * kTileBlocks * kBlock));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    float a[kBlock];
+    for (int64_t tile = t0; tile < t1; ++tile)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!fin[r]) continue;
+        for (int64_t b = tile * kTileBlocks; b < std::min(blocks, (tile + 1) * kTileBlocks); ++b) {
+          block_max[r * blocks + b] = approx_block(s, r, b * kBlock, std::min(kBlock, n - b * kBlock), a);
+        }
+      }
+  });
+
+  at::Tensor tokens = at::zeros({rows}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({rows}, x.options().dtype(at::kLong));
+  at::Tensor fallback = at::empty({rows}, x.options().dtype(at::kBool));
+  int64_t *tp = tokens.data_ptr<int64_t>(), *cp = counts.data_ptr<int64_t>();
+  bool* fp = fallback.data_ptr<bool>();
+  // Pass 2, per row: t, the candidate blocks' entries, the recompute.
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    float a[kBlock];
+    std::vector<int64_t> cand;
+    for (int64_t r = r0; r < r1; ++r) {
+      fp[r] = true;
+      if (!fin[r]) continue;
+      const float* bm = block_max.data() + r * blocks;
+      const float* c = s.coef + 4 * r;
+      float top = bm[0];
+      bool ok = true;
+      for (int64_t b = 0; b < blocks; ++b) {
+        ok &= std::isfinite(bm[b]);
+        top = bm[b] > top ? bm[b] : top;
+      }
+      if (!ok) continue;
+      int64_t j = 0;
+      while (bm[j] != top) ++j;
+      const int64_t len_j = std::min(kBlock, n - j * kBlock);
+      approx_block(s, r, j * kBlock, len_j, a);
+      int64_t at = 0;
+      while (a[at] != top) ++at;
+      // a lower bound on the row's largest float32 logit (t rounds monotonically: still below it)
+      const float t = top - bound(c, s.pieces + j * kBlock + at, n);
+      if (!std::isfinite(t)) continue;
+      cand.clear();
+      int64_t count = 0;
+      const v8 t8 = splat(t);
+      auto take = [&](int64_t n0, uint32_t hits) {  // hits: bit i set for a candidate n0 + i
+        for (; hits; hits &= hits - 1)
+          if (++count <= max_candidates) cand.push_back(n0 + __builtin_ctz(hits));
+      };
+      auto block = [&](int64_t b) {  // the tokens of block b that are candidates
+        const int64_t n0 = b * kBlock, len = std::min(kBlock, n - n0);
+        approx_block(s, r, n0, len, a);
+        int64_t i = 0;
+        for (; i + 8 <= len; i += 8)
+          take(n0 + i, mask(load(a + i) + bound8(c, s.pieces + n0 + i, n) >= t8));
+        for (; i < len; ++i) take(n0 + i, a[i] + bound(c, s.pieces + n0 + i, n) >= t ? 1u : 0u);
+      };
+      // a block's largest bound is >= each of its tokens' (the bound is monotone in the pieces)
+      int64_t b = 0;
+      for (; b + 8 <= blocks; b += 8)
+        for (uint32_t hits = mask(load(bm + b) + bound8(c, s.block_pieces + b, blocks) >= t8); hits;
+             hits &= hits - 1)
+          block(b + __builtin_ctz(hits));
+      for (; b < blocks; ++b)
+        if (bm[b] + bound(c, s.block_pieces + b, blocks) >= t) block(b);
+      cp[r] = count;
+      if (count > max_candidates) continue;
+      const float* x_row = s.x + r * hidden;
+      float best = -std::numeric_limits<float>::infinity();
+      int64_t best_n = -1;
+      bool nan = false;
+      for (const int64_t cn : cand) {  // increasing n: strict > keeps the lowest index among ties
+        const float* w_row = s.dense + cn * hidden;
+        const float z = hidden < lanes ? torch_order_dot_short(w_row, x_row, hidden)
+                                       : (lanes == 16 ? torch_order_dot<2>(w_row, x_row, hidden)
+                                                      : torch_order_dot<1>(w_row, x_row, hidden));
+        nan |= std::isnan(z);
+        if (best_n < 0 || z > best) best = z, best_n = cn;
+      }
+      if (nan || best_n < 0) continue;
+      tp[r] = best_n;
+      fp[r] = false;
+    }
+  });
+  return {tokens, counts, fallback};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("greedy_prepare(Tensor x, int outliers, float factor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("greedy_screen(Tensor values, Tensor scale, Tensor coef, Tensor x, Tensor chans, Tensor dense_t, "
+        "Tensor pieces, Tensor block_pieces, Tensor dense, Tensor finite, int max_candidates, int lanes) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("greedy_prepare", &greedy_prepare);
+  m.impl("greedy_screen", &greedy_screen);
+}
