@@ -2,17 +2,19 @@
 
 Head level: the final hidden states a model produced for real prompts (SmolLM2-135M, the
 default model) or random-token prompts (the random 56M Llama the peer benchmark uses, if
-benchmarks/out/h14_run2/models/llama-56m exists) are fed to both heads at 1, 8, 16, 32 and 64
-rows, alternating which runs first, `--rounds` rounds; CPU time (time.process_time) per call,
-median over rounds. Both answer argmax(hidden @ W^T); the screened one is checked to agree. The
-candidate counts (how many tokens a row recomputes in float32) and the fallback fraction decide
-whether screening pays: they are printed over all collected rows.
+benchmarks/out/h14_run2/models/llama-56m exists) are fed to the full head and to the screened
+head's two implementations of the per-call work (plain torch, and the C++ ops of
+engine/kernels/csrc/greedy_screen.cpp, when they are available) at 1, 8, 16, 32 and 64 rows, the
+order rotating each round, `--rounds` rounds; CPU time (time.process_time) per call, median over
+rounds. All answer argmax(hidden @ W^T); the screened ones are checked to agree. The candidate
+counts (how many tokens a row recomputes in float32) and the fallback fraction decide whether
+screening pays: they are printed over all collected rows.
 
 End to end (`--e2e`): `LLM.generate`, greedy, 32 requests of 128 prompt tokens -> 64 new
 tokens, screening on and off alternating, `--rounds` rounds after one untimed run of each,
 wall and CPU seconds.
 
-    nice python -m benchmarks.greedy_head_ab --rounds 2 --e2e
+    nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e]
 """
 from __future__ import annotations
 
@@ -80,28 +82,41 @@ def head_level(name: str, llm: LLM, real: bool, rounds: int) -> None:
         print(f"{name}: no greedy head on this machine/model")
         return
     hidden = collect_hidden(llm, real)
+    fused = head.fused
+    head.fused = False
     res = head.screen(hidden)
+    head.fused = fused
+    if fused:
+        assert torch.equal(head.screen(hidden).tokens, res.tokens), "the C++ and torch paths disagree"
     want = head.full_logits(hidden).argmax(dim=1)
     c = res.candidates.double()
     print(f"\n{name}: {hidden.shape[0]} rows, vocab {head.int8.out_features} x hidden {head.int8.in_features}; "
           f"mismatches {int((res.tokens != want).sum())}; candidates per row mean {c.mean():.1f} median "
           f"{c.median():.0f} p90 {c.quantile(0.9):.0f} max {c.max():.0f}; fallback rows "
           f"{res.fallback.double().mean():.0%}")
-    print("| rows | full fp32 head ms | screened ms | speedup | mean candidates | fallback |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    arms = {"full": None, "torch": False, "fused": True} if fused else {"full": None, "torch": False}
+    print("| rows | full fp32 head ms | screened, torch path ms | screened, C++ ms | speedup vs full | "
+          "C++ vs torch | mean candidates | fallback |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in ROWS:
         x = hidden[torch.arange(rows) * 7 % hidden.shape[0]]
         reps = max(3, 64 // rows)
-        full, screened = [], []
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        names = list(arms)
         for r in range(rounds):
-            order = [("full", lambda: head.full_logits(x).argmax(dim=1)), ("screen", lambda: head.screen(x))]
-            for kind, fn in (order if r % 2 == 0 else order[::-1]):
+            for arm in names[r % len(names):] + names[:r % len(names)]:  # rotate who runs first
+                head.fused = bool(arms[arm])
+                fn = (lambda: head.full_logits(x).argmax(dim=1)) if arm == "full" else (lambda: head.screen(x))
                 fn()  # warm (oneDNN primitive for this row count)
-                (full if kind == "full" else screened).append(_cpu_ms(fn, reps))
+                times[arm].append(_cpu_ms(fn, reps))
+        head.fused = fused
         s = head.screen(x)
-        f, sc = statistics.median(full), statistics.median(screened)
-        print(f"| {rows} | {f:.2f} | {sc:.2f} | {f / sc:.2f}x | {s.candidates.double().mean():.0f} | "
-              f"{s.fallback.double().mean():.0%} |")
+        med = {arm: statistics.median(v) for arm, v in times.items()}
+        best = med.get("fused", med["torch"])
+        fused_ms = f"{med['fused']:.2f}" if fused else "-"
+        ratio = f"{med['torch'] / med['fused']:.2f}x" if fused else "-"
+        print(f"| {rows} | {med['full']:.2f} | {med['torch']:.2f} | {fused_ms} | {med['full'] / best:.2f}x | {ratio} | "
+              f"{s.candidates.double().mean():.0f} | {s.fallback.double().mean():.0%} |")
 
 
 def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
@@ -135,7 +150,7 @@ def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--e2e", action="store_true", help="also LLM.generate with screening on and off")
     args = ap.parse_args()

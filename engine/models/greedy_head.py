@@ -27,6 +27,13 @@ How (engine/kernels/int8_linear.py holds the bound's derivation):
      entry, takes the full float32 head instead (`fallback`).
 The tokens are independent of which rows share a call.
 
+Two implementations of the per-call work around fbgemm, with the same tokens: plain torch (below),
+and, when the C++ CPU kernels are built (`fused_available()`), engine/kernels/csrc/greedy_screen.cpp
+(one op before the GEMM: outlier channels, normalised rows, the bound's row coefficients; one op
+after it: a formed over fbgemm's output in place, with the block maxima, in one cache-tiled pass;
+then only the blocks that can hold candidates are read again, and the candidates' float32
+recompute sums in torch's order, so their logits are bitwise the torch path's). Either path sends rows whose a could have overflowed to the full head.
+
 Cost control: when most rows of recent calls fell back (the bound is loose for this model's
 hidden states), screening is a net loss, so `argmax` then runs the full head for a while and
 tries screening again after `_RETRY_FIRST` calls, doubling the wait after each failed try (up to

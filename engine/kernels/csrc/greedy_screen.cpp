@@ -5,16 +5,17 @@
 //   x with O zeroed, divided by their max |.|, plus the sentinel row [1, -1, 0, ...]), each row's
 //   scale m and its four bound coefficients coef_r = (m + max|x_r|, m ||r||_2, m ||x̂||_2, ||x_O||_1),
 //   the norms in float64 and rounded up to float32 as int8_linear.approx does.
-// greedy_screen(values, ...): a_rn = values_rn m_r + x_O · w̃_O,n (the same float32 arithmetic as
-//   the torch path, rounding the product, then the sum), B_rn = (coef_r · pieces_n)(1 + 2^-10),
+// greedy_screen(values, ...): a_rn = values_rn m_r + x_O · w̃_O,n (the product rounded, then the
+//   sum, as the torch path; x_O · w̃_O in another float32 order than its BLAS call, which the
+//   bound's margin allows), B_rn = (coef_r · pieces_n)(1 + 2^-10),
 //   t_r = a_j - B_j at j = first argmax a_r, candidates {n : a_n + B_n >= t}, each recomputed as a
 //   float32 dot product summed in torch's order (so its logit is bitwise the torch path's), the
 //   largest wins, the lowest index among ties. Rows with a non-finite entry, more than
 //   max_candidates candidates or a NaN logit are flagged for the full head.
 //
-// Passes: one over a in column tiles (all rows per tile, so a tile of w̃_O stays in L1) storing
-// each block of 32 tokens' max; then per row the blocks whose max plus their largest bound reach t
-// are recomputed by the same (non-inlined) function, so a is never written out.
+// Passes: one over fbgemm's result in column tiles (all rows per tile, so a tile of w̃_O stays in
+// L1), turning it into a in place and storing each block of 32 tokens' max; then per row only the
+// blocks whose max plus their largest bound reach t are read again.
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -36,6 +37,7 @@ using namespace conveyor_vec;
 
 constexpr int64_t kBlock = 32;  // tokens per block, as greedy_head._BLOCK (block_pieces is built with it)
 constexpr int64_t kTileBlocks = 8;  // blocks per column tile of the first pass
+constexpr size_t kPrefetchRows = 3;  // candidates' dense rows in flight ahead of the one being summed
 constexpr float kSlack = 1.0f + 1.0f / 1024.0f;  // greedy_head._SLACK
 constexpr double kStep = 2.0 / 127.0;  // int8_linear.ACT_STEP
 
@@ -145,7 +147,7 @@ inline v8 load_half(const c10::Half* p, int64_t m) {
 }
 
 struct Screen {
-  const float* values;  // [rows, n] fbgemm's result, normalised rows
+  float* values;  // [rows, n] fbgemm's result for the normalised rows; the first pass makes it a
   const float* scale;  // [rows] m
   const float* x;  // [rows, hidden]
   const int64_t* chans;  // [n_out]
@@ -164,13 +166,13 @@ struct Screen {
 inline float bound(const float* c, const float* p, int64_t stride) {
   const float s = opaque(opaque(opaque(c[0] * p[0]) + opaque(c[1] * p[stride])) + opaque(c[2] * p[2 * stride])) +
                   opaque(c[3] * p[3 * stride]);
-  return opaque(s) * kSlack;
+  return opaque(opaque(s) * kSlack);  // rounded here: a + bound() is never contracted into an FMA
 }
 inline v8 bound8(const float* c, const float* p, int64_t stride) {
   const v8 s = opaque(opaque(opaque(splat(c[0]) * load(p)) + opaque(splat(c[1]) * load(p + stride))) +
                       opaque(splat(c[2]) * load(p + 2 * stride))) +
                opaque(splat(c[3]) * load(p + 3 * stride));
-  return opaque(s) * splat(kSlack);
+  return opaque(opaque(s) * splat(kSlack));
 }
 
 inline uint32_t mask(v8i lanes) {  // bit l set where lane l of a vector comparison is true
@@ -194,35 +196,62 @@ inline float hsum(v8 v) {
   return t;
 }
 
-// a for row r, tokens [n0, n0 + len), len <= kBlock, into out; returns their max, NaN when one of
-// them is not finite. Not inlined: the second pass calls the same code as the first, so it
-// reproduces the first's values bitwise.
-__attribute__((noinline)) float approx_block(const Screen& s, int64_t r, int64_t n0, int64_t len, float* out) {
-  const v8 m = splat(s.scale[r]);
-  v8 mx = splat(-std::numeric_limits<float>::infinity()), poison = splat(0.0f);
-  const float* v_row = s.values + r * s.n + n0;
-  const float* x_row = s.x + r * s.hidden;
-  for (int64_t j = 0; j < len; j += 8) {
-    const int64_t w = std::min<int64_t>(8, len - j);
-    v8 exact = splat(0.0f);  // x_O · w̃_O: any float32 order is inside the bound (its margin)
+// c + a * b rounded once where the ISA has an FMA (else twice); every a entry is formed by this
+// one helper, so both passes form it alike.
+inline v8 fmadd(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return opaque(a * b) + c;
+#endif
+}
+
+// a for rows r0 .. r0 + NR - 1, tokens [n0, n0 + len), len <= kBlock, written over values;
+// maxes[i] = the max of row r0 + i's entries, NaN when one of them is not finite. An entry is
+// x_O · w̃_O (summed over the channels in order, any float32 order is inside the bound: its
+// margin), plus the product v m rounded (as torch's exact.addcmul_(values, m)). NR rows times CH
+// vectors of 8 tokens at once: each converted w̃ vector serves NR rows, and NR x CH independent
+// FMA chains are in flight.
+template <int NR, int CH>
+void approx_rows(const Screen& s, const float* xo, int64_t r0, int64_t n0, int64_t len, float* maxes) {
+  v8 mx[NR], poison[NR];
+  for (int rr = 0; rr < NR; ++rr) mx[rr] = splat(-std::numeric_limits<float>::infinity()), poison[rr] = splat(0.0f);
+  for (int64_t j = 0; j < len; j += 8 * CH) {
+    int64_t width[CH];  // tokens in each vector (8 but in a last short block)
+    for (int q = 0; q < CH; ++q) width[q] = std::max<int64_t>(0, std::min<int64_t>(8, len - j - 8 * q));
+    v8 acc[NR][CH];
+    for (int rr = 0; rr < NR; ++rr)
+      for (int q = 0; q < CH; ++q) acc[rr][q] = splat(0.0f);
     for (int64_t i = 0; i < s.n_out; ++i) {
-      const int64_t c = s.chans[i];
-      exact = opaque(exact + splat(x_row[c]) * load_half(s.dense_t + c * s.n + n0 + j, w));
+      const c10::Half* wp = s.dense_t + s.chans[i] * s.n + n0 + j;
+      v8 h[CH];
+      for (int q = 0; q < CH; ++q) h[q] = width[q] ? load_half(wp + 8 * q, width[q]) : splat(0.0f);
+      for (int rr = 0; rr < NR; ++rr) {
+        const v8 b = splat(xo[(r0 + rr) * s.n_out + i]);
+        for (int q = 0; q < CH; ++q) acc[rr][q] = fmadd(b, h[q], acc[rr][q]);
+      }
     }
-    // as torch's exact.addcmul_(values, m) / values.mul_(m): the product rounded, then the sum
-    const v8 a = opaque(load_n(v_row + j, w) * m) + exact;
-    store_n(out + j, a, w);
-    if (w == 8) {
-      mx = a > mx ? a : mx;
-      poison = poison + (a - a);  // 0 for finite entries, NaN otherwise
-    } else {
-      for (int64_t i = 0; i < w; ++i) {
-        mx[0] = a[i] > mx[0] ? a[i] : mx[0];
-        poison[0] += a[i] - a[i];
+    for (int rr = 0; rr < NR; ++rr) {
+      const v8 m = splat(s.scale[r0 + rr]);
+      float* v_row = s.values + (r0 + rr) * s.n + n0 + j;
+      for (int q = 0; q < CH; ++q) {
+        const int64_t w = width[q];
+        if (w == 0) continue;
+        const v8 a = opaque(load_n(v_row + 8 * q, w) * m) + acc[rr][q];
+        store_n(v_row + 8 * q, a, w);
+        if (w == 8) {
+          mx[rr] = a > mx[rr] ? a : mx[rr];
+          poison[rr] = poison[rr] + (a - a);  // 0 for finite entries, NaN otherwise
+        } else {
+          for (int64_t l = 0; l < w; ++l) {
+            mx[rr][0] = a[l] > mx[rr][0] ? a[l] : mx[rr][0];
+            poison[rr][0] += a[l] - a[l];
+          }
+        }
       }
     }
   }
-  return hmax(mx) + hsum(poison);
+  for (int rr = 0; rr < NR; ++rr) maxes[rr] = hmax(mx[rr]) + hsum(poison[rr]);
 }
 
 // sum(a * b) over n floats in the order of torch's CPU sum kernel on a contiguous row (the same
@@ -316,19 +345,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
                  dense.data_ptr<float>(), n, hidden, n_out, blocks};
   const bool* fin = finite.data_ptr<bool>();
 
+  // the outlier channels' values, row by row (zeros for the non-finite rows, which fall back)
+  std::vector<float> xo(rows * n_out);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n_out; ++i) xo[r * n_out + i] = fin[r] ? s.x[r * hidden + s.chans[i]] : 0.0f;
+
   // Pass 1: each block's max (NaN when the block holds a non-finite a).
   std::vector<float> block_max(rows * blocks);
   const int64_t tiles = (blocks + kTileBlocks - 1) / kTileBlocks;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, rows * kTileBlocks * kBlock));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    float a[kBlock];
-    for (int64_t tile = t0; tile < t1; ++tile)
-      for (int64_t r = 0; r < rows; ++r) {
-        if (!fin[r]) continue;
-        for (int64_t b = tile * kTileBlocks; b < std::min(blocks, (tile + 1) * kTileBlocks); ++b) {
-          block_max[r * blocks + b] = approx_block(s, r, b * kBlock, std::min(kBlock, n - b * kBlock), a);
+    float mx[4];
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t b0 = tile * kTileBlocks, b1 = std::min(blocks, b0 + kTileBlocks);
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4)  // 4 rows at a time, a tile's w̃ staying in L1
+        for (int64_t b = b0; b < b1; ++b) {
+          approx_rows<4, 2>(s, xo.data(), r, b * kBlock, std::min(kBlock, n - b * kBlock), mx);
+          for (int rr = 0; rr < 4; ++rr) block_max[(r + rr) * blocks + b] = mx[rr];
         }
-      }
+      for (; r < rows; ++r)
+        for (int64_t b = b0; b < b1; ++b)
+          approx_rows<1, 4>(s, xo.data(), r, b * kBlock, std::min(kBlock, n - b * kBlock),
+                            block_max.data() + r * blocks + b);
+    }
   });
 
   at::Tensor tokens = at::zeros({rows}, x.options().dtype(at::kLong));
@@ -338,7 +378,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
   bool* fp = fallback.data_ptr<bool>();
   // Pass 2, per row: t, the candidate blocks' entries, the recompute.
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    float a[kBlock];
     std::vector<int64_t> cand;
     for (int64_t r = r0; r < r1; ++r) {
       fp[r] = true;
@@ -354,12 +393,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
       if (!ok) continue;
       int64_t j = 0;
       while (bm[j] != top) ++j;
-      const int64_t len_j = std::min(kBlock, n - j * kBlock);
-      approx_block(s, r, j * kBlock, len_j, a);
-      int64_t at = 0;
+      const float* a = s.values + r * n;
+      int64_t at = j * kBlock;
       while (a[at] != top) ++at;
       // a lower bound on the row's largest float32 logit (t rounds monotonically: still below it)
-      const float t = top - bound(c, s.pieces + j * kBlock + at, n);
+      const float t = top - bound(c, s.pieces + at, n);
       if (!std::isfinite(t)) continue;
       cand.clear();
       int64_t count = 0;
@@ -369,12 +407,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
           if (++count <= max_candidates) cand.push_back(n0 + __builtin_ctz(hits));
       };
       auto block = [&](int64_t b) {  // the tokens of block b that are candidates
-        const int64_t n0 = b * kBlock, len = std::min(kBlock, n - n0);
-        approx_block(s, r, n0, len, a);
-        int64_t i = 0;
-        for (; i + 8 <= len; i += 8)
-          take(n0 + i, mask(load(a + i) + bound8(c, s.pieces + n0 + i, n) >= t8));
-        for (; i < len; ++i) take(n0 + i, a[i] + bound(c, s.pieces + n0 + i, n) >= t ? 1u : 0u);
+        const int64_t n0 = b * kBlock, end = std::min(n, n0 + kBlock);
+        int64_t i = n0;
+        for (; i + 8 <= end; i += 8) take(i, mask(load(a + i) + bound8(c, s.pieces + i, n) >= t8));
+        for (; i < end; ++i) take(i, a[i] + bound(c, s.pieces + i, n) >= t ? 1u : 0u);
       };
       // a block's largest bound is >= each of its tokens' (the bound is monotone in the pieces)
       int64_t b = 0;
@@ -390,7 +426,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
       float best = -std::numeric_limits<float>::infinity();
       int64_t best_n = -1;
       bool nan = false;
-      for (const int64_t cn : cand) {  // increasing n: strict > keeps the lowest index among ties
+      // the dense rows are scattered over the head: fetch the next ones while this one is summed
+      auto prefetch = [&](size_t i) {
+        if (i >= cand.size()) return;
+        const char* p = reinterpret_cast<const char*>(s.dense + cand[i] * hidden);
+        for (int64_t off = 0; off < hidden * 4; off += 64) __builtin_prefetch(p + off);
+      };
+      for (size_t i = 0; i < kPrefetchRows; ++i) prefetch(i);
+      for (size_t i = 0; i < cand.size(); ++i) {  // increasing n: strict > keeps the lowest index among ties
+        prefetch(i + kPrefetchRows);
+        const int64_t cn = cand[i];
         const float* w_row = s.dense + cn * hidden;
         const float z = hidden < lanes ? torch_order_dot_short(w_row, x_row, hidden)
                                        : (lanes == 16 ? torch_order_dot<2>(w_row, x_row, hidden)
@@ -410,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
 
 TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
   m.def("greedy_prepare(Tensor x, int outliers, float factor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("greedy_screen(Tensor values, Tensor scale, Tensor coef, Tensor x, Tensor chans, Tensor dense_t, "
+  m.def("greedy_screen(Tensor(a!) values, Tensor scale, Tensor coef, Tensor x, Tensor chans, Tensor dense_t, "
         "Tensor pieces, Tensor block_pieces, Tensor dense, Tensor finite, int max_candidates, int lanes) "
         "-> (Tensor, Tensor, Tensor)");
 }
