@@ -151,7 +151,7 @@ struct Screen {
   const float* scale;  // [rows] m
   const float* x;  // [rows, hidden]
   const int64_t* chans;  // [n_out]
-  const c10::Half* dense_t;  // [hidden, n]
+  const c10::Half* const* w_rows;  // [n_out]: the outlier channels' rows of w̃^T, each [n]
   const float* coef;  // [rows, 4]
   const float* pieces;  // [4, n]: piece-major, so 8 tokens' pieces are 4 vector loads
   const float* block_pieces;  // [4, blocks]
@@ -212,6 +212,24 @@ inline v8 fmadd(v8 a, v8 b, v8 c) {
 // margin), plus the product v m rounded (as torch's exact.addcmul_(values, m)). NR rows times CH
 // vectors of 8 tokens at once: each converted w̃ vector serves NR rows, and NR x CH independent
 // FMA chains are in flight.
+// acc[rr][q] = x_O · w̃_O for row rr of xo's rows and the 8 tokens from col + 8 q (the channels
+// summed in order); FULL: every vector is 8 wide (no tail checks in the inner loop).
+template <int NR, int CH, bool FULL>
+inline void outlier_part(const Screen& s, const float* xo, int64_t col, const int64_t* width, v8 (&acc)[NR][CH]) {
+  for (int rr = 0; rr < NR; ++rr)
+    for (int q = 0; q < CH; ++q) acc[rr][q] = splat(0.0f);
+  for (int64_t i = 0; i < s.n_out; ++i) {
+    const c10::Half* wp = s.w_rows[i] + col;
+    v8 h[CH];
+    for (int q = 0; q < CH; ++q)
+      h[q] = FULL ? load_half(wp + 8 * q, 8) : (width[q] ? load_half(wp + 8 * q, width[q]) : splat(0.0f));
+    for (int rr = 0; rr < NR; ++rr) {
+      const v8 b = splat(xo[rr * s.n_out + i]);
+      for (int q = 0; q < CH; ++q) acc[rr][q] = fmadd(b, h[q], acc[rr][q]);
+    }
+  }
+}
+
 template <int NR, int CH>
 void approx_rows(const Screen& s, const float* xo, int64_t r0, int64_t n0, int64_t len, float* maxes) {
   v8 mx[NR], poison[NR];
@@ -220,17 +238,8 @@ void approx_rows(const Screen& s, const float* xo, int64_t r0, int64_t n0, int64
     int64_t width[CH];  // tokens in each vector (8 but in a last short block)
     for (int q = 0; q < CH; ++q) width[q] = std::max<int64_t>(0, std::min<int64_t>(8, len - j - 8 * q));
     v8 acc[NR][CH];
-    for (int rr = 0; rr < NR; ++rr)
-      for (int q = 0; q < CH; ++q) acc[rr][q] = splat(0.0f);
-    for (int64_t i = 0; i < s.n_out; ++i) {
-      const c10::Half* wp = s.dense_t + s.chans[i] * s.n + n0 + j;
-      v8 h[CH];
-      for (int q = 0; q < CH; ++q) h[q] = width[q] ? load_half(wp + 8 * q, width[q]) : splat(0.0f);
-      for (int rr = 0; rr < NR; ++rr) {
-        const v8 b = splat(xo[(r0 + rr) * s.n_out + i]);
-        for (int q = 0; q < CH; ++q) acc[rr][q] = fmadd(b, h[q], acc[rr][q]);
-      }
-    }
+    if (len == kBlock) outlier_part<NR, CH, true>(s, xo + r0 * s.n_out, n0 + j, width, acc);
+    else outlier_part<NR, CH, false>(s, xo + r0 * s.n_out, n0 + j, width, acc);
     for (int rr = 0; rr < NR; ++rr) {
       const v8 m = splat(s.scale[r0 + rr]);
       float* v_row = s.values + (r0 + rr) * s.n + n0 + j;
@@ -339,8 +348,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
   for (int64_t i = 0; i < n_out; ++i)
     TORCH_CHECK(chans.data_ptr<int64_t>()[i] >= 0 && chans.data_ptr<int64_t>()[i] < hidden,
                 "greedy_screen: channel out of range");
+  std::vector<const c10::Half*> w_rows(n_out);
+  for (int64_t i = 0; i < n_out; ++i) w_rows[i] = dense_t.data_ptr<c10::Half>() + chans.data_ptr<int64_t>()[i] * n;
   const Screen s{values.data_ptr<float>(), scale.data_ptr<float>(), x.data_ptr<float>(),
-                 chans.data_ptr<int64_t>(), n_out ? dense_t.data_ptr<c10::Half>() : nullptr,
+                 chans.data_ptr<int64_t>(), w_rows.data(),
                  coef.data_ptr<float>(), pieces.data_ptr<float>(), block_pieces.data_ptr<float>(),
                  dense.data_ptr<float>(), n, hidden, n_out, blocks};
   const bool* fin = finite.data_ptr<bool>();
