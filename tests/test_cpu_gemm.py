@@ -1,7 +1,9 @@
 """The cpu GEMM linear backend (engine/kernels/cpu_gemm.py, csrc/cpu_gemm.cpp,
 engine/models/prepack.py): values against `F.linear`, rows bit-identical whatever the batch,
 bias, leading dimensions, a whole model against torch's GEMM, the backend choice and its errors,
-and the fallback when the C++ extension is unavailable.
+the fallback when the C++ extension is unavailable; exact 16-bit (bf16/fp16) weight panels:
+bit-identical to float32 panels, chosen only where exact, a bf16 checkpoint's greedy tokens
+equal to transformers'.
 
 Tolerance: float32, the kernel sums in k order with FMAs, BLAS in blocks; with inputs ~N(0, 1)
 and weights ~N(0, 1/K) outputs are O(1) and agree to atol 1e-4, rtol 1e-4.
@@ -12,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import LLM, SamplingParams
 from engine.kernels import cpu_gemm, onednn_linear
 from engine.models import prepack
 from engine.models.loader import load_hf_config, load_model, resolve_model
 from engine.models.prepack import resolve_linear_backend
-from tests.checkpoints import make_tiny_checkpoint
+from tests.checkpoints import make_tiny_checkpoint, reference_greedy
+from tests.test_engine import random_prompts
 from tests.test_models import PagedRunner, random_prompt
 
 CPU = torch.device("cpu")
@@ -163,15 +167,21 @@ def test_storage_is_the_narrowest_exact_one():
         cpu_gemm.pack(big, torch.float16)
 
 
-@needs_cpu_gemm
-def test_bf16_checkpoint_packs_bf16_panels_with_float32_panel_bits(tmp_path, monkeypatch):
-    """A bf16 checkpoint loaded in float32: every projection gets bf16 panels, and the model's
-    logits are bit-identical to float32 panels (and close to torch's GEMM, same argmax)."""
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory) -> str:
+    """A tiny llama checkpoint stored in bfloat16 (with the tokenizer), as most checkpoints are."""
     from transformers import AutoModelForCausalLM
 
-    path = make_tiny_checkpoint(str(tmp_path / "f32"), "llama", with_tokenizer=False)
-    AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
-    src = resolve_model(str(tmp_path / "bf16"))
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("bf16") / "llama"), "llama")
+    AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(path)  # overwrites the weights
+    return path
+
+
+@needs_cpu_gemm
+def test_bf16_checkpoint_packs_bf16_panels_with_float32_panel_bits(bf16_checkpoint, monkeypatch):
+    """A bf16 checkpoint loaded in float32: every projection gets bf16 panels, and the model's
+    logits are bit-identical to float32 panels (and close to torch's GEMM, same argmax)."""
+    src = resolve_model(bf16_checkpoint)
     cfg = load_hf_config(src)
     narrow = load_model(src, cfg, torch.float32, "cpu", linear_backend="cpu")
     dense = load_model(src, cfg, torch.float32, "cpu", linear_backend="torch")
@@ -188,3 +198,14 @@ def test_bf16_checkpoint_packs_bf16_panels_with_float32_panel_bits(tmp_path, mon
         want = PagedRunner(dense).step(feeds)[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@needs_cpu_gemm
+def test_bf16_checkpoint_greedy_matches_transformers(bf16_checkpoint):
+    llm = LLM(bf16_checkpoint, dtype="float32", linear_backend="cpu", num_blocks=128)
+    assert {m.packed.panels.dtype for m in llm.engine.model.modules()
+            if isinstance(m, prepack.PackableLinear)} == {torch.bfloat16}
+    prompts = random_prompts(4, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == reference_greedy(bf16_checkpoint, prompts, 8)
