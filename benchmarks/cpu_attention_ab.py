@@ -39,6 +39,10 @@ CASES = {  # name: (heads, kv heads, query lengths, context lengths)
     "56M decode b32 x 150-640": (8, 4, [1] * 32, [150 + (490 * i) // 31 for i in range(32)]),
     "SmolLM2 decode b16 x 1K": (9, 3, [1] * 16, [1024] * 16),
     "SmolLM2 prefill 2048": (9, 3, [2048], [2048]),
+    # a 2048-token prefill chunk of the offline mixed workload: fresh prompts of 16-441 tokens and
+    # the first 451 tokens of a 512-token one (prompts 16-512)
+    "56M prefill 2048 x 16-512": (8, 4, [16 + 496 * i // 7 for i in range(7)] + [451],
+                                  [16 + 496 * i // 7 for i in range(7)] + [451]),
 }
 
 

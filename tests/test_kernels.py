@@ -318,7 +318,7 @@ CPU_KERNEL_CASES = {
     **CPU_CASES,
     # SmolLM2-135M's heads; decodes across block boundaries (16, 17, 32, 33) and a long one
     "smollm_decode_bs16": Case(9, 3, 64, 16, (1,) * 6, (1, 16, 17, 32, 33, 300)),
-    # a fresh prefill longer than one query tile (64 rows / 3 heads = 21 tokens) plus a chunk
+    # a fresh prefill longer than one query tile (96 rows / 3 heads = 32 tokens) plus a chunk
     "smollm_prefill_chunk_bs16": Case(9, 3, 64, 16, (1, 70, 45), (40, 70, 130)),
     # block size 1 and 4 (tiles span many blocks), head_dim 80 (not a multiple of 32), MHA
     "bs1_gqa2_d32": Case(4, 2, 32, 1, (1, 5, 9), (9, 12, 9)),

@@ -26,9 +26,12 @@ class CpuPagedAttentionBackend:
         if op is None and not cpu_ops_available():
             raise RuntimeError("the CPU attention extension could not be built (see the log); use attention_backend='torch'")
         self._op = op if op is not None else torch.ops.conveyor_cpu.paged_attention
+        # the C++ K/V store (one pass, bit for bit write_kv's result); write_kv where a benchmark
+        # passes another build's kernel on a host whose own extension did not build
+        self._write = torch.ops.conveyor_cpu.write_kv_cache if cpu_ops_available() else write_kv
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        self._write(k, v, kv_cache, meta.slot_mapping)
         if q.stride(-1) != 1:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

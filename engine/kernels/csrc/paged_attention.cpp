@@ -11,7 +11,15 @@
 // GCC vector extensions (8 floats, one AVX2 register; split into two on NEON), so the same source
 // builds for any host ISA. Decodes over contexts that do not fit the cache are bound by memory
 // latency of the scattered blocks: the rows of the tiles ahead are prefetched while the current
-// one is computed.
+// one is computed. Prefill items (many rows) are compute-bound and go GEMM-style: the key tile is
+// transposed once, then 6-row x 16-key register-tiled passes score it and 6-row x 16-column passes
+// accumulate the values. Items with few rows (decodes) score straight from the cache rows. Both
+// paths compute every score, softmax step and value sum by the same operations in the same order
+// (one accumulation order per element, whatever the grouping), and tiles start at absolute key
+// positions, so a token's output is bit-identical as a decode, in a prefill or in a chunk
+// (recompute after preemption and prefix caching rely on it).
+//
+// write_kv_cache (at the end) stores new tokens' K/V rows at their cache slots.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -32,7 +40,7 @@
 namespace {
 
 constexpr int kTileKeys = 32;  // key positions per online-softmax step
-constexpr int kMaxRows = 64;   // query rows (tokens x heads of a group) per work item
+constexpr int kMaxRows = 96;   // query rows (tokens x heads of a group) per work item
 
 // Eight floats in one register (AVX/AVX2; two on NEON). Written explicitly in the hot loops
 // because gcc keeps plain float arrays used as accumulators on the stack.
@@ -44,7 +52,6 @@ inline v8 load8(const float* p) {
 }
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
-inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
@@ -55,35 +62,11 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp), written branch-free so that a
-// loop of it vectorizes; x = -inf (a masked score) gives exactly 0.
-inline float exp_nonpositive(float x) {
-  const bool masked = x < -87.0f;
-  const float xc = masked ? -87.0f : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &e, sizeof two_n);
-  return masked ? 0.0f : p * two_n;
-}
-
 typedef int32_t v8i __attribute__((vector_size(32)));
 inline v8 max8v(v8 a, v8 b) { return a > b ? a : b; }
-inline float max8(v8 v) {
-  float m = v[0];
-  for (int l = 1; l < 8; ++l) m = std::max(m, v[l]);
-  return m;
-}
 
-// exp_nonpositive on eight lanes (same polynomial; round-to-nearest through the 1.5 * 2^23 trick).
+// exp(x) for x <= 0 on eight lanes (Cephes' single-precision polynomial, ~1 ulp; round-to-nearest
+// through the 1.5 * 2^23 trick); x = -inf (a masked score) gives exactly 0.
 inline v8 exp8(v8 x) {
   const v8i masked = x < splat8(-87.0f);
   const v8 xc = masked ? splat8(-87.0f) : x;
@@ -130,7 +113,7 @@ inline v8 sums8x8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
 // Lane j: q . k[j]. Each lane is computed by the same operations from its own (q, k[j]) alone
 // (products summed per lane over the 8-column chunks of D in order, then the sums8x8 tree, then
 // the columns past the last full chunk one by one), so a score does not depend on which keys or
-// rows share its pass.
+// rows share its pass. score_block computes the same chain from a transposed key tile.
 inline v8 dot8keys(const float* __restrict q, const float* const* k, int D) {
   v8 a0 = splat8(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   int d = 0;
@@ -140,8 +123,8 @@ inline v8 dot8keys(const float* __restrict q, const float* const* k, int D) {
     a4 += x * load8(k[4] + d); a5 += x * load8(k[5] + d); a6 += x * load8(k[6] + d); a7 += x * load8(k[7] + d);
   }
   v8 s = sums8x8(a0, a1, a2, a3, a4, a5, a6, a7);
-  for (; d < D; ++d)
-    for (int j = 0; j < 8; ++j) s[j] += q[d] * k[j][d];
+  for (; d < D; ++d)  // one rounding per column, as score_block's lanes
+    for (int j = 0; j < 8; ++j) s[j] = std::fma(q[d], k[j][d], s[j]);
   return s;
 }
 
@@ -184,12 +167,10 @@ inline const float* key_row(const KT* src, float* buf, int D) {
   }
 }
 
-// s[r, p] = q_r . k_p for the keys row r sees (key position <= its token's), -inf for the rest.
-// Keys are scored eight per pass (dot8keys), each group of key rows reused from L1 by every row.
-// Decodes and prefill rows take this same path, every score is computed by the same operations
-// whatever else shares its pass, and tiles start at absolute positions (multiples of
-// kTileKeys), so a token's attention output is bit-identical whether it is computed as a decode,
-// in a prefill or in a chunk (recompute after preemption relies on it).
+// s[r, p] = q_r . k_p for the keys row r sees (key position <= its token's); lanes past them
+// masked, but whole groups of eight past them are left as they were. The path of work items with
+// few rows (decodes): keys are scored eight per pass (dot8keys) straight from the cache rows, each
+// group of key rows reused from L1 by every row.
 inline void score_tile(const float* qf, int rows, int G, const float* const* krow, int n, int ts, int first_pos,
                        int D, float* s) {
   const v8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -209,58 +190,237 @@ inline void score_tile(const float* qf, int rows, int G, const float* const* kro
   }
 }
 
-// acc[r] += sum_p w[r, p] * v_p, 32 output columns at a time held in registers.
-template <typename KT>
-void accumulate_values(const float* w, int rows, int G, const KT* v_head, const int64_t* slot_off, int n, int ts,
-                       int first_pos, int D, float* vt, float* acc) {
-  const float* vrow[kTileKeys];  // value rows as floats: in the cache itself for a float cache
-  for (int p = 0; p < n; ++p) vrow[p] = key_row(v_head + slot_off[p], vt + p * D, D);
-  constexpr int kCols = 32;
-  int r = 0;
-  // two rows at a time: eight independent accumulator chains, each value load used twice. A key
-  // the first row does not see has weight exactly 0 there.
-  for (; r + 2 <= rows; r += 2) {
-    const float* w0 = w + r * kTileKeys;
-    const float* w1 = w0 + kTileKeys;
-    const int visible = std::min(n, first_pos + (r + 1) / G + 1 - ts);
-    float* a = acc + r * D;
-    float* b = a + D;
-    int d0 = 0;
-    for (; d0 + kCols <= D; d0 += kCols) {
-      v8 a0 = load8(a + d0), a1 = load8(a + d0 + 8), a2 = load8(a + d0 + 16), a3 = load8(a + d0 + 24);
-      v8 b0 = load8(b + d0), b1 = load8(b + d0 + 8), b2 = load8(b + d0 + 16), b3 = load8(b + d0 + 24);
-      for (int p = 0; p < visible; ++p) {
-        const v8 x = splat8(w0[p]), y = splat8(w1[p]);
-        const float* vr = vrow[p] + d0;
-        const v8 v0 = load8(vr), v1 = load8(vr + 8), v2 = load8(vr + 16), v3 = load8(vr + 24);
-        a0 += x * v0; a1 += x * v1; a2 += x * v2; a3 += x * v3;
-        b0 += y * v0; b1 += y * v1; b2 += y * v2; b3 += y * v3;
-      }
-      store8(a + d0, a0); store8(a + d0 + 8, a1); store8(a + d0 + 16, a2); store8(a + d0 + 24, a3);
-      store8(b + d0, b0); store8(b + d0 + 8, b1); store8(b + d0 + 16, b2); store8(b + d0 + 24, b3);
+// kT[d * kTileKeys + p] = krow[p][d]: the key tile transposed, so that one register holds element
+// d of eight keys and a score is a chain of multiply-adds down d in one lane (no horizontal sums).
+// Eight-by-eight blocks are transposed in registers; the columns past the last one, one by one.
+inline void transpose_keys(const float* const* krow, int D, float* __restrict kT) {
+  static_assert(kTileKeys % 8 == 0, "whole 8x8 blocks of keys");
+  int d0 = 0;
+  for (; d0 + 8 <= D; d0 += 8)
+    for (int p0 = 0; p0 < kTileKeys; p0 += 8) {
+      const float* const* k = krow + p0;
+      const v8 r0 = load8(k[0] + d0), r1 = load8(k[1] + d0), r2 = load8(k[2] + d0), r3 = load8(k[3] + d0);
+      const v8 r4 = load8(k[4] + d0), r5 = load8(k[5] + d0), r6 = load8(k[6] + d0), r7 = load8(k[7] + d0);
+      // pairs of rows interleaved, then quads, then the 128-bit halves exchanged
+      const v8 t0 = SHUFFLE8(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13), t1 = SHUFFLE8(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);
+      const v8 t2 = SHUFFLE8(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13), t3 = SHUFFLE8(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);
+      const v8 t4 = SHUFFLE8(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13), t5 = SHUFFLE8(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);
+      const v8 t6 = SHUFFLE8(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13), t7 = SHUFFLE8(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);
+      const v8 u0 = SHUFFLE8(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13), u1 = SHUFFLE8(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+      const v8 u2 = SHUFFLE8(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13), u3 = SHUFFLE8(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+      const v8 u4 = SHUFFLE8(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13), u5 = SHUFFLE8(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+      const v8 u6 = SHUFFLE8(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13), u7 = SHUFFLE8(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+      float* o = kT + d0 * kTileKeys + p0;
+      store8(o + 0 * kTileKeys, SHUFFLE8(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11));
+      store8(o + 1 * kTileKeys, SHUFFLE8(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11));
+      store8(o + 2 * kTileKeys, SHUFFLE8(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11));
+      store8(o + 3 * kTileKeys, SHUFFLE8(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11));
+      store8(o + 4 * kTileKeys, SHUFFLE8(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15));
+      store8(o + 5 * kTileKeys, SHUFFLE8(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15));
+      store8(o + 6 * kTileKeys, SHUFFLE8(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15));
+      store8(o + 7 * kTileKeys, SHUFFLE8(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15));
     }
-    for (; d0 < D; ++d0)
-      for (int p = 0; p < visible; ++p) {
-        a[d0] += w0[p] * vrow[p][d0];
-        b[d0] += w1[p] * vrow[p][d0];
+  for (; d0 < D; ++d0)
+    for (int p = 0; p < kTileKeys; ++p) kT[d0 * kTileKeys + p] = krow[p][d0];
+}
+
+constexpr int kBlockRows = 6;  // rows per register-tiled pass: 6 x 2 accumulators + 2 loads + 1 broadcast
+constexpr int kTiledRows = 2 * kBlockRows;  // work items with fewer rows score keys straight from the cache
+
+// Makes the compiler keep v in a register: without it, gcc folds the key (value) loads into the
+// multiply-adds as memory operands, reloading them once per row and running out of load slots.
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(v) asm("" : "+x"(v))
+#else
+#define IN_REGISTER(v) (void)0
+#endif
+
+// s[r, h .. h + 16) = q_r . k_p for R rows and the 16 keys from h, unmasked: the path of work
+// items with many rows (prefill). Register tiled: each key load serves R rows, each broadcast q
+// element two registers of keys. Lane j of partial sum A_l is dot8keys' lane l of key j (the
+// products of the columns d = l mod 8, chunk by chunk), and the partial sums are combined
+// vertically in sums8x8's order ((A0 + A1) + (A2 + A3)) + ((A4 + A5) + (A6 + A7)), then the
+// columns past the last full chunk one by one: bit for bit dot8keys, so a token's scores do not
+// depend on the path its item takes (decode, prefill, chunk), on R, h or the other rows and keys.
+template <int R>
+inline void score_block(const float* __restrict q, int D, const float* __restrict kT, int h, float* __restrict s) {
+  const int chunks = D / 8;
+  float t[3][R][16];  // pending partial sums of the tree
+  v8 a[R][2];
+#pragma GCC unroll 8
+  for (int l = 0; l < 8; ++l) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = splat8(0.f);
+    for (int c = 0; c < chunks; ++c) {
+      const float* kd = kT + (8 * c + l) * kTileKeys + h;
+      v8 k0 = load8(kd), k1 = load8(kd + 8);
+      IN_REGISTER(k0);
+      IN_REGISTER(k1);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const v8 x = splat8(q[r * D + 8 * c + l]);
+        a[r][0] += x * k0;
+        a[r][1] += x * k1;
       }
+    }
+    // slot 0: A0 + A1, then (A0 + A1) + (A2 + A3); slot 1: A2 + A3, then A4 + A5; slot 2: A6
+    const int slot = l < 2 ? 0 : l < 4 ? 1 : l < 6 ? 1 : 2;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 2; ++i) {
+        float* ts = t[slot][r] + 8 * i;
+        if (l % 2 == 0 && l < 7) {
+          store8(ts, a[r][i]);
+        } else if (l == 3) {
+          store8(t[0][r] + 8 * i, load8(t[0][r] + 8 * i) + (load8(ts) + a[r][i]));
+        } else if (l == 7) {
+          a[r][i] = load8(t[0][r] + 8 * i) + (load8(t[1][r] + 8 * i) + (load8(t[2][r] + 8 * i) + a[r][i]));
+        } else {
+          store8(ts, load8(ts) + a[r][i]);
+        }
+      }
+    // the partial sums live in t, not in registers the next chains need
+    asm volatile("" : : "r"(&t[0][0][0]) : "memory");
   }
-  for (; r < rows; ++r) {
-    const float* wr = w + r * kTileKeys;
-    const int visible = std::min(n, first_pos + r / G + 1 - ts);
-    float* ar = acc + r * D;
-    int d0 = 0;
-    for (; d0 + kCols <= D; d0 += kCols) {
-      v8 a0 = load8(ar + d0), a1 = load8(ar + d0 + 8), a2 = load8(ar + d0 + 16), a3 = load8(ar + d0 + 24);
-      for (int p = 0; p < visible; ++p) {
-        const v8 x = splat8(wr[p]);
-        const float* vr = vrow[p] + d0;
-        a0 += x * load8(vr); a1 += x * load8(vr + 8); a2 += x * load8(vr + 16); a3 += x * load8(vr + 24);
-      }
-      store8(ar + d0, a0); store8(ar + d0 + 8, a1); store8(ar + d0 + 16, a2); store8(ar + d0 + 24, a3);
+  for (int d = 8 * chunks; d < D; ++d) {
+    const v8 k0 = load8(kT + d * kTileKeys + h), k1 = load8(kT + d * kTileKeys + h + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const v8 x = splat8(q[r * D + d]);
+      a[r][0] += x * k0;
+      a[r][1] += x * k1;
     }
-    for (; d0 < D; ++d0)
-      for (int p = 0; p < visible; ++p) ar[d0] += wr[p] * vrow[p][d0];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) store8(s + r * kTileKeys + h, a[r][0]), store8(s + r * kTileKeys + h + 8, a[r][1]);
+}
+
+// acc[r] += sum_{p < np} w[r, p] * v_p for R rows, 16 (then 8, then 1) columns at a time, each
+// value load serving R rows. Element (r, c) is the chain acc = acc + w[r, p] * v_p[c] (one
+// rounding) over p in order whatever R; a key a row does not see has weight exactly 0 there.
+template <int R>
+inline void values_block(const float* __restrict w, int np, const float* const* vrow, int D, float* __restrict acc) {
+  int c = 0;
+  if constexpr (R <= 2) {  // decodes: enough independent chains to hide the multiply-add latency
+    for (; c + 32 <= D; c += 32) {
+      v8 a[R][4];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) a[r][i] = load8(acc + r * D + c + 8 * i);
+      for (int p = 0; p < np; ++p) {
+        v8 v0 = load8(vrow[p] + c), v1 = load8(vrow[p] + c + 8), v2 = load8(vrow[p] + c + 16), v3 = load8(vrow[p] + c + 24);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const v8 x = splat8(w[r * kTileKeys + p]);
+          a[r][0] += x * v0; a[r][1] += x * v1; a[r][2] += x * v2; a[r][3] += x * v3;
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) store8(acc + r * D + c + 8 * i, a[r][i]);
+    }
+  }
+  for (; c + 16 <= D; c += 16) {
+    v8 a[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r][0] = load8(acc + r * D + c), a[r][1] = load8(acc + r * D + c + 8);
+    for (int p = 0; p < np; ++p) {
+      v8 v0 = load8(vrow[p] + c), v1 = load8(vrow[p] + c + 8);
+      IN_REGISTER(v0);
+      IN_REGISTER(v1);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const v8 x = splat8(w[r * kTileKeys + p]);
+        a[r][0] += x * v0;
+        a[r][1] += x * v1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) store8(acc + r * D + c, a[r][0]), store8(acc + r * D + c + 8, a[r][1]);
+  }
+  for (; c + 8 <= D; c += 8) {
+    v8 a[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = load8(acc + r * D + c);
+    for (int p = 0; p < np; ++p) {
+      v8 v0 = load8(vrow[p] + c);
+      IN_REGISTER(v0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] += splat8(w[r * kTileKeys + p]) * v0;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) store8(acc + r * D + c, a[r]);
+  }
+  // an explicit fma: a plain `+= w * v` here may be vectorized over p as products then an
+  // in-order sum of them, two roundings where the vector paths above make one
+  for (; c < D; ++c)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < np; ++p) acc[r * D + c] = std::fma(w[r * kTileKeys + p], vrow[p][c], acc[r * D + c]);
+}
+
+// Calls f.template operator()<R>(r0) for blocks of kBlockRows rows, then one block of the rest.
+template <typename F>
+inline void for_row_blocks(int rows, F&& f) {
+  int r0 = 0;
+  for (; r0 + kBlockRows <= rows; r0 += kBlockRows) f(std::integral_constant<int, kBlockRows>{}, r0);
+  switch (rows - r0) {
+    case 1: f(std::integral_constant<int, 1>{}, r0); break;
+    case 2: f(std::integral_constant<int, 2>{}, r0); break;
+    case 3: f(std::integral_constant<int, 3>{}, r0); break;
+    case 4: f(std::integral_constant<int, 4>{}, r0); break;
+    case 5: f(std::integral_constant<int, 5>{}, r0); break;
+    default: break;
+  }
+}
+
+// [max(a0, a1), max(a2, a3), max(b0, b1), max(b2, b3), ...]: pair_sums with max.
+inline v8 pair_maxes(v8 a, v8 b) {
+  return max8v(SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14), SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15));
+}
+
+// Online softmax step over one tile's scores, eight rows at a time with the bookkeeping in vectors
+// (lane i: row i): new max per row, s <- exp(s - max), l <- l * corr + row sum, acc rows rescaled
+// by corr = exp(old max - new max) where it changed. m and l have room for whole groups of eight
+// (the lanes past the rows hold 0 and see nothing). Each row's results are computed from its own
+// scores alone, by the same operations whichever rows share its group.
+inline void softmax_tile(float* __restrict s, int rows, float* __restrict m, float* __restrict l,
+                         float* __restrict acc, int D) {
+  static_assert(kTileKeys == 32, "four registers of scores per row");
+  const v8 none = splat8(-std::numeric_limits<float>::infinity());
+  for (int r0 = 0; r0 < rows; r0 += 8) {
+    const int nr = std::min(8, rows - r0);
+    v8 t[8];
+    for (int i = 0; i < 8; ++i) {
+      const float* sr = s + (r0 + i) * kTileKeys;
+      t[i] = i < nr ? max8v(max8v(load8(sr), load8(sr + 8)), max8v(load8(sr + 16), load8(sr + 24))) : none;
+    }
+    const v8 lo = pair_maxes(pair_maxes(t[0], t[1]), pair_maxes(t[2], t[3]));
+    const v8 hi = pair_maxes(pair_maxes(t[4], t[5]), pair_maxes(t[6], t[7]));
+    const v8 row_max = max8v(SHUFFLE8(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11), SHUFFLE8(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15));
+    const v8 old_max = load8(m + r0);
+    // the first tile holds key 0, which every row sees, so the max is finite from there on
+    const v8 mx = max8v(old_max, row_max);
+    const v8 corr = exp8(old_max - mx);
+    store8(m + r0, mx);
+    for (int i = 0; i < 8; ++i) {
+      if (i >= nr) {
+        t[i] = splat8(0.f);
+        continue;
+      }
+      float* sr = s + (r0 + i) * kTileKeys;
+      const v8 mv = splat8(mx[i]);
+      const v8 x0 = exp8(load8(sr) - mv), x1 = exp8(load8(sr + 8) - mv);
+      const v8 x2 = exp8(load8(sr + 16) - mv), x3 = exp8(load8(sr + 24) - mv);
+      store8(sr, x0); store8(sr + 8, x1); store8(sr + 16, x2); store8(sr + 24, x3);
+      t[i] = (x0 + x1) + (x2 + x3);
+    }
+    const v8 row_sum = sums8x8(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]);
+    store8(l + r0, load8(l + r0) * corr + row_sum);
+    for (int i = 0; i < nr; ++i)
+      if (corr[i] != 1.0f) {
+        float* ar = acc + (r0 + i) * D;
+        for (int d = 0; d < D; ++d) ar[d] *= corr[i];
+      }
   }
 }
 
@@ -294,14 +454,18 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
   const int kv_end = first_pos + ntok;               // keys [0, kv_end) are visible to some row
   const int32_t* table = pb.block_tables + static_cast<int64_t>(it.seq) * pb.max_blocks;
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * D + kTileKeys + 2) + 2 * kTileKeys * D);
+  const int rows8 = (rows + 7) / 8 * 8;
+  scratch.resize(static_cast<size_t>(rows8) * (2 * D + kTileKeys + 2) + 3 * kTileKeys * D + D);
   float* qf = scratch.data();                 // [rows, D] scaled queries
   float* acc = qf + rows * D;                 // [rows, D] running weighted sum of values
   float* s = acc + rows * D;                  // [rows, kTileKeys] scores, then probabilities
-  float* m = s + rows * kTileKeys;            // [rows] running max
-  float* l = m + rows;                        // [rows] running sum of exp
-  float* kt = l + rows;                       // [kTileKeys, D] key tile (as floats)
+  float* m = s + rows8 * kTileKeys;           // [rows8] running max
+  float* l = m + rows8;                       // [rows8] running sum of exp
+  float* kt = l + rows8;                      // [kTileKeys, D] key tile (as floats)
   float* vt = kt + kTileKeys * D;             // [kTileKeys, D] value tile (as floats)
+  float* kT = vt + kTileKeys * D;             // [D, kTileKeys] key tile transposed
+  float* zero = kT + kTileKeys * D;           // [D] zeros: the keys past a tile's end
+  std::fill(zero, zero + D, 0.f);
 
   for (int t = 0; t < ntok; ++t)
     for (int g = 0; g < G; ++g) {
@@ -310,7 +474,8 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
     }
   std::fill(acc, acc + rows * D, 0.f);
   std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + rows, 0.f);
+  std::fill(m + rows, m + rows8, 0.f);  // lanes past the rows: finite, so no NaN from -inf - -inf
+  std::fill(l, l + rows8, 0.f);
 
   const KT* k_head = k_cache + it.kv_head * D;
   const KT* v_head = v_cache + it.kv_head * D;
@@ -334,31 +499,32 @@ void attend_item(const Problem& pb, const WorkItem& it, const QT* q, const KT* k
     int64_t* ahead_off = offsets[(i + kKeyAhead) % (kKeyAhead + 1)];
     tile_offsets(pb, table, ts + kKeyAhead * kTileKeys, n_ahead, ahead_off);
     for (int p = 0; p < n_ahead; ++p) prefetch_row(k_head + ahead_off[p], D);
-    std::fill(s, s + rows * kTileKeys, -std::numeric_limits<float>::infinity());
     const float* krow[kTileKeys];  // key rows as floats: in the cache itself for a float cache
     for (int p = 0; p < n; ++p) krow[p] = key_row(k_head + slot_off[p], kt + p * D, D);
-    score_tile(qf, rows, G, krow, n, ts, first_pos, D, s);
-    // online softmax: rescale what was accumulated under the old max
-    for (int r = 0; r < rows; ++r) {
-      float* sr = s + r * kTileKeys;
-      static_assert(kTileKeys == 32, "four registers of scores per row");
-      v8 x0 = load8(sr), x1 = load8(sr + 8), x2 = load8(sr + 16), x3 = load8(sr + 24);
-      const float mx = std::max(m[r], max8(max8v(max8v(x0, x1), max8v(x2, x3))));
-      // the first tile holds key 0, which every row sees, so mx is finite from here on
-      const float corr = exp_nonpositive(m[r] - mx);
-      const v8 mv = splat8(mx);
-      x0 = exp8(x0 - mv); x1 = exp8(x1 - mv); x2 = exp8(x2 - mv); x3 = exp8(x3 - mv);
-      store8(sr, x0); store8(sr + 8, x1); store8(sr + 16, x2); store8(sr + 24, x3);
-      const float sum = sum8((x0 + x1) + (x2 + x3));
-      l[r] = l[r] * corr + sum;
-      m[r] = mx;
-      if (corr != 1.0f) {
-        float* ar = acc + r * D;
-        for (int d = 0; d < D; ++d) ar[d] *= corr;
-      }
+    int visible[kMaxRows];  // keys of this tile row r sees (<= 0: none)
+    for (int t = 0, r = 0; r < rows; ++t)  // token t's rows see keys up to position first_pos + t
+      for (int g = 0; g < G; ++g, ++r) visible[r] = std::min(n, first_pos + t + 1 - ts);
+    if (rows >= kTiledRows) {  // the transposed tile pays for itself over enough rows
+      for (int p = n; p < kTileKeys; ++p) krow[p] = zero;
+      transpose_keys(krow, D, kT);
+      // rows in order, so a block's last row sees the most keys
+      for_row_blocks(rows, [&](auto R, int r0) {
+        for (int h = 0; h < kTileKeys && h < visible[r0 + decltype(R)::value - 1]; h += 16)
+          score_block<decltype(R)::value>(qf + r0 * D, D, kT, h, s + r0 * kTileKeys);
+      });
+    } else {
+      score_tile(qf, rows, G, krow, n, ts, first_pos, D, s);
     }
+    for (int r = 0; r < rows; ++r)  // the keys a row does not see (some, in the tiles of its own position)
+      for (int p = std::max(0, visible[r]); p < kTileKeys; ++p) s[r * kTileKeys + p] = -std::numeric_limits<float>::infinity();
+    softmax_tile(s, rows, m, l, acc, D);
     for (int p = 0; p < n_next; ++p) prefetch_row(v_head + next_off[p], D);
-    accumulate_values(s, rows, G, v_head, slot_off, n, ts, first_pos, D, vt, acc);
+    const float* vrow[kTileKeys];  // value rows as floats: in the cache itself for a float cache
+    for (int p = 0; p < n; ++p) vrow[p] = key_row(v_head + slot_off[p], vt + p * D, D);
+    for_row_blocks(rows, [&](auto R, int r0) {
+      const int np = visible[r0 + decltype(R)::value - 1];
+      if (np > 0) values_block<decltype(R)::value>(s + r0 * kTileKeys, np, vrow, D, acc + r0 * D);
+    });
   }
   for (int t = 0; t < ntok; ++t)
     for (int g = 0; g < G; ++g) {
@@ -436,7 +602,11 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_c
   pb.scale = static_cast<float>(scale);
   TORCH_CHECK(pb.query_start[num_seqs] <= q.size(0), "paged_attention: query_start_loc past the tokens");
 
-  const int tile_tokens = std::max(1, kMaxRows / pb.group);
+  // tokens per work item: rows (tokens x group) a multiple of kBlockRows where possible, so that no
+  // narrower pass is left over
+  int tile_tokens = std::max(1, kMaxRows / pb.group);
+  while (tile_tokens > 1 && (tile_tokens * pb.group) % kBlockRows != 0) --tile_tokens;
+  if ((tile_tokens * pb.group) % kBlockRows != 0) tile_tokens = std::max(1, kMaxRows / pb.group);
   std::vector<WorkItem> items;
   for (int i = 0; i < num_seqs; ++i) {
     const int qlen = pb.query_start[i + 1] - pb.query_start[i];
@@ -459,11 +629,88 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_c
   }
 }
 
+// Copies n elements, converted to the cache's dtype as Tensor.to converts them (float to bfloat16
+// or float16 rounds to nearest even; through float between the two 16-bit types).
+template <typename ST, typename CT>
+inline void convert_row(const ST* __restrict src, CT* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<ST, CT>) {
+    std::memcpy(dst, src, n * sizeof(CT));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<CT>(to_float(src[i]));
+  }
+}
+
+template <typename ST, typename CT>
+void write_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache, const int64_t* slots64,
+                const int32_t* slots32) {
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), row = H * D;
+  CT* k_cache = kv_cache.data_ptr<CT>();
+  CT* v_cache = k_cache + kv_cache.stride(0);
+  const ST* kp = k.data_ptr<ST>();
+  const ST* vp = v.data_ptr<ST>();
+  at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t slot = slots64 != nullptr ? slots64[t] : slots32[t];
+      if (slot < 0) continue;  // padding
+      for (int64_t h = 0; h < H; ++h) {
+        convert_row(kp + t * k.stride(0) + h * k.stride(1), k_cache + slot * row + h * D, D);
+        convert_row(vp + t * v.stride(0) + h * v.stride(1), v_cache + slot * row + h * D, D);
+      }
+    }
+  });
+}
+
+template <typename ST>
+void write_rows_to(const at::Tensor& k, const at::Tensor& v, at::Tensor& kv_cache, const int64_t* s64, const int32_t* s32) {
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: return write_rows<ST, float>(k, v, kv_cache, s64, s32);
+    case at::kBFloat16: return write_rows<ST, c10::BFloat16>(k, v, kv_cache, s64, s32);
+    case at::kHalf: return write_rows<ST, c10::Half>(k, v, kv_cache, s64, s32);
+    default: TORCH_CHECK(false, "write_kv_cache: unsupported cache dtype ", kv_cache.scalar_type());
+  }
+}
+
+// Stores k[t] and v[t] ([T, KVH, D], last dim contiguous, e.g. views of a fused projection) at slot
+// slot_mapping[t] (int64 or int32 [T]) of kv_cache [2, num_blocks, block_size, KVH, D], converted
+// to the cache's dtype; tokens with a negative slot (padding) are skipped. Bit for bit what
+// torch_attention.write_kv stores, in one pass (no index_copy_ pair, no mask).
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor kv_cache, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type() && kv_cache.dim() == 5,
+              "write_kv_cache: k and v must be [T, KVH, D] of one dtype, the cache 5-D");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && kv_cache.device().is_cpu() && slot_mapping.device().is_cpu(),
+              "write_kv_cache: CPU tensors only");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == k.size(1) &&
+                  kv_cache.size(4) == k.size(2),
+              "write_kv_cache: cache shape does not match k/v");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "write_kv_cache: k/v last dim must be contiguous");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) && slot_mapping.is_contiguous() &&
+                  (slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt),
+              "write_kv_cache: slot_mapping must be contiguous int64 or int32 [T]");
+  const bool wide = slot_mapping.scalar_type() == at::kLong;
+  const int64_t* s64 = wide ? slot_mapping.data_ptr<int64_t>() : nullptr;
+  const int32_t* s32 = wide ? nullptr : slot_mapping.data_ptr<int32_t>();
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    const int64_t slot = wide ? s64[t] : s32[t];
+    TORCH_CHECK(slot < num_slots, "write_kv_cache: slot ", slot, " of token ", t, " is past the cache's ", num_slots);
+  }
+  switch (k.scalar_type()) {
+    case at::kFloat: return write_rows_to<float>(k, v, kv_cache, s64, s32);
+    case at::kBFloat16: return write_rows_to<c10::BFloat16>(k, v, kv_cache, s64, s32);
+    case at::kHalf: return write_rows_to<c10::Half>(k, v, kv_cache, s64, s32);
+    default: TORCH_CHECK(false, "write_kv_cache: unsupported k/v dtype ", k.scalar_type());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(conveyor_cpu, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor query_start_loc, float scale) -> ()");
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("write_kv_cache", &write_kv_cache);
+}
