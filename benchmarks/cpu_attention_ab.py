@@ -8,11 +8,13 @@ even rounds, the other in odd ones:
 
 - decode batch 32 at 256- and 1K-token contexts and at 150-640 (the offline benchmark's mix),
   with the 56M random Llama's heads (8 query heads, 4 KV heads, head_dim 64);
-- decode batch 16 at 1K and a fresh 2048-token prefill, with SmolLM2-135M's (9 heads, 3 KV heads).
+- decode batch 16 at 1K and a fresh 2048-token prefill, with SmolLM2-135M's (9 heads, 3 KV heads);
+- a 2048-token prefill chunk of the offline mixed workload (prompts of 16-512 tokens), 56M heads.
 
 Figures are medians of the rounds (min in brackets), ms per call; GB/s (decodes only) counts each
 sequence's K and V once, what a decode reads; GFLOP/s counts 4 * head_dim per (query head,
-visible key). The two kernels' outputs are checked to agree first.
+visible key). The two kernels' outputs are checked to agree first. Then the K/V cache write:
+torch_attention.write_kv (two index_copy_) against the C++ write_kv_cache, interleaved likewise.
 
     python -m benchmarks.cpu_attention_ab --against 9256104 --rounds 3 --threads 1
     python -m benchmarks.cpu_attention_ab --step   # also whole decode steps of the default model, 1K contexts
@@ -88,6 +90,42 @@ def _time(op, args, reps: int, clock=time.perf_counter) -> float:
     return (clock() - t0) / reps
 
 
+def bench_kv_write(rounds: int, target_s: float, clock, dtype: torch.dtype) -> None:
+    """write_kv (index_copy_ into the cache, what the CPU backend called before) against the C++
+    write_kv_cache, interleaved: a 2048-token prefill chunk and a 32-token decode step of the 56M
+    model's K/V (4 KV heads, head_dim 64) into shuffled slots, k/v as views of a fused projection."""
+    from engine.kernels.torch_attention import write_kv
+
+    print(f"\n## K/V cache write, {dtype} k/v and cache, ms per call: median [min] of {rounds} rounds\n")
+    print("| tokens | write_kv (index_copy_) | write_kv_cache (C++) | speed-up | C++ GB/s written |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    ops = {"torch": write_kv, "c++": torch.ops.conveyor_cpu.write_kv_cache}
+    for tokens in (2048, 32):
+        gen = torch.Generator().manual_seed(1)
+        cache = torch.zeros(2, 512, BLOCK, 4, HEAD_DIM, dtype=dtype)
+        fused = torch.randn(tokens, 16, HEAD_DIM, generator=gen).to(dtype)
+        kv_args = (fused[:, 8:12], fused[:, 12:16], cache, torch.randperm(512 * BLOCK, generator=gen)[:tokens])
+        one = max(1e-6, min(_time_call(op, kv_args, 3, clock) for op in ops.values()))
+        reps = max(3, round(target_s / 4 / one))
+        times = {label: [] for label in ops}
+        for i in range(rounds):
+            for label, op in (list(ops.items()) if i % 2 == 0 else list(ops.items())[::-1]):
+                times[label].append(_time_call(op, kv_args, reps, clock))
+        med = {label: statistics.median(t) for label, t in times.items()}
+        written = 2 * tokens * 4 * HEAD_DIM * cache.element_size()
+        print(f"| {tokens} | {med['torch'] * 1e3:.3f} [{min(times['torch']) * 1e3:.3f}] | "
+              f"{med['c++'] * 1e3:.3f} [{min(times['c++']) * 1e3:.3f}] | {med['torch'] / med['c++']:.2f}x | "
+              f"{written / med['c++'] / 1e9:.1f} |")
+
+
+def _time_call(op, args, reps: int, clock) -> float:
+    op(*args)
+    t0 = clock()
+    for _ in range(reps):
+        op(*args)
+    return (clock() - t0) / reps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", default="9256104", help="git revision of the baseline kernel source")
@@ -132,6 +170,7 @@ def main() -> None:
         rates = [f"{kv_bytes / med[k] / 1e9:.1f}" if decode else "-" for k in ops]
         rates += [f"{flops / med[k] / 1e9:.1f}" for k in ops]
         print(f"| {name} | " + " | ".join(cells) + f" | {med['base'] / med['new']:.2f}x | " + " | ".join(rates) + " |")
+    bench_kv_write(args.rounds, args.target_s, clock, dtype)
     if args.step:
         from engine.kernels.cpu_attention import CpuPagedAttentionBackend
 
