@@ -14,7 +14,7 @@
 // (if given) one float32 add of the bias. Whatever M, the row's tile, block or thread, a row's
 // bits are the same: the result of a row does not depend on the batch it is in.
 //
-// Software prefetch: the first row tile of each panel prefetches PF_K k rows ahead,
+// Software prefetch: the first row tile of each panel prefetches PF_BYTES (4 KB) ahead,
 // running into the next panel near the end, so the weight stream is prefetched continuously
 // (benchmarks/RESULTS.md: without it the cold-weight lead over oneDNN mostly disappears).
 //
@@ -33,9 +33,10 @@ namespace {
 
 constexpr int NR = 16;
 constexpr int MR_MAX = 6;
-// Prefetch distance in k rows of the panel stream: 4 KB ahead for float32 panels (64-byte rows),
-// 2 KB for 16-bit ones (32-byte rows), the same time ahead in the FMA loop.
-constexpr int64_t PF_K = 64;
+// Prefetch distance in bytes of the panel stream: 64 k rows of a float32 panel, 128 of a 16-bit
+// one. Decode steps are bandwidth-bound, so the same bytes ahead is the same time ahead; half
+// the bytes (64 k rows) measured ~5-15% slower at 1-8 rows (benchmarks/RESULTS.md).
+constexpr int64_t PF_BYTES = 4096;
 
 // Accumulators are named variables, not an array: with `__m256 acc[MR]` GCC kept a stack copy
 // and stored every accumulator each k (store-port bound, half speed).
@@ -197,7 +198,7 @@ void run(const float* xp, const typename S::T* w, float* yp, int64_t M, int64_t 
           const int mr = static_cast<int>(rows / nt + (t < rows % nt ? 1 : 0));
           // The prefetch may point past the last panel: _mm_prefetch never faults.
           dispatch<S>(mr, t == 0, xp + m0 * K, K, panel, K, yp + m0 * n + p * NR, n, ncols,
-                      panel + PF_K * NR, pb);
+                      panel + PF_BYTES / sizeof(typename S::T), pb);
           m0 += mr;
         }
       }
