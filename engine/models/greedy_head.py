@@ -135,6 +135,8 @@ class GreedyHead:
         self._pieces_t = self._pieces.t().contiguous()  # [4, N] and [4, blocks] for the C++ op
         self._block_pieces_t = self._block_pieces.t().contiguous()
         self.max_candidates = max_candidates
+        if fused and not fused_available():
+            raise ValueError("the C++ greedy screening ops (engine/kernels/csrc/greedy_screen.cpp) are not available")
         self.fused = fused_available() if fused is None else fused
         # torch path: |a_rn| <= (m_r + ||x_O||_1) K max|w| (1 + s + float16 and float32 rounding)
         self._overflow_cap = 2.0 * dense.shape[1] * float(self.dense.abs().max())
