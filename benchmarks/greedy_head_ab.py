@@ -11,8 +11,8 @@ counts (how many tokens a row recomputes in float32) and the fallback fraction d
 screening pays: they are printed over all collected rows.
 
 End to end (`--e2e`): `LLM.generate`, greedy, 32 requests of 128 prompt tokens -> 64 new
-tokens, screening on and off alternating, `--rounds` rounds after one untimed run of each,
-wall and CPU seconds.
+tokens, screening off / on (torch path) / on (C++ ops), the order rotating, `--rounds` rounds
+after one untimed run of each, wall and CPU seconds.
 
     nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e]
 """
@@ -120,32 +120,40 @@ def head_level(name: str, llm: LLM, real: bool, rounds: int) -> None:
 
 
 def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
+    """Screening off, on through the torch path, on through the C++ ops (when available)."""
     model = llm.engine.model
     head = model.greedy_head
     if head is None:
         return
     prompts = _prompts(llm, real, 32, 128)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    fused = head.fused
+    kinds = ["off", "torch", "fused"] if fused else ["off", "torch"]
+    times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     tokens = {}
-    for kind in ("off", "on"):  # warm: the first 2,048-token prefill alone costs seconds (oneDNN, allocator)
-        model.greedy_head = head if kind == "on" else None
+
+    def use(kind: str) -> None:
+        model.greedy_head = None if kind == "off" else head
+        head.fused = kind == "fused"
+
+    for kind in kinds:  # warm: the first 2,048-token prefill alone costs seconds (oneDNN, allocator)
+        use(kind)
         llm.generate(prompts, params, use_tqdm=False)
     for r in range(rounds):
-        for kind in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            model.greedy_head = head if kind == "on" else None
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            use(kind)
             wall, cpu = time.perf_counter(), time.process_time()
             outs = llm.generate(prompts, params, use_tqdm=False)
             times[kind].append((time.perf_counter() - wall, time.process_time() - cpu))
             tokens[kind] = [o.outputs[0].token_ids for o in outs]
-    model.greedy_head = head
-    same = tokens["on"] == tokens["off"]
+    model.greedy_head, head.fused = head, fused
+    same = all(tokens[kind] == tokens["off"] for kind in kinds)
     print(f"\n{name} end to end, 32 x (128 -> 64) greedy, wall / CPU s per round; outputs identical: {same}")
-    for kind in ("off", "on"):
+    for kind in kinds:
         print(f"  screening {kind}: " + ", ".join(f"{w:.2f} / {c:.2f}" for w, c in times[kind]))
     off = statistics.median(c for _, c in times["off"])
-    on = statistics.median(c for _, c in times["on"])
-    print(f"  CPU time on/off: {on / off:.3f}")
+    for kind in kinds[1:]:
+        print(f"  CPU time {kind}/off: {statistics.median(c for _, c in times[kind]) / off:.3f}")
 
 
 def main() -> None:
