@@ -13,9 +13,9 @@
 //   largest wins, the lowest index among ties. Rows with a non-finite entry, more than
 //   max_candidates candidates or a NaN logit are flagged for the full head.
 //
-// Passes: one over fbgemm's result in column tiles (all rows per tile, so a tile of w̃_O stays in
-// L1), turning it into a in place and storing each block of 32 tokens' max; then per row only the
-// blocks whose max plus their largest bound reach t are read again.
+// Passes: one over fbgemm's result in column tiles (all rows per tile, so a tile of w̃_O is read
+// from memory once), turning it into a in place and storing each block of 32 tokens' max; then
+// per row only the blocks whose max plus their largest bound reach t are read again.
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t b0 = tile * kTileBlocks, b1 = std::min(blocks, b0 + kTileBlocks);
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4)  // 4 rows at a time, a tile's w̃ staying in L1
+      for (; r + 4 <= rows; r += 4)  // 4 rows at a time; every group reuses the tile's w̃ columns
         for (int64_t b = b0; b < b1; ++b) {
           approx_rows<4, 2>(s, xo.data(), r, b * kBlock, std::min(kBlock, n - b * kBlock), mx);
           for (int rr = 0; rr < 4; ++rr) block_max[(r + rr) * blocks + b] = mx[rr];
