@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp", CSRC / "cpu_gemm.cpp",
-           CSRC / "greedy_screen.cpp")
-HEADERS = (CSRC / "vec8.h",)  # part of the build's cache key, like the sources
+           CSRC / "greedy_prepare.cpp", CSRC / "greedy_screen.cpp")
+HEADERS = (CSRC / "vec8.h", CSRC / "torch_sum_order.h")  # part of the build's cache key, like the sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 
 

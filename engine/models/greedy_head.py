@@ -28,11 +28,12 @@ How (engine/kernels/int8_linear.py holds the bound's derivation):
 The tokens are independent of which rows share a call.
 
 Two implementations of the per-call work around fbgemm, with the same tokens: plain torch (below),
-and, when the C++ CPU kernels are built (`fused_available()`), engine/kernels/csrc/greedy_screen.cpp
-(one op before the GEMM: outlier channels, normalised rows, the bound's row coefficients; one op
-after it: a formed over fbgemm's output in place, with the block maxima, in one cache-tiled pass;
-then only the blocks that can hold candidates are read again, and the candidates' float32
-recompute sums in torch's order, so their logits are bitwise the torch path's). Either path sends rows whose a could have overflowed to the full head.
+and, when the C++ CPU kernels are built (`fused_available()`), two C++ ops: before the GEMM
+engine/kernels/csrc/greedy_prepare.cpp (outlier channels, normalised rows, the bound's row
+coefficients), after it greedy_screen.cpp (a formed over fbgemm's output in place, with the block
+maxima, in one cache-tiled pass; then only the blocks that can hold candidates are read again, and
+the candidates' float32 recompute sums in torch's order, so their logits are bitwise the torch
+path's). Either path sends rows whose a could have overflowed to the full head.
 
 Cost control: when most rows of recent calls fell back (the bound is loose for this model's
 hidden states), screening is a net loss, so `argmax` then runs the full head for a while and
@@ -62,7 +63,8 @@ _NO_OVERFLOW = 1e37  # torch path: rows whose |a| could come near float32's max 
 
 def fused_available() -> bool:
     """True when the C++ screening ops (engine/kernels/csrc/greedy_screen.cpp) can run here."""
-    return cpu_ops_available() and hasattr(torch.ops.conveyor_cpu, "greedy_screen")
+    return (cpu_ops_available() and hasattr(torch.ops.conveyor_cpu, "greedy_prepare")
+            and hasattr(torch.ops.conveyor_cpu, "greedy_screen"))
 
 
 def _block_max(a: torch.Tensor) -> torch.Tensor:

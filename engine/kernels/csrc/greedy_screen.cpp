@@ -1,10 +1,7 @@
-// The greedy LM head's per-call work around fbgemm's int8 GEMM (engine/models/greedy_head.py has
-// the method and the guarantee; engine/kernels/int8_linear.py the bound's derivation):
+// The greedy LM head's second op, after fbgemm's int8 GEMM on greedy_prepare.cpp's rows
+// (engine/models/greedy_head.py has the method and the guarantee; engine/kernels/int8_linear.py the
+// bound's derivation):
 //
-// greedy_prepare(x, outliers, factor): the outlier channels O, the normalised int8 input (rows of
-//   x with O zeroed, divided by their max |.|, plus the sentinel row [1, -1, 0, ...]), each row's
-//   scale m and its four bound coefficients coef_r = (m + max|x_r|, m ||r||_2, m ||x̂||_2, ||x_O||_1),
-//   the norms in float64 and rounded up to float32 as int8_linear.approx does.
 // greedy_screen(values, ...): a_rn = values_rn m_r + x_O · w̃_O,n (the product rounded, then the
 //   sum, as the torch path; x_O · w̃_O in another float32 order than its BLAS call, which the
 //   bound's margin allows), B_rn = (coef_r · pieces_n)(1 + 2^-10),
@@ -29,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "torch_sum_order.h"
 #include "vec8.h"
 
 namespace {
@@ -39,97 +37,6 @@ constexpr int64_t kBlock = 32;  // tokens per block, as greedy_head._BLOCK (bloc
 constexpr int64_t kTileBlocks = 8;  // blocks per column tile of the first pass
 constexpr size_t kPrefetchRows = 3;  // candidates' dense rows in flight ahead of the one being summed
 constexpr float kSlack = 1.0f + 1.0f / 1024.0f;  // greedy_head._SLACK
-constexpr double kStep = 2.0 / 127.0;  // int8_linear.ACT_STEP
-
-float round_up(double v) {  // float32 never below the float64 value
-  float f = static_cast<float>(v);
-  if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
-  return f;
-}
-
-// ---------------------------------------------------------------------------------------------
-// greedy_prepare
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> greedy_prepare(const at::Tensor& x,
-                                                                                       int64_t outliers,
-                                                                                       double factor) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() &&
-                  x.size(1) >= 2,
-              "greedy_prepare: x must be a contiguous float32 [rows, hidden >= 2] CPU tensor");
-  const int64_t rows = x.size(0), k = x.size(1);
-  const float* xp = x.data_ptr<float>();
-  at::Tensor finite = at::empty({rows}, x.options().dtype(at::kBool));
-  bool* fin = finite.data_ptr<bool>();
-  std::vector<float> col_max(k, 0.0f);  // over the finite rows, as the torch path's zeroed rows
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = xp + r * k;
-    bool ok = true;
-    for (int64_t c = 0; c < k; ++c) ok &= std::isfinite(row[c]);
-    fin[r] = ok;
-    if (ok)
-      for (int64_t c = 0; c < k; ++c) col_max[c] = std::max(col_max[c], std::fabs(row[c]));
-  }
-  // O: the channels over `factor` x the (lower) median channel, at most `outliers`, the largest
-  std::vector<float> sorted(col_max);
-  std::nth_element(sorted.begin(), sorted.begin() + (k - 1) / 2, sorted.end());
-  const float limit = static_cast<float>(factor) * sorted[(k - 1) / 2];
-  std::vector<int64_t> order;
-  for (int64_t c = 0; c < k; ++c)
-    if (col_max[c] > limit) order.push_back(c);
-  const int64_t n_out = std::min<int64_t>(std::max<int64_t>(outliers, 0), order.size());
-  std::partial_sort(order.begin(), order.begin() + n_out, order.end(), [&](int64_t a, int64_t b) {
-    return col_max[a] > col_max[b] || (col_max[a] == col_max[b] && a < b);
-  });
-  at::Tensor chans = at::empty({n_out}, x.options().dtype(at::kLong));
-  std::copy(order.begin(), order.begin() + n_out, chans.data_ptr<int64_t>());
-  std::vector<char> is_out(k, 0);
-  for (int64_t i = 0; i < n_out; ++i) is_out[order[i]] = 1;
-
-  at::Tensor inp = at::zeros({rows + 1, k}, x.options());
-  at::Tensor scale = at::empty({rows}, x.options());
-  at::Tensor coef = at::empty({rows, 4}, x.options());
-  float *ip = inp.data_ptr<float>(), *mp = scale.data_ptr<float>(), *cp = coef.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = xp + r * k;
-    float* out = ip + r * k;
-    float m_in = 0.0f, m_all = 0.0f;
-    double l1_out = 0.0;
-    if (fin[r]) {  // a non-finite row is all zeros here (it takes the full head)
-      for (int64_t c = 0; c < k; ++c) {
-        const float v = std::fabs(row[c]);
-        m_all = std::max(m_all, v);
-        if (is_out[c]) l1_out += v;
-        else m_in = std::max(m_in, v);
-      }
-    }
-    const float m = m_in > 0.0f ? m_in : 1.0f;
-    double r2 = 0.0, x2 = 0.0;
-    if (fin[r]) {
-      for (int64_t c = 0; c < k; ++c) {
-        if (is_out[c]) continue;
-        const float xn = row[c] / m;  // correctly rounded, as torch's x / m: |xn| <= 1
-        out[c] = xn;
-        const double d = static_cast<double>(xn);
-        const double dist = std::fabs(d - kStep * std::nearbyint(d / kStep)) + kStep / 64;
-        r2 += dist * dist;
-        x2 += d * d;
-      }
-    }
-    const double r_norm = std::sqrt(r2);
-    mp[r] = m;
-    // the products and the sum round to nearest; the bound's 2^-10 slack covers them (as in torch)
-    cp[4 * r + 0] = m + m_all;
-    cp[4 * r + 1] = m * round_up(r_norm);
-    cp[4 * r + 2] = m * round_up(std::sqrt(x2) + r_norm);
-    cp[4 * r + 3] = round_up(l1_out);
-  }
-  ip[rows * k + 0] = 1.0f;  // the sentinel row: the input's range is exactly [-1, 1]
-  ip[rows * k + 1] = -1.0f;
-  return {inp, scale, coef, chans, finite};
-}
-
-// ---------------------------------------------------------------------------------------------
-// greedy_screen
 
 // The first m (<= 8) float16 values at p as floats, zero padded.
 inline v8 load_half(const c10::Half* p, int64_t m) {
@@ -263,67 +170,6 @@ void approx_rows(const Screen& s, const float* xo, int64_t r0, int64_t n0, int64
   for (int rr = 0; rr < NR; ++rr) maxes[rr] = hmax(mx[rr]) + hsum(poison[rr]);
 }
 
-// sum(a * b) over n floats in the order of torch's CPU sum kernel on a contiguous row (the same
-// order rms_norm.cpp's sum_squares reproduces: the greedy head's torch path sums the materialised
-// products with .sum(dim=1)), vectors of 8*V floats.
-constexpr int kIlp = 4, kLevels = 4;
-int64_t ceil_log2(int64_t x) {
-  if (x <= 2) return 1;
-  int64_t bits = 0;
-  for (uint64_t v = static_cast<uint64_t>(x - 1); v; v >>= 1) ++bits;
-  return bits;
-}
-template <int V> float torch_order_dot(const float* a, const float* b, int64_t n) {
-  constexpr int64_t W = 8 * V;
-  const int64_t nvec = n / W, size = nvec / kIlp;
-  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
-  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
-  auto prod = [&](int64_t vec, int c) { return opaque(load(a + vec * W + 8 * c) * load(b + vec * W + 8 * c)); };
-  v8 acc[kLevels][kIlp][V];
-  for (auto& level : acc)
-    for (auto& chain : level)
-      for (auto& part : chain) part = splat(0.0f);
-  int64_t i = 0;
-  while (i + level_step <= size) {
-    for (int64_t j = 0; j < level_step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k)
-        for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + prod(i * kIlp + k, c);
-    for (int lv = 1; lv < kLevels; ++lv) {
-      for (int k = 0; k < kIlp; ++k)
-        for (int c = 0; c < V; ++c) {
-          acc[lv][k][c] = acc[lv][k][c] + acc[lv - 1][k][c];
-          acc[lv - 1][k][c] = splat(0.0f);
-        }
-      if ((i & (level_mask << (lv * level_power))) != 0) break;
-    }
-  }
-  for (; i < size; ++i)
-    for (int k = 0; k < kIlp; ++k)
-      for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + prod(i * kIlp + k, c);
-  for (int lv = 1; lv < kLevels; ++lv)
-    for (int k = 0; k < kIlp; ++k)
-      for (int c = 0; c < V; ++c) acc[0][k][c] = acc[0][k][c] + acc[lv][k][c];
-  for (int64_t v = size * kIlp; v < nvec; ++v)
-    for (int c = 0; c < V; ++c) acc[0][0][c] = acc[0][0][c] + prod(v, c);
-  for (int k = 1; k < kIlp; ++k)
-    for (int c = 0; c < V; ++c) acc[0][0][c] = acc[0][0][c] + acc[0][k][c];
-  float total = 0.0f;
-  for (int64_t e = nvec * W; e < n; ++e) total += opaque(a[e] * b[e]);
-  for (int c = 0; c < V; ++c)
-    for (int l = 0; l < 8; ++l) total += acc[0][0][c][l];
-  return total;
-}
-// Rows shorter than one torch vector: scalar accumulators, no cascade (torch's row_sum).
-float torch_order_dot_short(const float* a, const float* b, int64_t n) {
-  float acc[kIlp] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const int64_t size = n / kIlp;
-  for (int64_t i = 0; i < size; ++i)
-    for (int k = 0; k < kIlp; ++k) acc[k] += opaque(a[i * kIlp + k] * b[i * kIlp + k]);
-  for (int64_t e = size * kIlp; e < n; ++e) acc[0] += opaque(a[e] * b[e]);
-  for (int k = 1; k < kIlp; ++k) acc[0] += acc[k];
-  return acc[0];
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
     const at::Tensor& values, const at::Tensor& scale, const at::Tensor& coef, const at::Tensor& x,
     const at::Tensor& chans, const at::Tensor& dense_t, const at::Tensor& pieces, const at::Tensor& block_pieces,
@@ -448,9 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
         prefetch(i + kPrefetchRows);
         const int64_t cn = cand[i];
         const float* w_row = s.dense + cn * hidden;
-        const float z = hidden < lanes ? torch_order_dot_short(w_row, x_row, hidden)
-                                       : (lanes == 16 ? torch_order_dot<2>(w_row, x_row, hidden)
-                                                      : torch_order_dot<1>(w_row, x_row, hidden));
+        const float z = torch_order_dot(w_row, x_row, hidden, lanes);
         nan |= std::isnan(z);
         if (best_n < 0 || z > best) best = z, best_n = cn;
       }
@@ -465,13 +309,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_screen(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
-  m.def("greedy_prepare(Tensor x, int outliers, float factor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("greedy_screen(Tensor(a!) values, Tensor scale, Tensor coef, Tensor x, Tensor chans, Tensor dense_t, "
         "Tensor pieces, Tensor block_pieces, Tensor dense, Tensor finite, int max_candidates, int lanes) "
         "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
-  m.impl("greedy_prepare", &greedy_prepare);
   m.impl("greedy_screen", &greedy_screen);
 }
