@@ -1,7 +1,8 @@
 """The C++ CPU attention kernel against an earlier version of itself, side by side in one process.
 
-The earlier source (`git show REV:engine/kernels/csrc/paged_attention.cpp`) is built under
-another op namespace (`conveyor_cpu_base`), so both kernels run on the same tensors, interleaved
+The earlier source (`git show REV:engine/kernels/csrc/paged_attention.cpp`, with the headers of
+REV's csrc/ next to it) is built under another op namespace (`conveyor_cpu_base`, its C++
+namespaces renamed likewise), so both kernels run on the same tensors, interleaved
 round after round (a busy machine slows them alike). Only the kernel call is timed (the K/V of
 the new tokens are already in the cache), on scattered blocks of 16 slots, one kernel first in
 even rounds, the other in odd ones:
@@ -22,6 +23,8 @@ torch_attention.write_kv (two index_copy_) against the C++ write_kv_cache, inter
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import statistics
 import subprocess
 import tempfile
@@ -33,7 +36,8 @@ import torch
 from benchmarks.cpu_attention import bench_decode_step, machine
 from engine.attention_metadata import AttentionMetadata
 
-SOURCE = "engine/kernels/csrc/paged_attention.cpp"
+CSRC = "engine/kernels/csrc"
+SOURCE = f"{CSRC}/paged_attention.cpp"
 BLOCK, HEAD_DIM = 16, 64
 CASES = {  # name: (heads, kv heads, query lengths, context lengths)
     "56M decode b32 x 256": (8, 4, [1] * 32, [256] * 32),
@@ -49,14 +53,30 @@ CASES = {  # name: (heads, kv heads, query lengths, context lengths)
 
 
 def build_baseline(rev: str):
-    """Builds the kernel source of git revision `rev` under the op namespace conveyor_cpu_base."""
+    """Builds the kernel of git revision `rev` under the op namespace conveyor_cpu_base: its
+    paged_attention.cpp (one file up to the split into headers, the op and driver since) with every
+    header of that revision's csrc/ beside it. The op namespace and the sources' own C++ namespaces
+    get a `_base` suffix in all of them, so no symbol of the baseline can stand in for the working
+    tree's; the headers' digest goes into the source, hence into the build's cache key."""
     from engine.kernels import cpu_extension
 
-    text = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], capture_output=True, text=True, check=True).stdout
-    text = text.replace("TORCH_LIBRARY(conveyor_cpu,", "TORCH_LIBRARY(conveyor_cpu_base,")
-    text = text.replace("TORCH_LIBRARY_IMPL(conveyor_cpu,", "TORCH_LIBRARY_IMPL(conveyor_cpu_base,")
-    path = Path(tempfile.mkdtemp(prefix="conveyor_base_")) / "paged_attention_base.cpp"
-    path.write_text(text)
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+
+    listing = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{CSRC}/"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    texts = {Path(path).name: show(path) for path in listing if path.endswith(".h")}
+    texts[Path(SOURCE).name] = show(SOURCE)
+    names = {"conveyor_cpu"} | {n for text in texts.values() for n in re.findall(r"\bnamespace (conveyor_\w+)", text)}
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+    folder = Path(tempfile.mkdtemp(prefix="conveyor_base_"))
+    digest = hashlib.sha256()
+    for name, text in sorted(texts.items()):
+        text = pattern.sub(r"\1_base", text)
+        digest.update(text.encode())
+        (folder / name).write_text(text)
+    path = folder / Path(SOURCE).name
+    path.write_text(f"// baseline {rev}, headers and source {digest.hexdigest()}\n" + path.read_text())
     if not cpu_extension.build_and_load(sources=(path,)):
         raise SystemExit(f"the kernel of {rev} did not build (see the log)")
     return torch.ops.conveyor_cpu_base.paged_attention
