@@ -17,85 +17,34 @@
 #include <cmath>
 #include <tuple>
 
+#include "torch_sum_order.h"
 #include "vec8.h"
 
 namespace {
 
 using namespace conveyor_vec;
 
-constexpr int kIlp = 4, kLevels = 4;  // torch's row_sum / multi_row_sum constants
-
-int64_t ceil_log2(int64_t x) {  // c10::utils::CeilLog2: 1 for x <= 2
-  if (x <= 2) return 1;
-  int64_t bits = 0;
-  for (uint64_t v = static_cast<uint64_t>(x - 1); v; v >>= 1) ++bits;
-  return bits;
-}
-
-// sum(s*s) over one row of n (n >= 8 * K) in torch's order, vectors of 8*K floats: the vectors
-// are read as rows of kIlp, summed into kIlp accumulators with a cascade every level_step rows;
-// the leftover vectors go into the first accumulator, then the others are added to it. The scalar
-// tail is summed first, then the lanes are added one by one.
+// sum(s*s) over one row in torch's order (torch_sum_order.h), the squares rounded to float32.
 template <int K, typename T> float sum_squares(const T* s, int64_t n) {
   constexpr int64_t W = 8 * K;
-  const int64_t nvec = n / W, size = nvec / kIlp;
-  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
-  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
-  auto square = [&](int64_t vec, int c) {
-    const v8 a = load(s + vec * W + 8 * c);
-    return opaque(a * a);
-  };
-  v8 acc[kLevels][kIlp][K];
-  for (auto& level : acc)
-    for (auto& chain : level)
-      for (auto& part : chain) part = splat(0.0f);
-  int64_t i = 0;
-  while (i + level_step <= size) {
-    for (int64_t j = 0; j < level_step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k)
-        for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + square(i * kIlp + k, c);
-    for (int lv = 1; lv < kLevels; ++lv) {
-      for (int k = 0; k < kIlp; ++k)
-        for (int c = 0; c < K; ++c) {
-          acc[lv][k][c] = acc[lv][k][c] + acc[lv - 1][k][c];
-          acc[lv - 1][k][c] = splat(0.0f);
-        }
-      if ((i & (level_mask << (lv * level_power))) != 0) break;
-    }
-  }
-  for (; i < size; ++i)
-    for (int k = 0; k < kIlp; ++k)
-      for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + square(i * kIlp + k, c);
-  for (int lv = 1; lv < kLevels; ++lv)
-    for (int k = 0; k < kIlp; ++k)
-      for (int c = 0; c < K; ++c) acc[0][k][c] = acc[0][k][c] + acc[lv][k][c];
-  for (int64_t v = size * kIlp; v < nvec; ++v)
-    for (int c = 0; c < K; ++c) acc[0][0][c] = acc[0][0][c] + square(v, c);
-  for (int k = 1; k < kIlp; ++k)
-    for (int c = 0; c < K; ++c) acc[0][0][c] = acc[0][0][c] + acc[0][k][c];
-  float total = 0.0f;
-  for (int64_t e = nvec * W; e < n; ++e) {
-    const float a = static_cast<float>(s[e]);
-    total += opaque(a * a);
-  }
-  for (int c = 0; c < K; ++c)
-    for (int l = 0; l < 8; ++l) total += acc[0][0][c][l];
-  return total;
+  return torch_order_sum<K>(
+      n,
+      [&](int64_t vec, int c) {
+        const v8 a = load(s + vec * W + 8 * c);
+        return opaque(a * a);
+      },
+      [&](int64_t e) {
+        const float a = static_cast<float>(s[e]);
+        return opaque(a * a);
+      });
 }
 
 // Rows shorter than one vector: torch sums them with scalar accumulators (row_sum over floats).
 template <typename T> float sum_squares_short(const T* s, int64_t n) {
-  float acc[kIlp] = {0.0f, 0.0f, 0.0f, 0.0f};
-  auto square = [&](int64_t e) {
+  return torch_order_sum_short(n, [&](int64_t e) {
     const float a = static_cast<float>(s[e]);
     return opaque(a * a);
-  };
-  const int64_t size = n / kIlp;  // < 16 rows: no cascade step
-  for (int64_t i = 0; i < size; ++i)
-    for (int k = 0; k < kIlp; ++k) acc[k] += square(i * kIlp + k);
-  for (int64_t e = size * kIlp; e < n; ++e) acc[0] += square(e);
-  for (int k = 1; k < kIlp; ++k) acc[0] += acc[k];
-  return acc[0];
+  });
 }
 
 template <typename T>
