@@ -88,8 +88,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert max_abs <= max_abs_tol and rel <= rel_tol, f"max-abs {max_abs:.3g}, rel-norm {rel:.3g} ({dtype})"
 
 
-def make_batch(case: Case, dtype: torch.dtype):
-    """Random q/k/v, a NaN-poisoned cache with random cached prefixes, and scattered block tables."""
+def make_batch(case: Case, dtype: torch.dtype, device: str = DEVICE):
+    """Random q/k/v, a NaN-poisoned cache with random cached prefixes, and scattered block tables,
+    on `device` (the GPU when there is one; the C++ CPU kernel's tests pass "cpu")."""
     bs = case.block_size
     needed = [-(-s // bs) for s in case.seq_lens]
     num_blocks = sum(needed) + 3  # block 0 and two more stay unowned
@@ -98,7 +99,7 @@ def make_batch(case: Case, dtype: torch.dtype):
     for n in needed:
         tables.append(perm[used : used + n])
         used += n
-    meta = AttentionMetadata.build(list(case.query_lens), list(case.seq_lens), tables, bs, DEVICE)
+    meta = AttentionMetadata.build(list(case.query_lens), list(case.seq_lens), tables, bs, device)
     cache = torch.full((2, num_blocks, bs, case.num_kv_heads, case.head_dim), float("nan"))
     flat = cache.view(2, -1, case.num_kv_heads, case.head_dim)
     for i, (q_len, s) in enumerate(zip(case.query_lens, case.seq_lens)):
@@ -111,12 +112,13 @@ def make_batch(case: Case, dtype: torch.dtype):
     q = torch.randn(t, case.num_heads, case.head_dim)
     k = torch.randn(t, case.num_kv_heads, case.head_dim)
     v = torch.randn(t, case.num_kv_heads, case.head_dim)
-    to = dict(dtype=dtype, device=DEVICE)
+    to = dict(dtype=dtype, device=device)
     return q.to(**to), k.to(**to), v.to(**to), cache.to(**to), meta
 
 
-def run_attention_case(case: Case, dtype: torch.dtype, backend: TritonAttentionBackend, poison) -> None:
-    q, k, v, cache, meta = make_batch(case, dtype)
+def run_attention_case(case: Case, dtype: torch.dtype, backend: TritonAttentionBackend, poison,
+                       device: str = DEVICE) -> None:
+    q, k, v, cache, meta = make_batch(case, dtype, device)
     scale = case.head_dim ** -0.5
     ref_cache = cache.float()
     write_kv(k.float(), v.float(), ref_cache, meta.slot_mapping)
@@ -335,14 +337,14 @@ CPU_KERNEL_CASES = {
 def test_cpu_kernel_matches_torch(name, dtype, poison):
     """The C++ kernel against the torch reference, on a NaN-poisoned cache (a read outside a
     context or an unwritten output element fails), q and cache in float32 or bfloat16."""
-    run_attention_case(CPU_KERNEL_CASES[name], dtype, _cpu_backend(), poison)
+    run_attention_case(CPU_KERNEL_CASES[name], dtype, _cpu_backend(), poison, "cpu")
 
 
 def test_cpu_kernel_float32_queries_over_bfloat16_cache(poison):
     """Cache dtype independent of q's: a bfloat16 cache read by float32 queries."""
     backend = _cpu_backend()
     case = CPU_KERNEL_CASES["smollm_prefill_chunk_bs16"]
-    q, k, v, cache, meta = make_batch(case, torch.float32)
+    q, k, v, cache, meta = make_batch(case, torch.float32, "cpu")
     cache = cache.to(torch.bfloat16)
     # the reference reads what the kernel reads: new K/V rounded to bfloat16 by the cache
     k_ref, v_ref = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
@@ -356,7 +358,7 @@ def test_cpu_kernel_float32_queries_over_bfloat16_cache(poison):
 def test_cpu_kernel_threads_agree():
     """Work items are independent: 1 and 2 threads give bit-identical results."""
     backend = _cpu_backend()
-    q, k, v, cache, meta = make_batch(CPU_KERNEL_CASES["smollm_prefill_chunk_bs16"], torch.float32)
+    q, k, v, cache, meta = make_batch(CPU_KERNEL_CASES["smollm_prefill_chunk_bs16"], torch.float32, "cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -370,7 +372,7 @@ def test_cpu_kernel_threads_agree():
 
 def test_cpu_kernel_rejects_bad_inputs():
     backend = _cpu_backend()
-    q, k, v, cache, meta = make_batch(CPU_CASES["decode_gqa4_d64_bs16"], torch.float32)
+    q, k, v, cache, meta = make_batch(CPU_CASES["decode_gqa4_d64_bs16"], torch.float32, "cpu")
     op = torch.ops.conveyor_cpu.paged_attention
     with pytest.raises(RuntimeError, match="cache shape"):
         op(torch.empty(q[:, :7].shape), q[:, :7].contiguous(), cache, meta.block_tables, meta.seq_lens,
