@@ -74,12 +74,10 @@ def pack(weight: torch.Tensor, storage: torch.dtype | None = None) -> CpuPackedW
     reason = unsupported_reason(w.dtype, w.device)
     if reason is not None:
         raise RuntimeError(f"cpu GEMM unavailable: {reason}")
-    if storage is not None and (storage not in STORAGE_DTYPES or not exact_in(w, storage)):
-        raise ValueError(f"cpu GEMM storage {storage} does not hold these float32 weights exactly")
-    for dtype in (storage,) if storage is not None else STORAGE_DTYPES:
-        if exact_in(w, dtype):
+    for dtype in STORAGE_DTYPES if storage is None else (storage,) if storage in STORAGE_DTYPES else ():
+        if exact_in(w, dtype):  # float32 always is: with storage None the loop always returns
             return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w.to(dtype)), int(w.shape[0]))
-    raise AssertionError("unreachable: float32 storage is always exact")
+    raise ValueError(f"cpu GEMM storage {storage} does not hold these float32 weights exactly")
 
 
 def linear(x: torch.Tensor, packed: CpuPackedWeight, bias: torch.Tensor | None,
