@@ -51,5 +51,5 @@ setup(
         # GPU utilization and memory in /metrics through NVML
         "nvml": ["nvidia-ml-py"],
     },
-    entry_points={"console_scripts": ["conveyor=conveyor.cli:main"]},
+    entry_points={"console_scripts": ["conveyor=conveyor.cli:entry"]},
 )

@@ -1,6 +1,4 @@
 """`python -m conveyor ...` runs the `conveyor` command."""
-import sys
+from conveyor.cli import entry
 
-from conveyor.cli import main
-
-sys.exit(main())
+entry()

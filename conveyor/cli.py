@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import time
@@ -220,6 +221,22 @@ def _check_torchrun_serve(args: argparse.Namespace) -> None:
         if production.models or (production.lora is not None and production.lora.enabled):
             raise ValueError("under torchrun the model comes from --model and the engine flags, which every rank "
                              "reads; the config's [[models]] and [lora] are read by rank 0 only: remove them")
+
+
+def entry() -> None:
+    """The `conveyor` command (and `python -m conveyor`): runs `main`, then exits the process.
+
+    A torchrun rank whose command has finished (its peers were told to exit) leaves without the
+    interpreter's teardown: that would destroy the gloo process groups while the other ranks
+    close their sockets, a race in which gloo's destructor sometimes aborts the process
+    ("terminate called without an active exception", exit -6) after a correct run."""
+    code = main()
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
