@@ -14,7 +14,11 @@ End to end (`--e2e`): `LLM.generate`, greedy, 32 requests of 128 prompt tokens -
 tokens, screening off / on (torch path) / on (C++ ops), the order rotating, `--rounds` rounds
 after one untimed run of each, wall and CPU seconds.
 
-    nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e]
+Our int8 GEMM (engine/kernels/csrc/int8_gemm.cpp) against fbgemm's inside the C++ path: the
+head-level table's "C++, fbgemm" and "C++, own GEMM" columns; `--gemm` times the two GEMMs alone
+(the same codes, normalised random rows) at 1, 8, 16, 32 rows.
+
+    nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e] [--gemm]
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 
 from benchmarks.cpu_attention import machine
 from engine import LLM, SamplingParams
+from engine.kernels import int8_linear
 
 RANDOM_56M = "benchmarks/out/h14_run2/models/llama-56m"
 ROWS = (1, 8, 16, 32, 64)
@@ -95,9 +100,12 @@ def head_level(name: str, llm: LLM, real: bool, rounds: int) -> None:
           f"{c.median():.0f} p90 {c.quantile(0.9):.0f} max {c.max():.0f}; fallback rows "
           f"{res.fallback.double().mean():.0%}")
     arms = {"full": None, "torch": False, "fused": True} if fused else {"full": None, "torch": False}
-    print("| rows | full fp32 head ms | screened, torch path ms | screened, C++ ms | speedup vs full | "
-          "C++ vs torch | mean candidates | fallback |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    own_panels = head.panels
+    if own_panels is not None:
+        arms["own"] = True
+    print("| rows | full fp32 head ms | screened, torch path ms | screened, C++ (fbgemm) ms | C++, own GEMM ms | "
+          "speedup vs full | C++ vs torch | own vs fbgemm | mean candidates | fallback |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in ROWS:
         x = hidden[torch.arange(rows) * 7 % hidden.shape[0]]
         reps = max(3, 64 // rows)
@@ -106,17 +114,48 @@ def head_level(name: str, llm: LLM, real: bool, rounds: int) -> None:
         for r in range(rounds):
             for arm in names[r % len(names):] + names[:r % len(names)]:  # rotate who runs first
                 head.fused = bool(arms[arm])
+                head.panels = own_panels if arm == "own" else None
                 fn = (lambda: head.full_logits(x).argmax(dim=1)) if arm == "full" else (lambda: head.screen(x))
                 fn()  # warm (oneDNN primitive for this row count)
                 times[arm].append(_cpu_ms(fn, reps))
-        head.fused = fused
+        head.fused, head.panels = fused, own_panels
         s = head.screen(x)
         med = {arm: statistics.median(v) for arm, v in times.items()}
-        best = med.get("fused", med["torch"])
+        best = min(med.get("fused", med["torch"]), med.get("own", float("inf")))
         fused_ms = f"{med['fused']:.2f}" if fused else "-"
         ratio = f"{med['torch'] / med['fused']:.2f}x" if fused else "-"
-        print(f"| {rows} | {med['full']:.2f} | {med['torch']:.2f} | {fused_ms} | {med['full'] / best:.2f}x | {ratio} | "
-              f"{s.candidates.double().mean():.0f} | {s.fallback.double().mean():.0%} |")
+        own_ms, own_ratio = (f"{med['own']:.2f}", f"{med['fused'] / med['own']:.3f}x") if "own" in med else ("-", "-")
+        print(f"| {rows} | {med['full']:.2f} | {med['torch']:.2f} | {fused_ms} | {own_ms} | {med['full'] / best:.2f}x | "
+              f"{ratio} | {own_ratio} | {s.candidates.double().mean():.0f} | {s.fallback.double().mean():.0%} |")
+
+
+def gemm_level(name: str, llm: LLM, rounds: int) -> None:
+    """fbgemm's linear_dynamic vs int8_linear.run_panels on the head's codes, CPU ms per call."""
+    head = llm.engine.model.greedy_head
+    if head is None or head.panels is None:
+        print(f"{name}: our int8 GEMM is not available here")
+        return
+    w, k = head.int8, head.int8.in_features
+    print(f"\n{name}: int8 GEMM alone, vocab {w.out_features} x hidden {k}, CPU ms per call (median of "
+          f"{rounds} interleaved rounds), GMAC/s")
+    print("| rows | fbgemm ms | own ms | fbgemm GMAC/s | own GMAC/s | own vs fbgemm |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 8, 16, 32):
+        xn, _ = int8_linear.normalise_rows(torch.randn(rows, k, generator=gen))
+        inp = torch.zeros(rows + 1, k)
+        inp[:rows], inp[rows, 0], inp[rows, 1] = xn, 1.0, -1.0  # fbgemm's sentinel row, as the head's
+        arms = {"fbgemm": lambda: torch.ops.quantized.linear_dynamic(inp, w.packed, True),
+                "own": lambda: int8_linear.run_panels(inp, rows, head.panels)}
+        times: dict[str, list[float]] = {arm: [] for arm in arms}
+        reps = max(5, 64 // rows)
+        for r in range(rounds):
+            for arm in (["fbgemm", "own"] if r % 2 == 0 else ["own", "fbgemm"]):
+                arms[arm]()
+                times[arm].append(_cpu_ms(arms[arm], reps))
+        fb, own = statistics.median(times["fbgemm"]), statistics.median(times["own"])
+        macs = rows * w.out_features * k / 1e6
+        print(f"| {rows} | {fb:.3f} | {own:.3f} | {macs / fb:.0f} | {macs / own:.0f} | {fb / own:.3f}x |")
 
 
 def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
@@ -161,6 +200,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--e2e", action="store_true", help="also LLM.generate with screening on and off")
+    ap.add_argument("--gemm", action="store_true", help="only the int8 GEMMs alone (fbgemm vs ours)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
@@ -170,6 +210,9 @@ def main() -> None:
         cases.append(("random 56M Llama (random-token prompts)", RANDOM_56M, False))
     for name, path, real in cases:
         llm = LLM(path, dtype="float32", num_threads=args.threads)
+        if args.gemm:
+            gemm_level(name, llm, args.rounds)
+            continue
         head_level(name, llm, real, args.rounds)
         if args.e2e:
             end_to_end(name, llm, real, args.rounds)

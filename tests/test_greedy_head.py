@@ -145,6 +145,27 @@ def test_paths_agree_on_batches_with_outliers(rows):
     assert int((fused_res.candidates - torch_res.candidates).abs().max()) <= 1  # bounds equal to rounding
 
 
+@pytest.mark.skipif(not int8_linear.own_gemm_available(), reason="no C++ CPU kernels")
+@pytest.mark.parametrize("rows", [1, 4, 7, 32, 33])
+def test_own_gemm_and_fbgemm_give_the_same_tokens(rows):
+    """The fused path with our int8 GEMM (the default where built) and with fbgemm's (the
+    fallback): the same tokens as the float32 head, bounds equal up to rounding; vocab 5001 is
+    not a multiple of the GEMM's 32-token block; outlier channels split off."""
+    w, x = _case(rows + 40, vocab=5001, hidden=96, rows=rows)
+    x[:, 3] *= 25
+    own_head = GreedyHead(w, fused=True)
+    assert own_head.panels is not None  # the default where the op is built
+    fb_head = GreedyHead(w, fused=True, own_gemm=False)
+    assert fb_head.panels is None
+    own_res, fb_res = own_head.screen(x), fb_head.screen(x)
+    assert torch.equal(own_res.tokens, F.linear(x, w).argmax(dim=1))
+    assert torch.equal(own_res.tokens, fb_res.tokens)
+    assert not bool(own_res.fallback.any())
+    assert int((own_res.candidates - fb_res.candidates).abs().max()) <= 1
+    with pytest.raises(ValueError, match="int8_gemm.cpp"):
+        GreedyHead(w, fused=False, own_gemm=True)
+
+
 @pytest.mark.skipif(not fused_available(), reason="no C++ CPU kernels")
 @pytest.mark.parametrize("outliers", [0, 8])
 def test_fused_prepare_within_its_bound(outliers):

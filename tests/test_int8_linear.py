@@ -86,3 +86,63 @@ def test_pack_rejects_and_probe_passes():
     with pytest.raises(ValueError, match="x must be"):
         int8_linear.approx(torch.zeros(2, 5), int8_linear.pack(torch.ones(3, 8)))
     assert int8_linear.probe() is None
+
+
+# Our own AVX2 GEMM (engine/kernels/csrc/int8_gemm.cpp) on the same codes.
+own = pytest.mark.skipif(not int8_linear.own_gemm_available(), reason="no C++ CPU kernels")
+
+
+def _codes_and_grid(xn: torch.Tensor, w: int8_linear.Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 codes q [N, K], int64 activation codes c [R, K]) as int8_gemm.cpp defines them:
+    c = nearbyint(float32(x' * 63.5)); checked to be within the bound's residual of x'."""
+    q = torch.ops.quantized.linear_unpack(w.packed)[0].int_repr().long()
+    c = torch.round(xn * 63.5)  # float32 product, rounded half to even as nearbyint
+    s = int8_linear.ACT_STEP
+    dist = (xn.double() - s * torch.round(xn.double() / s)).abs()
+    assert bool(((xn.double() - c.double() * s).abs() <= dist + s / 64).all())
+    return q, c.long()
+
+
+@own
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 32, 33])
+@pytest.mark.parametrize("k,n", [(512, 1001), (67, 40), (2, 31), (576, 97)])
+def test_own_gemm_exact_integer_sums(rows, k, n):
+    """values / rescale_n is the exact integer sum c·q_n (against int64), for vocab sizes that
+    are not a multiple of the 32-token block, K not a multiple of 4, every row-tile remainder,
+    codes at ±127 and activations at ±1 (c = ±64) and on half-steps (the rounding ties)."""
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    weight = torch.randn(n, k, generator=gen)
+    weight[0] = 1.0  # all codes 127
+    weight[1] = -1.0  # all codes -127
+    x = _inputs(rows, k, gen)
+    xn, _ = int8_linear.normalise_rows(x)
+    if rows >= 3:
+        xn[-1] = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)  # |c| = 64: the largest bytes
+        xn[-2] = ((torch.arange(k) - k // 2) * (int8_linear.ACT_STEP / 2)).clamp(-1, 1)  # half steps
+    w = int8_linear.pack(weight)
+    p = int8_linear.pack_panels(w)
+    out = int8_linear.run_panels(xn.contiguous(), rows, p)
+    q, c = _codes_and_grid(xn, w)
+    exact = c @ q.T  # int64
+    # the products below are exact in float64 and the op rounds once more: compare in float32
+    sums = torch.round(out.double() / p.rescale[:n].double()).long()
+    assert torch.equal(sums, exact)
+    assert torch.equal(out, (exact.float() * p.rescale[:n]))  # the rescale: int -> float (exact here), one product
+    ref = torch.ops.conveyor_cpu.int8_gemm_reference(xn.contiguous(), rows, p.panels, p.colsum, p.rescale, n)
+    assert torch.equal(out, ref)  # the portable form gives the same bits
+
+
+@own
+@pytest.mark.parametrize("rows,k,n", [(1, 64, 300), (7, 576, 1000), (33, 96, 517)])
+def test_own_gemm_within_bound_and_close_to_fbgemm(rows, k, n):
+    gen = torch.Generator().manual_seed(rows + 7 * k)
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    x = _inputs(rows, k, gen)
+    w = int8_linear.pack(weight)
+    ap = int8_linear.approx(x, w)  # fbgemm's values and the bound's row terms
+    xn, _ = int8_linear.normalise_rows(x)
+    mine = int8_linear.run_panels(xn.contiguous(), rows, int8_linear.pack_panels(w))
+    exact = xn.double() @ weight.double().T
+    assert bool(((exact - mine.double()).abs() <= ap.bound().double()).all())
+    # the same integers, three float32 roundings each: a few ulps apart at most
+    assert bool(((mine - ap.values).abs() <= 4 * 2.0 ** -23 * ap.values.abs() + 1e-30).all())

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "paged_attention.cpp", CSRC / "kv_cache_write.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp",
-           CSRC / "cpu_gemm.cpp", CSRC / "greedy_prepare.cpp", CSRC / "greedy_screen.cpp")
+           CSRC / "cpu_gemm.cpp", CSRC / "greedy_prepare.cpp", CSRC / "greedy_screen.cpp",
+           CSRC / "int8_gemm.cpp")
 HEADERS = (CSRC / "vec8.h", CSRC / "torch_sum_order.h", CSRC / "attention_vec.h", CSRC / "attention_tile.h",
            CSRC / "attention_scores_decode.h", CSRC / "attention_scores_prefill.h")  # part of the build's cache key
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
@@ -130,7 +131,7 @@ def cpu_ops_available() -> bool:
 
 
 # Every op the sources register: a build cached from older sources lacks some of them.
-OPS = ("paged_attention", "write_kv_cache", "rms_norm", "add_rms_norm", "rotary_", "silu_and_mul")
+OPS = ("paged_attention", "write_kv_cache", "rms_norm", "add_rms_norm", "rotary_", "silu_and_mul", "int8_gemm")
 
 
 def _registered() -> bool:

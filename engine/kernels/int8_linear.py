@@ -34,6 +34,15 @@ for *any* float32 evaluation order of x @ W^T (so also oneDNN's or BLAS's). How:
   inflates its float32 result by 2^-10 so its own rounding cannot make it too small. Scaled
   back by m for x.
 
+`pack_panels` / `run_panels`: the same codes through our own AVX2 GEMM
+(engine/kernels/csrc/int8_gemm.cpp) instead of fbgemm's, where the C++ kernels are built. It
+quantizes the normalised rows itself onto the same grid s·Z (c = nearbyint(63.5 x'), |c| <= 64,
+so |x'_k - x̂_k| <= dist(x'_k, s·Z) + s/64 as above), sums c·q exactly in int32, and rescales
+with the same three float32 roundings as fbgemm (int32 -> float, exact up to K = 2064; the
+product s·ω_n, once, at pack; the multiply): |value - x̂·ŵ_n| <= (3u + 3u²)|x̂·ŵ_n|, inside the
+"few u" of margin_n (which is 2 (K + 16) u against γ_K + 3.01 u needed). So the same pieces and
+the same bound hold for it; its values may differ from fbgemm's by an ulp (rounding order).
+
 `unsupported_reason()` says when this torch build cannot run it (no fbgemm/x86 quantized
 engine). The quantized-tensor API used here is deprecated upstream (its warning is silenced).
 """
@@ -183,3 +192,50 @@ def probe() -> str | None:
     if off_grid > 1e-3 or err > 0.5 + 1e-3:
         return f"fbgemm's activation grid differs from the assumed one (off grid {off_grid:.3g}, error {err:.3g} steps)"
     return None
+
+
+def own_gemm_available() -> bool:
+    """True when engine/kernels/csrc/int8_gemm.cpp's ops are built and registered here."""
+    from engine.kernels.cpu_extension import cpu_ops_available
+    return cpu_ops_available() and hasattr(torch.ops.conveyor_cpu, "int8_gemm")
+
+
+@dataclass(frozen=True)
+class Int8Panels:
+    """An `Int8Weight`'s codes laid out for `torch.ops.conveyor_cpu.int8_gemm` ([blocks of 32
+    tokens, K4 / 4, 128] int8), with per padded column the codes' sum (int32) and the rescale
+    float32(s ω_n)."""
+
+    panels: torch.Tensor
+    colsum: torch.Tensor
+    rescale: torch.Tensor
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() + 8 * self.colsum.numel()
+
+
+@torch.no_grad()
+def pack_panels(weight: Int8Weight) -> Int8Panels:
+    """The codes and float32 scales fbgemm holds (so the bound pieces of `pack` hold as they
+    are), packed for our GEMM. Needs `own_gemm_available()`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ops.quantized.linear_unpack(weight.packed)[0]
+    codes = q.int_repr().contiguous()
+    panels = torch.ops.conveyor_cpu.int8_gemm_pack(codes)
+    padded = panels.shape[0] * 32
+    colsum = torch.zeros(padded, dtype=torch.int32)
+    colsum[:weight.out_features] = codes.sum(dim=1, dtype=torch.int32)
+    rescale = torch.zeros(padded)
+    # float32(s ω_n): the float64 product (within 2^-52 relative of the exact one), rounded once
+    rescale[:weight.out_features] = (q.q_per_channel_scales().float().double() * ACT_STEP).float()
+    return Int8Panels(panels, colsum, rescale, weight.out_features)
+
+
+def run_panels(xn: torch.Tensor, rows: int, weight: Int8Panels) -> torch.Tensor:
+    """[rows, N] float32 ≈ x' @ W^T for the first `rows` normalised rows of ``xn`` (float32,
+    contiguous, entries in [-1, 1]), through engine/kernels/csrc/int8_gemm.cpp."""
+    return torch.ops.conveyor_cpu.int8_gemm(xn, rows, weight.panels, weight.colsum, weight.rescale,
+                                            weight.out_features)

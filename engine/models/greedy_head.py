@@ -33,7 +33,10 @@ engine/kernels/csrc/greedy_prepare.cpp (outlier channels, normalised rows, the b
 coefficients), after it greedy_screen.cpp (a formed over fbgemm's output in place, with the block
 maxima, in one cache-tiled pass; then only the blocks that can hold candidates are read again, and
 the candidates' float32 recompute sums in torch's order, so their logits are bitwise the torch
-path's). Either path sends rows whose a could have overflowed to the full head.
+path's). The C++ path's int8 GEMM is our own (engine/kernels/csrc/int8_gemm.cpp: the same codes,
+grid and rescale roundings, so the same bound; measured faster than fbgemm's on this class of
+CPU, benchmarks/RESULTS.md), fbgemm's where that op is not built (`own_gemm=False`). Either path
+sends rows whose a could have overflowed to the full head.
 
 Cost control: when most rows of recent calls fell back (the bound is loose for this model's
 hidden states), screening is a net loss, so `argmax` then runs the full head for a while and
@@ -103,13 +106,16 @@ class GreedyHead:
     """Holds the int8 copy of the head, a reference to its dense form and the full head's path."""
 
     def __init__(self, dense: torch.Tensor, full_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 max_candidates: int = 1024, outliers: int = 32, fused: bool | None = None):
+                 max_candidates: int = 1024, outliers: int = 32, fused: bool | None = None,
+                 own_gemm: bool | None = None):
         """``dense`` [vocab, hidden] float32 (shared, not copied); ``full_logits`` the model's own
         full head for the fallback path ([R, hidden] -> float32 [R, vocab]; None: F.linear on
         ``dense``); ``outliers`` channels per call computed in float32 (0: none, and no
         transposed copy); ``fused`` runs the per-call work in the C++ ops (None: when they are
-        available; the tokens are the same either way). Raises ValueError saying why when
-        screening cannot run here."""
+        available; the tokens are the same either way); ``own_gemm`` runs the fused path's int8
+        GEMM in engine/kernels/csrc/int8_gemm.cpp instead of fbgemm (None: when built and fused;
+        the same bound, so the same tokens). Raises ValueError saying why when screening cannot
+        run here."""
         reason = unsupported_reason(dense)
         if reason is not None:
             raise ValueError(f"greedy head screening is not available: {reason}")
@@ -140,6 +146,11 @@ class GreedyHead:
         if fused and not fused_available():
             raise ValueError("the C++ greedy screening ops (engine/kernels/csrc/greedy_screen.cpp) are not available")
         self.fused = fused_available() if fused is None else fused
+        if own_gemm and not (self.fused and int8_linear.own_gemm_available()):
+            raise ValueError("our int8 GEMM (engine/kernels/csrc/int8_gemm.cpp) needs the fused path and the C++ kernels")
+        if own_gemm is None:
+            own_gemm = self.fused and int8_linear.own_gemm_available()
+        self.panels = int8_linear.pack_panels(self.int8) if own_gemm else None
         # torch path: |a_rn| <= (m_r + ||x_O||_1) K max|w| (1 + s + float16 and float32 rounding)
         self._overflow_cap = 2.0 * dense.shape[1] * float(self.dense.abs().max())
         self._fallback_ema = 0.0  # smoothed fraction of rows that fell back
@@ -151,6 +162,7 @@ class GreedyHead:
         """Memory this head adds: the int8 copy and the transposed float16 copy (the dense
         weight itself is shared)."""
         extra = 0 if self.dense_t is None else self.dense_t.numel() * self.dense_t.element_size()
+        extra += 0 if self.panels is None else self.panels.nbytes
         return self.int8.nbytes + extra
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +266,10 @@ class GreedyHead:
         non-finite entry (an overflow) fall back."""
         ops = torch.ops.conveyor_cpu
         inp, m, coef, chans, finite = ops.greedy_prepare(x, self.outliers, _OUTLIER_FACTOR)
-        values = torch.ops.quantized.linear_dynamic(inp, self.int8.packed, True)  # the sentinel row last
+        if self.panels is not None:  # our GEMM quantizes the rows itself: no need for the sentinel row
+            values = int8_linear.run_panels(inp, x.shape[0], self.panels)
+        else:
+            values = torch.ops.quantized.linear_dynamic(inp, self.int8.packed, True)  # the sentinel row last
         dense_t = self.dense_t if self.dense_t is not None else torch.empty(0, dtype=torch.float16)
         tokens, counts, fallback = ops.greedy_screen(values, m, coef, x, chans, dense_t, self._pieces_t,
                                                      self._block_pieces_t, self.dense, finite,
