@@ -11,6 +11,12 @@ and this process's CPU time (a busy shared host inflates wall, less so CPU time)
 each backend against F.linear once per shape, and that the two panel storages are bit-identical.
 
     nice -n 5 python -m benchmarks.cpu_gemm_ab [--rounds 3] [--ms 1,8,32,256,2048] [--models llama56m]
+
+`--gate-up`: instead, the MLP of a layer (gate_up, SiLU-and-mul, down; llama56m's shapes, cold
+as above, 1 thread) with SiLU-and-mul fused into the gate_up GEMM's epilogue
+(cpu_gemm.silu_and_mul_linear on pack_gate_up panels) against the unfused path (cpu_gemm.linear
+on pack panels, then ops.silu_and_mul), both with bf16-stored and float32 panels; checks that
+the two give equal bits.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import cpu_gemm, onednn_linear
+from engine.kernels import cpu_gemm, onednn_linear, ops
 
 LAYERS = 10
 MODELS = (
@@ -56,13 +62,60 @@ def cold(run, layers, xs, sweeps: int) -> tuple[list[float], float]:
     return [t / 1e9 / (sweeps * len(layers)) for t in tot], cpu / (sweeps * len(layers))
 
 
+def gate_up_ab(ms: list[int], rounds: int) -> None:
+    """Per-layer MLP time, fused SiLU epilogue vs unfused, medians of interleaved rounds."""
+    hidden, inner = 512, 1536
+    gen = torch.Generator().manual_seed(3)
+    ws = [((torch.randn(2 * inner, hidden, generator=gen) / hidden ** 0.5).bfloat16().float(),
+           (torch.randn(hidden, inner, generator=gen) / inner ** 0.5).bfloat16().float()) for _ in range(LAYERS)]
+
+    def unfused(x, layer):
+        return cpu_gemm.linear(ops.silu_and_mul(cpu_gemm.linear(x, layer[0], None)), layer[1], None)
+
+    def fused(x, layer):
+        return cpu_gemm.linear(cpu_gemm.silu_and_mul_linear(x, layer[0], None), layer[1], None)
+
+    runs = {}
+    for storage in (torch.bfloat16, torch.float32):
+        tag = "bf16" if storage == torch.bfloat16 else "f32"
+        down = [cpu_gemm.pack(wd, storage) for _, wd in ws]
+        runs[f"unfused-{tag}"] = (unfused, [(cpu_gemm.pack(wg, storage), d) for (wg, _), d in zip(ws, down)])
+        runs[f"fused-{tag}"] = (fused, [(cpu_gemm.pack_gate_up(wg, storage), d) for (wg, _), d in zip(ws, down)])
+    names = list(runs)
+    print("| M | " + " | ".join(f"{n} wall ms" for n in names) + " | " + " | ".join(f"{n} CPU ms" for n in names)
+          + " | fused/unfused CPU, median of rounds, bf16 | f32 |")
+    print("| ---: |" + " ---: |" * (2 * len(names) + 2))
+    for m in ms:
+        x = torch.randn(m, hidden, generator=gen)
+        for tag in ("bf16", "f32"):
+            a, b = (runs[f"{kind}-{tag}"] for kind in ("unfused", "fused"))
+            assert torch.equal(a[0](x, a[1][0]), b[0](x, b[1][0])), (m, tag)
+        sweeps = 4 if m <= 64 else 1
+        res = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                fn, layers = runs[n]
+                res[n].append(cold(fn, [[layer] for layer in layers], [x], sweeps))
+        wall = {n: statistics.median(v[0][0] for v in res[n]) * 1e3 for n in names}
+        cpu = {n: statistics.median(v[1] for v in res[n]) * 1e3 for n in names}
+        # per-round CPU ratios (the two sides ran within the same round): steadier than a ratio of medians
+        ratio = {tag: statistics.median(f[1] / u[1] for f, u in zip(res[f"fused-{tag}"], res[f"unfused-{tag}"]))
+                 for tag in ("bf16", "f32")}
+        print(f"| {m} | " + " | ".join(f"{wall[n]:.3f}" for n in names) + " | " + " | ".join(f"{cpu[n]:.3f}" for n in names)
+              + f" | {ratio['bf16']:.3f} | {ratio['f32']:.3f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ms", default="1,8,32,256,2048")
     ap.add_argument("--models", default="llama56m,smollm2", help="which of: llama56m, smollm2")
+    ap.add_argument("--gate-up", action="store_true", help="the fused SiLU epilogue A/B (see the docstring)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.gate_up:
+        gate_up_ab([int(v) for v in args.ms.split(",")], args.rounds)
+        return
     ims = impls()
     names = list(ims)
     gen = torch.Generator().manual_seed(1)

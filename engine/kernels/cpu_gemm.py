@@ -37,6 +37,8 @@ class CpuPackedWeight:
 
     panels: torch.Tensor  # float32, bfloat16 or float16: exact copies of the float32 weights
     out_features: int
+    # From `pack_gate_up`: panel 2p holds gate columns 16p.., panel 2p+1 the same up columns
+    gate_up: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -65,27 +67,64 @@ def exact_in(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or torch.equal(weight.to(dtype).float(), weight)
 
 
+def _storage(w: torch.Tensor, storage: torch.dtype | None) -> torch.dtype:
+    """`storage`, or when None the first of bfloat16, float16, float32 holding `w` exactly; raises
+    ValueError when an asked-for `storage` does not hold it, RuntimeError where the GEMM is unavailable."""
+    reason = unsupported_reason(w.dtype, w.device)
+    if reason is not None:
+        raise RuntimeError(f"cpu GEMM unavailable: {reason}")
+    for dtype in STORAGE_DTYPES if storage is None else (storage,) if storage in STORAGE_DTYPES else ():
+        if exact_in(w, dtype):  # float32 always is: with storage None the loop always returns
+            return dtype
+    raise ValueError(f"cpu GEMM storage {storage} does not hold these float32 weights exactly")
+
+
 def pack(weight: torch.Tensor, storage: torch.dtype | None = None) -> CpuPackedWeight:
     """The [out, in] float32 weight in the kernel's panel layout (a copy), stored in `storage`,
     or when None in the first of bfloat16, float16, float32 that holds every weight exactly.
     Raises ValueError when an asked-for `storage` does not hold the weights exactly, and
     RuntimeError where `unsupported_reason` is not None."""
     w = weight.detach()
-    reason = unsupported_reason(w.dtype, w.device)
-    if reason is not None:
-        raise RuntimeError(f"cpu GEMM unavailable: {reason}")
-    for dtype in STORAGE_DTYPES if storage is None else (storage,) if storage in STORAGE_DTYPES else ():
-        if exact_in(w, dtype):  # float32 always is: with storage None the loop always returns
-            return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w.to(dtype)), int(w.shape[0]))
-    raise ValueError(f"cpu GEMM storage {storage} does not hold these float32 weights exactly")
+    dtype = _storage(w, storage)
+    return CpuPackedWeight(torch.ops.conveyor_cpu.cpu_gemm_pack(w.to(dtype)), int(w.shape[0]))
+
+
+def pack_gate_up(weight: torch.Tensor, storage: torch.dtype | None = None) -> CpuPackedWeight:
+    """An MLP's fused [gate; up] weight [2 * inner, in] packed for `silu_and_mul_linear` (and
+    `linear`, which gives the same [.., 2 * inner] as `pack`'s layout): gate and up panels
+    interleaved, one storage for both (chosen as `pack` does). ValueError for an odd row count."""
+    w = weight.detach()
+    if w.dim() != 2 or w.shape[0] % 2:
+        raise ValueError(f"gate_up weight must be [2 * inner, in], got {list(w.shape)}")
+    dtype, inner = _storage(w, storage), w.shape[0] // 2
+    gate, up = (torch.ops.conveyor_cpu.cpu_gemm_pack(half.to(dtype)) for half in (w[:inner], w[inner:]))
+    return CpuPackedWeight(torch.stack((gate, up), 1).flatten(0, 1), int(w.shape[0]), gate_up=True)
+
+
+def _rows(x: torch.Tensor, width: int, run) -> torch.Tensor:
+    """run(x2) on x [..., in] as 2-D rows, the result [..., width]."""
+    if x.dim() == 2:
+        return run(x)
+    return run(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], width)
 
 
 def linear(x: torch.Tensor, packed: CpuPackedWeight, bias: torch.Tensor | None,
            block_rows: int = BLOCK_ROWS) -> torch.Tensor:
-    """x @ W^T (+ bias) for float32 x [..., in], with W packed by `pack`."""
-    if x.dim() == 2:
-        return torch.ops.conveyor_cpu.cpu_gemm(x, packed.panels, packed.out_features, bias, block_rows)
-    lead = x.shape[:-1]
-    y = torch.ops.conveyor_cpu.cpu_gemm(x.reshape(-1, x.shape[-1]), packed.panels, packed.out_features,
-                                        bias, block_rows)
-    return y.reshape(*lead, packed.out_features)
+    """x @ W^T (+ bias) for float32 x [..., in], with W packed by `pack` or `pack_gate_up`."""
+    n = packed.out_features
+    if packed.gate_up:
+        return _rows(x, n, lambda x2: torch.ops.conveyor_cpu.cpu_gemm_gate_up(x2, packed.panels, n // 2, bias, False,
+                                                                             block_rows))
+    return _rows(x, n, lambda x2: torch.ops.conveyor_cpu.cpu_gemm(x2, packed.panels, n, bias, block_rows))
+
+
+def silu_and_mul_linear(x: torch.Tensor, packed: CpuPackedWeight, bias: torch.Tensor | None,
+                        block_rows: int = BLOCK_ROWS) -> torch.Tensor:
+    """silu(gate) * up of h = x @ [Wg; Wu]^T (+ bias), [..., inner], W packed by `pack_gate_up`,
+    without the [..., 2 * inner] intermediate: bit-identical to `ops.silu_and_mul(linear(x, ..))`
+    for float32 x (csrc/cpu_gemm_gate_up.cpp)."""
+    if not packed.gate_up:
+        raise ValueError("silu_and_mul_linear needs a weight packed by pack_gate_up")
+    inner = packed.out_features // 2
+    return _rows(x, inner, lambda x2: torch.ops.conveyor_cpu.cpu_gemm_gate_up(x2, packed.panels, inner, bias, True,
+                                                                             block_rows))

@@ -25,7 +25,7 @@ from engine.attention_metadata import AttentionMetadata
 from engine.kernels.backend import AttentionBackend
 from engine.kernels.ops import apply_rotary, silu_and_mul
 from engine.models.base import CausalLM, MappedWeight, RMSNorm
-from engine.models.parallel_linear import ColumnParallelLinear, RowParallelLinear
+from engine.models.parallel_linear import ColumnParallelLinear, GateUpLinear, RowParallelLinear
 from engine.models.tensor_parallel import TPContext, head_shards, split, take, vocab_shard
 from engine.models.rotary import RotaryTables, rope_config_from_hf
 from engine.models.spec import KVCacheSpec
@@ -108,11 +108,14 @@ class LlamaMLP(nn.Module):
     def __init__(self, d: LlamaDims, tp: TPContext):
         super().__init__()
         inner = split(d.intermediate_size, tp, "intermediate_size")
-        self.gate_up_proj = ColumnParallelLinear(d.hidden_size, [inner, inner], bias=d.mlp_bias)
+        self.gate_up_proj = GateUpLinear(d.hidden_size, inner, bias=d.mlp_bias)
         self.down_proj = RowParallelLinear(inner, d.hidden_size, bias=d.mlp_bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if isinstance(gate_up, GateUpLinear):  # SiLU in the GEMM's epilogue where it can be
+            return self.down_proj(gate_up.silu_and_mul_forward(x))
+        return self.down_proj(silu_and_mul(gate_up(x)))  # wrapped (LoRA): it adds to the full output
 
 
 class LlamaDecoderLayer(nn.Module):

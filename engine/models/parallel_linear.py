@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_gemm, onednn_linear
+from engine.kernels.ops import silu_and_mul
 from engine.models.tensor_parallel import Shard, TPContext, materialize, take
 
 
@@ -37,6 +38,10 @@ class PackableLinear(nn.Linear):
         if self.packed is not None:
             return onednn_linear.linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
+
+    def pack_cpu(self) -> cpu_gemm.CpuPackedWeight:
+        """This rank's weight packed for the cpu GEMM (engine/models/prepack.py calls it)."""
+        return cpu_gemm.pack(self.weight)
 
 
 class ColumnParallelLinear(PackableLinear):
@@ -57,6 +62,33 @@ class ColumnParallelLinear(PackableLinear):
         if kind == "weight" and transposed:
             return row, materialize(take(tensor, 1, shard)).t()
         return row, materialize(take(tensor, 0, shard))
+
+
+class GateUpLinear(ColumnParallelLinear):
+    """An MLP's gate and up projections fused ([gate | up], ``inner`` columns each on this rank),
+    whose output only feeds SiLU-and-multiply. With cpu GEMM panels and at least
+    ``FUSED_MIN_ROWS`` rows, `silu_and_mul_forward` fuses it into the GEMM's epilogue
+    (cpu_gemm.silu_and_mul_linear: bit-identical, no [rows, 2 * inner] intermediate); otherwise
+    it is `silu_and_mul(self(x))`. Tensor parallel shards fuse alike: each rank's gate and up
+    columns are the same slice of the intermediate features."""
+
+    # Fewest rows for the fused epilogue: measured not slower at 1-2,048 rows
+    # (benchmarks/cpu_gemm_ab.py --gate-up, benchmarks/RESULTS.md)
+    FUSED_MIN_ROWS = 1
+
+    def __init__(self, in_features: int, inner: Shard, bias: bool):
+        super().__init__(in_features, [inner, inner], bias=bias)
+
+    def pack_cpu(self) -> cpu_gemm.CpuPackedWeight:
+        return cpu_gemm.pack_gate_up(self.weight)
+
+    def silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this layer's output, [..., inner]."""
+        packed = self.packed
+        if (isinstance(packed, cpu_gemm.CpuPackedWeight) and packed.gate_up and x.dtype == torch.float32
+                and x.numel() >= self.FUSED_MIN_ROWS * x.shape[-1]):
+            return cpu_gemm.silu_and_mul_linear(x, packed, self.bias)
+        return silu_and_mul(self(x))
 
 
 class RowParallelLinear(PackableLinear):

@@ -79,7 +79,7 @@ def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
     stored: dict[torch.dtype, list[int]] = {}  # own GEMM panels: storage dtype -> [count, bytes]
     for module in model.modules():
         if isinstance(module, PackableLinear) and module.packed is None:
-            module.packed = cpu_gemm.pack(module.weight) if backend == "cpu" else onednn_linear.pack(module.weight)
+            module.packed = module.pack_cpu() if backend == "cpu" else onednn_linear.pack(module.weight)
             _drop_dense(module)
             count += 1
             if backend == "cpu":

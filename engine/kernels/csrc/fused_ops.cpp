@@ -3,8 +3,8 @@
 //
 // Each replaces a chain of separate torch ops (one pass over memory and one allocation each) by
 // one pass, with the rounding points of that chain (vec8.h: `rounded<T>`, no FMA contraction).
-// The rotary is bit-identical to the torch path; SiLU differs only in the exp (`exp8`, a
-// Cephes-style polynomial, < 1 ulp; tests/test_cpu_fused_ops.py checks it).
+// The rotary is bit-identical to the torch path; SiLU differs only in the exp (silu8.h's `exp8`,
+// a Cephes-style polynomial, < 1 ulp; tests/test_cpu_fused_ops.py checks it).
 //
 // The ragged tail of a row goes through a zero-padded 8-element buffer, so it takes the same
 // arithmetic as the body. Rows are spread over torch's intra-op threads (at::parallel_for) in
@@ -12,39 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <vector>
 
-#include "vec8.h"
+#include "silu8.h"
 
 namespace {
 
 using namespace conveyor_vec;
-
-// exp(x) in float32 for every x: Cephes' expf polynomial on r = x - n ln2, |r| <= ln2/2, with
-// ln2 split in two so n*ln2 is exact, and 2^n applied as two factors so that n = 128 (x near
-// ln(FLT_MAX)) and gradual underflow need no special case. x > ln(FLT_MAX) gives inf, NaN NaN.
-// Horner's steps may contract into FMAs; the last step may not (`opaque`): contracted it gave a
-// max error of 1.02 ulp, kept separate 0.99 ulp over 50M points (tests/test_cpu_fused_ops.py).
-inline v8 exp8(v8 x) {
-  const v8 hi = splat(88.72283935546875f), lo = splat(-103.97208404541015625f);
-  const v8 xc = x < lo ? lo : (x > hi ? hi : x);
-  const v8 t = xc * 1.44269504088896341f;
-  const v8i n = __builtin_convertvector(t + (t < 0.0f ? splat(-0.5f) : splat(0.5f)), v8i);
-  const v8 nf = __builtin_convertvector(n, v8);
-  const v8 r = (xc - opaque(nf * 0.693359375f)) + opaque(nf * 2.12194440e-4f);
-  v8 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = (opaque(p * r * r) + r) + 1.0f;
-  const v8i n1 = n >> 1, n2 = n - n1;
-  const v8 y = (p * as_float((v8u)((n1 + 127) << 23))) * as_float((v8u)((n2 + 127) << 23));
-  const v8 inf = splat(std::numeric_limits<float>::infinity());
-  return x != x ? x : (x > hi ? inf : y);
-}
 
 // ---- rotary ---------------------------------------------------------------------------------
 
@@ -97,10 +71,8 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tens
 
 // out = T(T(g / (1 + exp(-g))) * u) per element, g the first half of a row and u the second.
 template <typename T> void silu_mul_row(const T* x, T* out, int64_t inner) {
-  const v8 one = splat(1.0f);
   for_chunks(inner, [&](int64_t i, auto m) {
-    const v8 g = load_n(x + i, m);
-    store_n(out + i, rounded<T>(g / (one + exp8(-g))) * load_n(x + inner + i, m), m);
+    store_n(out + i, silu_mul8<T>(load_n(x + i, m), load_n(x + inner + i, m)), m);
   });
 }
 
