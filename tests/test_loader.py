@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -244,3 +245,51 @@ def test_gguf_config_and_tokenizer_are_converted_once_then_cached(tmp_path, monk
     # an unwritable cache is skipped, not an error
     monkeypatch.setenv("CONVEYOR_CACHE_DIR", "/proc/conveyor-cannot-write-here")
     assert same(loader._via_cache("config", str(gguf), AutoConfig.from_pretrained, convert_config), first)
+
+
+def test_gguf_tensor_index_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """iter_gguf with a cache folder: the first call parses the file and keeps its tensor index,
+    later calls read the tensors through it without GGUFReader, and yield the same tensors as
+    the uncached path; another config (its name map differs) parses afresh."""
+    import gguf
+
+    from engine.models.gguf_weights import INDEX_FILE, iter_gguf
+
+    cfg = _llama32_like()
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    h, inner = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    tensors = {"token_embd.weight": ((cfg.vocab_size, h), gguf.GGMLQuantizationType.Q8_0),
+               "blk.0.attn_q.weight": ((h, h), gguf.GGMLQuantizationType.F16),
+               "blk.0.attn_k.weight": ((kv, h), gguf.GGMLQuantizationType.Q8_0),
+               "blk.0.ffn_up.weight": ((inner, h), gguf.GGMLQuantizationType.F32),
+               "blk.1.attn_norm.weight": ((h,), gguf.GGMLQuantizationType.F32)}
+    for name, (shape, qtype) in tensors.items():
+        values = rng.standard_normal(shape).astype(np.float32)
+        data = gguf.quants.quantize(values, qtype) if qtype != gguf.GGMLQuantizationType.F32 else values
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path, cache = str(tmp_path / "m.gguf"), str(tmp_path / "cache")
+
+    plain = dict(iter_gguf(path, cfg, torch.float32))
+    assert len(plain) == len(tensors)
+    first = dict(iter_gguf(path, cfg, torch.float32, cache_dir=cache))
+    assert os.path.isfile(os.path.join(cache, INDEX_FILE))
+
+    class NoReader:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("GGUFReader used despite the cached index")
+
+    monkeypatch.setattr(gguf, "GGUFReader", NoReader)
+    again = dict(iter_gguf(path, cfg, torch.float32, cache_dir=cache))
+    for got in (first, again):
+        assert got.keys() == plain.keys()
+        assert all(torch.equal(got[k], plain[k]) for k in plain)
+    other = _llama32_like()
+    other.num_hidden_layers = 3
+    with pytest.raises(AssertionError, match="GGUFReader used"):
+        dict(iter_gguf(path, other, torch.float32, cache_dir=cache))

@@ -5,13 +5,28 @@ Reading and dequantizing is the `gguf` package's job; the GGUF -> HF name mappin
 Llama q/k rows, GPT-2's transposes) from transformers' GGUF tensor processors. This mirrors
 `transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint` but builds the name map once
 instead of once per submodule, which made that function several times slower than the read.
+
+Parsing the file's metadata (`GGUFReader`: tens of thousands of tokenizer strings, in Python)
+and building the name map cost ~4 s of CPU per load of the default model, more than
+dequantizing its weights. So where a cache folder is given, the tensor index (each tensor's
+name, quantization type, byte offset and array shape, as `GGUFReader` found them) and the name
+map are written there once as JSON, and later loads read the tensors' bytes straight from a
+memory map of the file, dequantized by `gguf` as before: the same bytes, so the same weights.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from typing import Iterator
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
+INDEX_FILE = "tensor_index.json"
 
 
 def _name_map(arch: str, hf_names: list[str], num_layers: int) -> dict[str, str]:
@@ -44,20 +59,71 @@ def _owned(array: np.ndarray) -> np.ndarray:
     return np.require(array, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
-def iter_gguf(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses."""
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+def _read_index(path: str, hf_config) -> dict:
+    """The file's architecture, name map and tensor index, parsed by `GGUFReader`."""
+    from gguf import GGUFReader
 
     reader = GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
-    mapping = _name_map(arch, _hf_names(hf_config), hf_config.num_hidden_layers)
+    tensors = [{"name": t.name, "type": int(t.tensor_type), "offset": int(t.data_offset),
+                "dtype": t.data.dtype.str, "shape": [int(n) for n in t.data.shape]} for t in reader.tensors]
+    return {"arch": arch, "mapping": _name_map(arch, _hf_names(hf_config), hf_config.num_hidden_layers),
+            "tensors": tensors}
+
+
+def _config_key(hf_config) -> str:
+    # The name map depends on the config (its layer count, the HF names it yields).
+    return hashlib.sha256(hf_config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+def _index(path: str, hf_config, cache_dir: str | None) -> dict:
+    """`_read_index`, through `cache_dir`/INDEX_FILE when a cache folder is given. The cache is
+    keyed by the config; one that cannot be read or written is skipped, never an error."""
+    if cache_dir is None:
+        return _read_index(path, hf_config)
+    file, key = os.path.join(cache_dir, INDEX_FILE), _config_key(hf_config)
+    try:
+        with open(file) as f:
+            cached = json.load(f)
+        if cached.get("config_key") == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    index = {**_read_index(path, hf_config), "config_key": key}
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".index-", dir=cache_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f)
+        os.replace(tmp, file)  # atomic: a concurrent reader sees all of it or none
+    except OSError as exc:
+        logger.info("not caching the GGUF tensor index: %s", exc)
+    return index
+
+
+def _tensor_bytes(data: np.ndarray, entry: dict) -> np.ndarray:
+    """One tensor's array over the memory-mapped file, as `GGUFReader` presents it."""
+    dtype = np.dtype(entry["dtype"])
+    size = int(np.prod(entry["shape"], dtype=np.int64)) * dtype.itemsize
+    return data[entry["offset"]: entry["offset"] + size].view(dtype).reshape(entry["shape"])
+
+
+def iter_gguf(path: str, hf_config, dtype: torch.dtype,
+              cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses.
+    With `cache_dir`, the tensor index is parsed once and kept there (module docstring)."""
+    from gguf import GGMLQuantizationType, dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    index = _index(path, hf_config, cache_dir)
+    mapping = index["mapping"]
+    processor = TENSOR_PROCESSORS.get(index["arch"], TensorProcessor)(config=hf_config.to_dict())
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     side_outputs: dict = {"tensors": {}}  # processors may emit renamed tensors here (GPT-2's output)
-    for tensor in reader.tensors:
-        weights = dequantize(tensor.data, tensor.tensor_type)
+    for entry in index["tensors"]:
+        weights = dequantize(_tensor_bytes(data, entry), GGMLQuantizationType(entry["type"]))
         result = processor.process(
-            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=side_outputs
+            weights=weights, name=entry["name"], tensor_key_mapping=mapping, parsed_parameters=side_outputs
         )
         if result.name in mapping:
             yield mapping[result.name], torch.from_numpy(_owned(result.weights)).to(dtype)

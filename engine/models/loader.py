@@ -203,7 +203,8 @@ def load_model(
     if load_format == "dummy":
         model.init_dummy_weights(seed)
     elif src.is_gguf:
-        model.load_weights(iter_gguf(os.path.join(src.path, src.gguf_file), hf_config, dtype))
+        gguf_path = os.path.join(src.path, src.gguf_file)
+        model.load_weights(iter_gguf(gguf_path, hf_config, dtype, cache_dir=gguf_cache_dir(gguf_path)))
     else:
         model.load_weights(iter_safetensors(src.path, lazy=tp.size > 1))
     model.eval()
