@@ -137,7 +137,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, d: LlamaDims, backend: AttentionBackend, tp: TPContext):
         super().__init__()
-        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
+        # An explicit (uninitialised) weight skips Embedding's random init, whose first call on the
+        # meta device imports torch's decompositions (~1.3 CPU-s per process): loading overwrites it.
+        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size,
+                                         _weight=torch.empty(d.vocab_size, d.hidden_size))
         self.layers = nn.ModuleList(LlamaDecoderLayer(d, backend, tp) for _ in range(d.num_layers))
         self.norm = RMSNorm(d.hidden_size, d.rms_norm_eps)
 
