@@ -17,6 +17,10 @@ exactly representable there, as weights loaded from a bf16 (or fp16) checkpoint 
 converts them back to the same float32 values before each FMA, so results are bit-identical to
 float32 panels, with half the memory and half the weight traffic of a decode step (which streams
 every weight from memory). Other weights (e.g. dequantized GGUF blocks) keep float32 panels.
+
+MLP gate_up: `pack_gate_up` interleaves the gate and up panels so that `silu_and_mul_linear`
+runs SiLU-and-mul in the GEMM's epilogue (csrc/cpu_gemm_gate_up.cpp), never writing the
+[M, 2 * inner] intermediate, with the bits of `ops.silu_and_mul(linear(x, pack(w), b))`.
 """
 from __future__ import annotations
 
