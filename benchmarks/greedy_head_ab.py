@@ -18,7 +18,11 @@ Our int8 GEMM (engine/kernels/csrc/int8_gemm.cpp) against fbgemm's inside the C+
 head-level table's "C++, fbgemm" and "C++, own GEMM" columns; `--gemm` times the two GEMMs alone
 (the same codes, normalised random rows) at 1, 8, 16, 32 rows.
 
-    nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e] [--gemm]
+Old vs new code (`--ab OLD NEW`, two git worktrees): `LLM.generate` on the throughput benchmark's
+"fixed" (32 x 128 -> 64) and "mixed" (32 requests, prompts 16-512, outputs 16-128, seed 1)
+workloads, each run a fresh process importing one worktree, alternating, `--rounds` rounds.
+
+    nice python -m benchmarks.greedy_head_ab --rounds 3 [--e2e] [--gemm] [--ab OLD NEW --model DIR]
 """
 from __future__ import annotations
 
@@ -195,16 +199,71 @@ def end_to_end(name: str, llm: LLM, real: bool, rounds: int) -> None:
         print(f"  CPU time {kind}/off: {statistics.median(c for _, c in times[kind]) / off:.3f}")
 
 
+AB_CHILD = """
+import hashlib, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from benchmarks.workloads import fixed_workload, mixed_workload
+from engine import LLM, SamplingParams
+wl = (fixed_workload(32, 128, 64, 0) if sys.argv[3] == "fixed" else mixed_workload(32, (16, 512), (16, 128), 1))
+llm = LLM(model=sys.argv[2], num_threads=1)
+head = llm.engine.model.greedy_head
+prompts = [list(r.prompt_ids) for r in wl.requests]
+params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in wl.requests]
+llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0), use_tqdm=False)
+t0, c0 = time.perf_counter(), time.process_time()
+outs = llm.generate(prompts, params, use_tqdm=False)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+tokens = [list(o.outputs[0].token_ids) for o in outs]
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "out_tokens": sum(map(len, tokens)),
+                  "head": "none" if head is None else ("own" if getattr(head, "panels", None) is not None else "fbgemm"),
+                  "sha": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}))
+"""
+
+
+def old_new(old: str, new: str, model: str, rounds: int) -> None:
+    """Fresh processes, old / new worktree alternating (who goes first alternates per round)."""
+    import json
+    import subprocess
+    import sys
+    sides = {"old": old, "new": new}
+    res: dict[tuple[str, str], list[dict]] = {}
+    for r in range(rounds):
+        for wl in ("mixed", "fixed"):
+            for side in (["old", "new"] if r % 2 == 0 else ["new", "old"]):
+                out = subprocess.run([sys.executable, "-c", AB_CHILD, sides[side], model, wl], cwd=sides[side],
+                                     capture_output=True, text=True, check=True)
+                res.setdefault((wl, side), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(r, wl, side, res[(wl, side)][-1], flush=True)
+    def per_round(rs: list[dict]) -> str:
+        return ", ".join(f"{x['cpu_s']:.2f}" for x in rs)
+
+    print("| workload | side | head | wall s (median) | CPU s (median) | CPU s per round | new/old CPU | tokens |")
+    print("|---|---|---|---:|---:|---|---:|---|")
+    for wl in ("mixed", "fixed"):
+        old_cpu = statistics.median(x["cpu_s"] for x in res[(wl, "old")])
+        for side in ("old", "new"):
+            rs = res[(wl, side)]
+            cpu = statistics.median(x["cpu_s"] for x in rs)
+            print(f"| {wl} | {side} | {rs[0]['head']} | {statistics.median(x['wall_s'] for x in rs):.2f} | {cpu:.2f} | "
+                  f"{per_round(rs)} | {cpu / old_cpu:.3f} | "
+                  f"{sorted({x['sha'] for x in rs})} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--e2e", action="store_true", help="also LLM.generate with screening on and off")
     ap.add_argument("--gemm", action="store_true", help="only the int8 GEMMs alone (fbgemm vs ours)")
+    ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="end to end, two worktrees, fresh processes")
+    ap.add_argument("--model", default=RANDOM_56M, help="with --ab: the checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
     print(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.ab:
+        old_new(*args.ab, os.path.abspath(args.model), args.rounds)
+        return
     cases = [("SmolLM2-135M (default model, real text)", None, True)]
     if os.path.isdir(RANDOM_56M):
         cases.append(("random 56M Llama (random-token prompts)", RANDOM_56M, False))

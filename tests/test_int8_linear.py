@@ -123,6 +123,11 @@ def test_own_gemm_exact_integer_sums(rows, k, n):
     p = int8_linear.pack_panels(w)
     out = int8_linear.run_panels(xn.contiguous(), rows, p)
     q, c = _codes_and_grid(xn, w)
+    # the codes pack_panels reads back from fbgemm are the ones pack computed its bound pieces from
+    max_abs = weight.abs().amax(dim=1)
+    want_q = torch.quantize_per_channel(weight, (max_abs / 127.0).double(), torch.zeros(n, dtype=torch.long), 0,
+                                        torch.qint8).int_repr()
+    assert torch.equal(q, want_q.long())
     exact = c @ q.T  # int64
     # the products below are exact in float64 and the op rounds once more: compare in float32
     sums = torch.round(out.double() / p.rescale[:n].double()).long()

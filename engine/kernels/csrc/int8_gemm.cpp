@@ -225,6 +225,8 @@ at::Tensor int8_gemm(const at::Tensor& x, int64_t rows, const at::Tensor& panels
   TORCH_CHECK(colsum.scalar_type() == at::kInt && colsum.is_contiguous() && colsum.numel() == padded &&
                   rescale.scalar_type() == at::kFloat && rescale.is_contiguous() && rescale.numel() == padded,
               "int8_gemm: colsum int32 and rescale float32 must have one entry per padded column");
+  // |sum_k (c_k + 64) q_nk| <= 128 * 127 K must fit int32
+  TORCH_CHECK(x.size(1) <= (int64_t{1} << 31) / (128 * 127), "int8_gemm: K too large for int32 sums");
   const int64_t groups = panels.size(1);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0 || n == 0) return out;
