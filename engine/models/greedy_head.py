@@ -262,7 +262,7 @@ class GreedyHead:
     def _screen_fused(self, x: torch.Tensor) -> ScreenResult:
         """`screen` through the C++ ops (engine/kernels/csrc/greedy_screen.cpp): the same steps
         and the same float32 logits for the candidates (summed in torch's order), so the same
-        tokens; a is never materialised beyond fbgemm's output, and rows whose a holds a
+        tokens; a is never materialised beyond the int8 GEMM's output, and rows whose a holds a
         non-finite entry (an overflow) fall back."""
         ops = torch.ops.conveyor_cpu
         inp, m, coef, chans, finite = ops.greedy_prepare(x, self.outliers, _OUTLIER_FACTOR)
