@@ -19,6 +19,8 @@ torch_attention.write_kv (two index_copy_) against the C++ write_kv_cache, inter
 
     python -m benchmarks.cpu_attention_ab --against 9256104 --rounds 3 --threads 1
     python -m benchmarks.cpu_attention_ab --step   # also whole decode steps of the default model, 1K contexts
+    python -m benchmarks.cpu_attention_ab --cold 10 --cpu-time   # decodes on caches past the L3, and
+                                                                 # a streaming read for comparison
 """
 from __future__ import annotations
 
@@ -82,9 +84,9 @@ def build_baseline(rev: str):
     return torch.ops.conveyor_cpu_base.paged_attention
 
 
-def make_case(heads: int, kv_heads: int, query_lens: list[int], seq_lens: list[int], dtype: torch.dtype):
+def make_case(heads: int, kv_heads: int, query_lens: list[int], seq_lens: list[int], dtype: torch.dtype, seed: int = 0):
     """q, a cache filled with random K/V on shuffled blocks, and the kernel's metadata."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     needed = [-(-s // BLOCK) for s in seq_lens]
     perm = (torch.randperm(sum(needed), generator=gen) + 1).tolist()
     tables, used = [], 0
@@ -102,12 +104,15 @@ def make_case(heads: int, kv_heads: int, query_lens: list[int], seq_lens: list[i
 
 
 def _time(op, args, reps: int, clock=time.perf_counter) -> float:
-    out = torch.empty_like(args[0])
-    op(out, *args, HEAD_DIM**-0.5)
+    """Seconds per call; `args` is one case or a list of them (each call takes the next one, so
+    with --cold every call finds its cache out of the CPU's caches, as a model's layers do)."""
+    cases = args if isinstance(args, list) else [args]
+    out = torch.empty_like(cases[0][0])
+    op(out, *cases[0], HEAD_DIM**-0.5)
     t0 = clock()
-    for _ in range(reps):
-        op(out, *args, HEAD_DIM**-0.5)
-    return (clock() - t0) / reps
+    for i in range(reps * len(cases)):
+        op(out, *cases[i % len(cases)], HEAD_DIM**-0.5)
+    return (clock() - t0) / (reps * len(cases))
 
 
 def bench_kv_write(rounds: int, target_s: float, clock, dtype: torch.dtype) -> None:
@@ -146,6 +151,17 @@ def _time_call(op, args, reps: int, clock) -> float:
     return (clock() - t0) / reps
 
 
+def stream_read_gbs(clock, rounds: int = 3) -> float:
+    """What one thread streams from memory: the best of `rounds` sums over a 1 GiB float32 tensor."""
+    big = torch.ones(2**28)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = clock()
+        big.sum()
+        best = max(best, big.numel() * 4 / (clock() - t0) / 1e9)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", default="9256104", help="git revision of the baseline kernel source")
@@ -156,6 +172,9 @@ def main() -> None:
                     help="time the calling thread's CPU time, not wall time (with --threads 1, on a busy machine)")
     ap.add_argument("--step", action="store_true", help="then decode steps of the default model with each kernel")
     ap.add_argument("--target-s", type=float, default=0.3, help="seconds per variant per case per round")
+    ap.add_argument("--cold", type=int, default=1, metavar="N",
+                    help="decode cases on N caches called in turn (10: ~250 MB for the 56M decodes, far past "
+                         "the L3, as the layers of a decode step); 1: one cache, warm in the L3")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from engine.kernels.cpu_extension import cpu_ops_available
@@ -166,6 +185,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if args.cold > 1:
+        print(f"Streaming read of a 1 GiB tensor (torch sum, 1 thread): {stream_read_gbs(clock):.1f} GB/s")
     print(f"\n## Kernel {args.against} (base) vs working tree (new), {args.dtype}, "
           f"{'CPU' if args.cpu_time else 'wall'} ms per call: "
           f"median [min] of {args.rounds} rounds\n")
@@ -173,12 +194,20 @@ def main() -> None:
     print("| --- |" + " ---: |" * 7)
     for name, (heads, kv_heads, query_lens, seq_lens) in CASES.items():
         case_args, kv_bytes, flops = make_case(heads, kv_heads, query_lens, seq_lens, dtype)
+        if args.cold > 1 and max(query_lens) == 1:  # other caches (and shuffles) of the same shapes
+            case_args = [case_args] + [make_case(heads, kv_heads, query_lens, seq_lens, dtype, seed)[0]
+                                       for seed in range(1, args.cold)]
+        elif args.cold > 1:
+            continue  # --cold measures the decodes
+        first = case_args[0] if isinstance(case_args, list) else case_args
         outs = {}
         for label, op in ops.items():
-            outs[label] = torch.empty_like(case_args[0])
-            op(outs[label], *case_args, HEAD_DIM**-0.5)
+            outs[label] = torch.empty_like(first[0])
+            op(outs[label], *first, HEAD_DIM**-0.5)
         diff = (outs["base"].float() - outs["new"].float()).abs().max().item()
         assert diff < (1e-4 if dtype == torch.float32 else 3e-2), f"{name}: kernels disagree by {diff}"
+        if isinstance(case_args, list):
+            name += f" (cold: {len(case_args)} caches)"
         reps = max(1, round(args.target_s / _time(ops["base"], case_args, 1)))
         times = {label: [] for label in ops}
         for i in range(args.rounds):  # the order alternates, so neither kernel always runs first
@@ -190,7 +219,8 @@ def main() -> None:
         rates = [f"{kv_bytes / med[k] / 1e9:.1f}" if decode else "-" for k in ops]
         rates += [f"{flops / med[k] / 1e9:.1f}" for k in ops]
         print(f"| {name} | " + " | ".join(cells) + f" | {med['base'] / med['new']:.2f}x | " + " | ".join(rates) + " |")
-    bench_kv_write(args.rounds, args.target_s, clock, dtype)
+    if args.cold == 1:
+        bench_kv_write(args.rounds, args.target_s, clock, dtype)
     if args.step:
         from engine.kernels.cpu_attention import CpuPagedAttentionBackend
 
