@@ -119,7 +119,7 @@ inline void softmax_tile(float* __restrict s, int rows, float* __restrict m, flo
     const v8 old_max = load8(m + r0);
     // the first tile holds key 0, which every row sees, so the max is finite from there on
     const v8 mx = max8v(old_max, row_max);
-    const v8 corr = exp8(old_max - mx);
+    const v8 corr = exp8_nonpos(old_max - mx);
     store8(m + r0, mx);
     for (int i = 0; i < 8; ++i) {
       if (i >= nr) {
@@ -128,8 +128,8 @@ inline void softmax_tile(float* __restrict s, int rows, float* __restrict m, flo
       }
       float* sr = s + (r0 + i) * kTileKeys;
       const v8 mv = splat8(mx[i]);
-      const v8 x0 = exp8(load8(sr) - mv), x1 = exp8(load8(sr + 8) - mv);
-      const v8 x2 = exp8(load8(sr + 16) - mv), x3 = exp8(load8(sr + 24) - mv);
+      const v8 x0 = exp8_nonpos(load8(sr) - mv), x1 = exp8_nonpos(load8(sr + 8) - mv);
+      const v8 x2 = exp8_nonpos(load8(sr + 16) - mv), x3 = exp8_nonpos(load8(sr + 24) - mv);
       store8(sr, x0); store8(sr + 8, x1); store8(sr + 16, x2); store8(sr + 24, x3);
       t[i] = (x0 + x1) + (x2 + x3);
     }

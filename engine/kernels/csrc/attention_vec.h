@@ -37,8 +37,9 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline v8 max8v(v8 a, v8 b) { return a > b ? a : b; }
 
 // exp(x) for x <= 0 on eight lanes (Cephes' single-precision polynomial, ~1 ulp; round-to-nearest
-// through the 1.5 * 2^23 trick); x = -inf (a masked score) gives exactly 0.
-inline v8 exp8(v8 x) {
+// through the 1.5 * 2^23 trick); x = -inf (a masked score) gives exactly 0. Named apart from
+// silu8.h's exp8 (every x), since the build compiles the sources in shared translation units.
+inline v8 exp8_nonpos(v8 x) {
   const v8i masked = x < splat8(-87.0f);
   const v8 xc = masked ? splat8(-87.0f) : x;
   const v8 magic = splat8(12582912.0f);
