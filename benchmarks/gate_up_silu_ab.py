@@ -15,37 +15,28 @@ must be: the fused epilogue is bit-identical).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 MODEL = "benchmarks/out/h14_run2/models/llama-56m"
 
 
 def child(root: str, model: str) -> dict:
     """One run with `engine` imported from `root`: load, warm up, generate; the numbers."""
-    sys.path.insert(0, root)
+    from benchmarks.timed_generate import timed_generate  # this checkout's (`benchmarks` runs from it)
     from benchmarks.workloads import mixed_workload
-    from engine import LLM, SamplingParams
+
+    sys.path.insert(0, root)
+    from engine import LLM
 
     import engine
     assert engine.__file__.startswith(os.path.abspath(root)), engine.__file__
     wl = mixed_workload(32, (16, 512), (16, 128), 1)
     llm = LLM(model=model, dtype="float32", linear_backend="cpu", num_threads=1)
-    llm.generate([list(wl.requests[0].prompt_ids[:16])], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0),
-                 use_tqdm=False)
-    prompts = [list(r.prompt_ids) for r in wl.requests]
-    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in wl.requests]
-    t0, c0 = time.perf_counter(), time.process_time()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    return {"wall_s": wall, "cpu_s": cpu, "out_tokens": sum(map(len, tokens)),
-            "tokens_sha": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}
+    return timed_generate(llm, wl)
 
 
 def main() -> None:

@@ -14,12 +14,10 @@ FMAs see the same float32 weights).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import subprocess
 import sys
-import time
 
 STORAGES = ("float32", "auto")
 WORKLOADS = ("fixed", "mixed", "small")
@@ -30,8 +28,9 @@ def child(model: str, storage: str, workload: str) -> dict:
     import torch
 
     from benchmarks.peers.child import peak_rss_bytes
+    from benchmarks.timed_generate import timed_generate
     from benchmarks.workloads import fixed_workload, mixed_workload
-    from engine import LLM, SamplingParams
+    from engine import LLM
     from engine.kernels import cpu_gemm
 
     if storage == "float32":  # the A side: what pack did before 16-bit panels
@@ -39,16 +38,7 @@ def child(model: str, storage: str, workload: str) -> dict:
     wl = {"fixed": lambda: fixed_workload(32, 128, 64, 0), "small": lambda: fixed_workload(4, 64, 128, 0),
           "mixed": lambda: mixed_workload(32, (16, 512), (16, 128), 0)}[workload]()
     llm = LLM(model=model, dtype="float32", linear_backend="cpu", num_threads=1)
-    llm.generate([list(wl.requests[0].prompt_ids[:16])], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0),
-                 use_tqdm=False)
-    prompts = [list(r.prompt_ids) for r in wl.requests]
-    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in wl.requests]
-    t0, c0 = time.perf_counter(), time.process_time()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    return {"wall_s": wall, "cpu_s": cpu, "out_tokens": sum(map(len, tokens)), "peak_rss_mb": peak_rss_bytes() / 2**20,
-            "tokens_sha": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}
+    return {**timed_generate(llm, wl), "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def main() -> None:
