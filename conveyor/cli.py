@@ -231,11 +231,14 @@ def entry() -> None:
     close their sockets, a race in which gloo's destructor sometimes aborts the process
     ("terminate called without an active exception", exit -6) after a correct run."""
     code = main()
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if "torch" in sys.modules:  # only a command that loaded torch can have joined a group
+        from engine.distributed.process_group import under_torchrun
+
+        if under_torchrun():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     sys.exit(code)
 
 
