@@ -1,5 +1,5 @@
 """One timed `LLM.generate` over a workload, as the fresh-process A/B scripts measure it
-(benchmarks/gate_up_silu_ab.py, benchmarks/panel_storage_ab.py): a 4-token warm-up on the first
+(benchmarks/checkout_ab.py, benchmarks/panel_storage_ab.py): a 4-token warm-up on the first
 prompt's first 16 tokens, then every request greedy with EOS ignored; wall and CPU seconds of
 the generate call alone, the output token count, and a digest of the tokens (two sides that
 must agree compare it)."""

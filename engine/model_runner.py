@@ -10,6 +10,7 @@ final hidden states instead.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -83,15 +84,19 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if self.lora is not None:  # token -> adapter slot mapping, in the flat batch's order
             self.lora.set_step([(s.lora_id, len(s.token_ids)) for s in items])
+        keep = self._rows_to_keep(items, sample_rows, query_lens, len(input_ids))
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(ids, meta)
         else:
-            hidden = self.model(ids, meta.positions, self.kv_caches, meta)
+            hidden = self.model(ids, meta.positions, self.kv_caches, meta, keep_rows=keep)
         pooled = self._pool(items, hidden, meta)
         if not sample_rows:
             return SampledTokens(pooled=pooled)
-        last_token = meta.query_start_loc[1:].to(torch.long) - 1
-        sampled_hidden = hidden[last_token[sample_rows]]
+        if keep is not None:  # the model returned just the sampled rows, in order
+            sampled_hidden = hidden
+        else:
+            last_token = meta.query_start_loc[1:].to(torch.long) - 1
+            sampled_hidden = hidden[last_token[sample_rows]]
         sampling = [items[i] for i in sample_rows]
         rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar)
                 for s in sampling]
@@ -103,6 +108,16 @@ class ModelRunner:
             result = self.sampler(self.model.compute_logits(sampled_hidden), rows)
         return SampledTokens([s.request_id for s in sampling], result.token_ids, result.logprobs,
                              result.chosen_logprobs, pooled)
+
+    def _rows_to_keep(self, items: list, sample_rows: list[int], query_lens: list[int],
+                      num_tokens: int) -> torch.Tensor | None:
+        """The flat-batch rows whose final hidden state is read: each sampled sequence's last
+        token. None where every row is read anyway (decodes only), or where something needs
+        all rows (pooling reads whole chunks; LoRA maps adapters onto every token's row)."""
+        if len(sample_rows) == num_tokens or self.lora is not None or any(s.pooling for s in items):
+            return None
+        ends = list(itertools.accumulate(query_lens))
+        return torch.tensor([ends[i] - 1 for i in sample_rows], dtype=torch.long, device=self.device)
 
     def _sample_with_greedy_head(self, head, hidden: torch.Tensor, rows: list[SamplingRow],
                                  only_argmax: list[bool]) -> SamplerOutput:

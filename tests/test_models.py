@@ -34,6 +34,12 @@ class PagedRunner:
 
     def step(self, feeds: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
         """feeds: (sequence id, new tokens), decodes first. Returns each feed's logits [q, vocab]."""
+        logits, query_lens = self.step_rows(feeds)
+        return list(logits.split(query_lens))
+
+    def step_rows(self, feeds: list[tuple[str, list[int]]], keep: list[int] | None = None):
+        """Like `step`, with the model's ``keep_rows``: returns (logits of the kept flat-batch rows,
+        or of every row when ``keep`` is None; the feeds' query lengths)."""
         query_lens, seq_lens, tables, ids, positions = [], [], [], [], []
         for sid, tokens in feeds:
             start = self.lengths.get(sid, 0)
@@ -50,10 +56,11 @@ class PagedRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, self.device)
         with torch.inference_mode():
             ids_t = torch.tensor(ids, device=self.device)
-            hidden = self.model(ids_t, torch.tensor(positions, device=self.device), self.caches, meta)
+            keep_t = None if keep is None else torch.tensor(keep, dtype=torch.long, device=self.device)
+            hidden = self.model(ids_t, torch.tensor(positions, device=self.device), self.caches, meta, keep_rows=keep_t)
             logits = self.model.compute_logits(hidden)
         assert logits.dtype == torch.float32
-        return list(logits.split(query_lens))
+        return logits, query_lens
 
 
 def hf_logits(ref, tokens: list[int]) -> torch.Tensor:
@@ -108,6 +115,32 @@ def test_chunked_prefill_matches_transformers(pair):
     first = runner.step([("x", prompt[:20])])[0]
     second = runner.step([("x", prompt[20:])])[0]  # attends to the 20 cached tokens
     torch.testing.assert_close(torch.cat([first, second]), want, atol=ATOL, rtol=RTOL)
+
+
+def keep_rows_against_transformers(ours, ref) -> None:
+    """Steps that keep only some rows (the runner keeps each sampled sequence's last token): the
+    kept rows match transformers, and the dropped rows' K/V is still written, since later chunks
+    and decodes attend to it. One step keeps no row at all."""
+    gen = torch.Generator().manual_seed(3)
+    a, b, c = random_prompt(7, gen), random_prompt(33, gen), random_prompt(37, gen)
+    runner = PagedRunner(ours)
+    # a and b prefill whole and are sampled; c's first chunk is not (rows 6 and 39 kept)
+    got, _ = runner.step_rows([("a", a), ("b", b), ("c", c[:20])], keep=[6, 39])
+    torch.testing.assert_close(got, torch.stack([hf_logits(ref, a)[-1], hf_logits(ref, b)[-1]]), atol=ATOL, rtol=RTOL)
+    a.append(int(got[0].argmax()))
+    b.append(int(got[1].argmax()))
+    # decodes of a and b, and c's last chunk across a block boundary; b's row is dropped
+    got, _ = runner.step_rows([("a", a[-1:]), ("b", b[-1:]), ("c", c[20:])], keep=[0, 18])
+    torch.testing.assert_close(got, torch.stack([hf_logits(ref, a)[-1], hf_logits(ref, c)[-1]]), atol=ATOL, rtol=RTOL)
+    got, _ = runner.step_rows([("d", c[:5])], keep=[])  # a chunk that nobody samples
+    assert got.shape[0] == 0
+    got, _ = runner.step_rows([("b", [5]), ("d", c[5:9])], keep=[0, 4])
+    torch.testing.assert_close(got, torch.stack([hf_logits(ref, b + [5])[-1], hf_logits(ref, c[:9])[-1]]),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_keep_rows_matches_transformers(pair):
+    keep_rows_against_transformers(*pair)
 
 
 def test_kv_spec_and_max_model_len(pair):
@@ -203,3 +236,4 @@ def test_cpu_kernel_backend_matches_transformers(tmp_path, arch):
         torch.testing.assert_close(got, hf_logits(ref, full)[-len(tokens):], atol=ATOL, rtol=RTOL)
     got = runner.step([("c", late[17:])])[0]  # a chunk over 17 cached tokens, across a block boundary
     torch.testing.assert_close(got, hf_logits(ref, late)[17:], atol=ATOL, rtol=RTOL)
+    keep_rows_against_transformers(ours, ref)

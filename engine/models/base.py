@@ -50,9 +50,15 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        keep_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Returns final-normed hidden states [T, hidden_size] for the flat token batch, after
-        writing every token's K/V into its slot of each layer's cache."""
+        writing every token's K/V into its slot of each layer's cache.
+
+        ``keep_rows`` (int64 row indices into the flat batch): only those rows' hidden states
+        are returned, in that order, [len(keep_rows), hidden_size]; every token's K/V is still
+        written. A model may skip the other rows' work wherever no later token needs it (after
+        the last layer's attention); their values are the same as without ``keep_rows``."""
         raise NotImplementedError
 
     def lm_head_weight(self) -> torch.Tensor:

@@ -115,13 +115,14 @@ class GPT2LMHeadModel(CausalLM):
         w, shard = self.transformer.wte.weight, self.vocab_shard
         return w if shard is None else w.narrow(0, shard.start, shard.size)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(input_ids, positions, kv_caches)
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions)
         for block, kv_cache in zip(t.h, kv_caches):
             x = block(x, kv_cache, meta)
-        return t.ln_f(x)
+        return t.ln_f(x if keep_rows is None else x.index_select(0, keep_rows))
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:
         if name.startswith("lm_head."):

@@ -89,7 +89,9 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
             self.k_norm = RMSNorm(d.head_dim, d.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep_rows``: only those rows go through the output projection (see CausalLM)."""
         d = self.d
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -100,8 +102,8 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(q.reshape(-1, d.head_dim))[0].view(q.shape)
             k = self.k_norm(k.reshape(-1, d.head_dim))[0].view(k.shape)
         apply_rotary(q, k, cos, sin)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale).reshape(-1, self.q_size)
+        return self.o_proj(out if keep_rows is None else out.index_select(0, keep_rows))
 
 
 class LlamaMLP(nn.Module):
@@ -126,10 +128,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d.hidden_size, d.rms_norm_eps)
         self.mlp = LlamaMLP(d, tp)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta):
+    def forward(self, x, residual, cos, sin, kv_cache, meta, keep_rows=None):
         # The residual stream is carried separately so each norm can fuse the residual add.
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h = self.self_attn(h, cos, sin, kv_cache, meta, keep_rows)
+        if keep_rows is not None:  # the rows no one reads skip the output projection and the MLP
+            residual = residual.index_select(0, keep_rows)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -192,13 +196,16 @@ class LlamaForCausalLM(CausalLM):
         w, shard = self.model.embed_tokens.weight, self.vocab_shard
         return w if shard is None else w.narrow(0, shard.start, shard.size)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                keep_rows: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(input_ids, positions, kv_caches)
         cos, sin = self.rotary.lookup(positions)
         h = self.model.embed_tokens(input_ids)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h, residual = layer(h, residual, cos, sin, kv_cache, meta)
+        last = len(self.model.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            # Only the last layer may drop rows: every earlier one feeds the next layer's K/V.
+            h, residual = layer(h, residual, cos, sin, kv_cache, meta, keep_rows if i == last else None)
         return self.model.norm(h, residual)[0]
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> list[MappedWeight]:
