@@ -192,7 +192,15 @@ def test_bad_load_format_is_named(tmp_path):
 
 # ---- the real GGUF -------------------------------------------------------------------------
 
-def test_smollm2_gguf_matches_transformers():
+def test_smollm2_gguf_matches_transformers(monkeypatch):
+    import functools
+
+    import gguf
+
+    # transformers' GGUF loader rebuilds gguf's tensor-name map for every tensor (397 times, ~6
+    # CPU-s here); the map is a pure function of (architecture, layer count), so the reference
+    # loads the same weights with it built once.
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
     src = resolve_model(None)
     cfg = load_hf_config(src)
     # The tokenizer comes from the shared helper's copy (already built once per test session).
