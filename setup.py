@@ -35,7 +35,9 @@ setup(
         # GPU kernels; install.sh adds it on machines with an NVIDIA GPU.
         "triton": ["triton"],
         # triton here runs the GPU kernels' tests through Triton's interpreter on CPU.
-        "test": ["pytest", "pytest-timeout", "openai", "httpx", "triton", "matplotlib",
+        "test": ["pytest", "pytest-timeout",
+                 "pytest-xdist",  # the README's test command runs the files on two workers (-n 2)
+                 "openai", "httpx", "triton", "matplotlib",
                  "openapi-spec-validator", "psutil",
                  "schemathesis==4.32.5",  # tests/test_fuzz_openapi.py (pinned: its API changes)
                  "hypothesis",  # imported by tests/test_fuzz_openapi.py (schemathesis pins its range)

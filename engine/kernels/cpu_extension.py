@@ -123,7 +123,11 @@ def _unity_sources(sources, out_dir: Path) -> list[str]:
         unit = out_dir / f"unity_{i}.cpp"
         text = "".join(f'#include "{src}"\n' for src in group)
         if not unit.exists() or unit.read_text() != text:  # unchanged: ninja keeps its object
-            unit.write_text(text)
+            # via a rename: a process building beside this one (a parallel test worker, a second
+            # server) never compiles a half-written unit
+            tmp = unit.with_name(f".{unit.name}.{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, unit)
         paths.append(str(unit))
     return paths
 
