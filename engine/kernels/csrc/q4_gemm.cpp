@@ -1,0 +1,234 @@
+// y[M, N] = x[M, K] @ W^T in float32 straight from GGUF Q4_1 blocks (engine/kernels/q4_linear.py
+// wraps these ops; benchmarks/q4_linear_ab.py measures them against the float32 GEMM).
+//
+// GGUF Q4_1: W is N rows of K/32 blocks of 20 bytes: fp16 d, fp16 m, 16 bytes qs; weight j of a
+// block (j < 16) is (qs[j] & 0xF) * d + m, weight j + 16 is (qs[j] >> 4) * d + m.
+//
+// Layout (q4_1_pack): panels of 16 output columns, as the float32 GEMM's (cpu_gemm.cpp), each one
+// contiguous stream of K/32 panel blocks of 320 bytes (5 bits a weight, as GGUF's):
+//   bytes   0..31   d of columns 0..15 (fp16)        bytes 32..63   m of columns 0..15 (fp16)
+//   bytes  64..319  for k = 0..31 of the block, 8 bytes: byte j = q(column j) | q(column j + 8) << 4
+// so one k's 16 nibbles widen with a vpmovzxbd, an and (columns 0-7) and a shift (columns 8-15).
+// Columns past N have d = m = 0 (weight 0; their outputs are never stored).
+//
+// Arithmetic: w = fma(q, d, m) in float32. q * d is exact (11-bit d times a 4-bit q), so this is
+// the one rounding of gguf.dequantize's float32 (d * q) + m: w is the dequantized weight, bit for
+// bit. Each output is then one FMA chain over k = 0..K-1 from 0.0f, as cpu_gemm_tile.h's: the
+// result is bit-identical to cpu_gemm on the dequantized weight (any M, any tile, any thread), so
+// a row's bits do not depend on its batch, nor on which of the two kernels a caller picks.
+//
+// Cost per k of a 16-column panel and a tile of MR rows: ~7 vector ops to decode 16 weights
+// (done once per tile, shared by its rows) plus 2 MR FMAs; the weight stream is 10 bytes per k
+// against 64 for float32 panels. Small M is bandwidth-bound in float32, so this wins there.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CONVEYOR_Q4_AVX2 1
+#include <immintrin.h>
+
+#include "cpu_gemm_tile.h"
+#endif
+
+namespace conveyor_q4 {  // named, not anonymous: the unity build shares units between sources
+
+constexpr int64_t kCols = 16;          // output columns per panel
+constexpr int64_t kBlock = 32;         // weights per GGUF block along K
+constexpr int64_t kGgufBytes = 20;     // a GGUF Q4_1 block
+constexpr int64_t kQsOffset = 64;      // where a panel block's nibbles start (after d[16], m[16])
+constexpr int64_t kPanelBlockBytes = kQsOffset + kBlock * kCols / 2;  // 320
+constexpr int64_t kBlockRows = 64;     // rows per block: x's block stays in cache across panels
+// Prefetch distance of the weight stream, as the float32 GEMM's (cpu_gemm_tile.h): ~4 KB ahead
+// measured best there; here it is 13 panel blocks (416 k of one panel).
+constexpr int64_t kPrefetchBytes = 4096;
+constexpr int kMaxTileRows = 4;  // 8 accumulators + 2 weights + d, m (4) + mask: 16 ymm
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// GGUF bytes [N, K/32 * 20] -> [ceil(N/16), K/32, 320] uint8 in the layout above (a new tensor).
+at::Tensor q4_1_pack(const at::Tensor& raw) {
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.is_cpu() && raw.size(1) % kGgufBytes == 0,
+              "q4_1_pack: raw must be a uint8 CPU tensor [N, K/32 * 20]");
+  const at::Tensor r = raw.contiguous();
+  const int64_t n = r.size(0), blocks = r.size(1) / kGgufBytes, panels = (n + kCols - 1) / kCols;
+  at::Tensor out = at::zeros({panels, blocks, kPanelBlockBytes}, r.options());
+  const uint8_t* src = r.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t p = row / kCols, c = row % kCols;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* g = src + (row * blocks + b) * kGgufBytes;
+      uint8_t* o = dst + (p * blocks + b) * kPanelBlockBytes;
+      std::memcpy(o + 2 * c, g, 2);       // d
+      std::memcpy(o + 32 + 2 * c, g + 2, 2);  // m
+      for (int j = 0; j < kBlock; ++j) {
+        const int q = j < 16 ? g[4 + j] & 0xF : g[4 + j - 16] >> 4;
+        o[kQsOffset + 8 * j + c % 8] |= static_cast<uint8_t>(c < 8 ? q : q << 4);
+      }
+    }
+  }
+  return out;
+}
+
+#if defined(CONVEYOR_Q4_AVX2)
+// Accumulators are named variables (an array was kept on the stack by GCC in cpu_gemm_tile.h).
+#define Q4_ROW(r)                                                 \
+  if constexpr (MR > r) {                                         \
+    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k0 + j);  \
+    c##r##0 = _mm256_fmadd_ps(xb, w0, c##r##0);                   \
+    c##r##1 = _mm256_fmadd_ps(xb, w1, c##r##1);                   \
+  }
+#define Q4_OUT(r) \
+  if constexpr (MR > r) out(r, c##r##0, c##r##1);
+
+// Rows x[0..MR) (stride ldx) times one panel (`blocks` panel blocks); pf: where to prefetch.
+template <int MR, bool PF, class Out>
+inline void q4_tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict panel, int64_t blocks,
+                    const uint8_t* pf, Out&& out) {
+  const __m256i low = _mm256_set1_epi32(0xF);
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = panel + b * kPanelBlockBytes;
+    if (PF)
+      for (int64_t line = 0; line < kPanelBlockBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + b * kPanelBlockBytes + line), _MM_HINT_T0);
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32)));
+    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)));
+    const uint8_t* qs = blk + kQsOffset;
+    const int64_t k0 = b * kBlock;
+    for (int j = 0; j < kBlock; ++j) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * j)));
+      // fma(q, d, m): q * d exact, one rounding: gguf.dequantize's float32 weight
+      __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0, m0);
+      __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1);
+      asm volatile("" : "+x"(w0), "+x"(w1));  // keep them in registers (see cpu_gemm_tile.h)
+      Q4_ROW(0) Q4_ROW(1) Q4_ROW(2) Q4_ROW(3)
+    }
+  }
+  Q4_OUT(0) Q4_OUT(1) Q4_OUT(2) Q4_OUT(3)
+}
+#undef Q4_ROW
+#undef Q4_OUT
+
+template <int MR, class Out>
+inline void q4_tile_pf(bool pf, const float* x, int64_t ldx, const uint8_t* panel, int64_t blocks,
+                       const uint8_t* pfp, Out&& out) {
+  if (pf)
+    q4_tile<MR, true>(x, ldx, panel, blocks, pfp, out);
+  else
+    q4_tile<MR, false>(x, ldx, panel, blocks, pfp, out);
+}
+
+// Panels over torch's intra-op threads; within a panel, balanced row tiles of <= kMaxTileRows.
+// The first tile of each panel prefetches the stream ahead (into the next panels).
+void q4_run(const float* xp, const uint8_t* w, float* yp, int64_t M, int64_t K, int64_t n, int64_t P) {
+  const int64_t blocks = K / kBlock, panel_bytes = blocks * kPanelBlockBytes;
+  for (int64_t r0 = 0; r0 < M; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, M - r0), nt = (rows + kMaxTileRows - 1) / kMaxTileRows;
+    at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* panel = w + p * panel_bytes;
+        const int ncols = static_cast<int>(std::min<int64_t>(kCols, n - p * kCols));
+        int64_t m0 = r0;
+        for (int64_t t = 0; t < nt; ++t) {
+          const int mr = static_cast<int>(rows / nt + (t < rows % nt ? 1 : 0));
+          float* y = yp + m0 * n + p * kCols;
+          auto out = [&](int r, __m256 a0, __m256 a1) { conveyor_gemm::store_cols(y + r * n, ncols, a0, a1); };
+          const float* x = xp + m0 * K;
+          const uint8_t* pfp = panel + kPrefetchBytes;  // may point past the end: prefetch never faults
+          switch (mr) {
+            case 1: q4_tile_pf<1>(t == 0, x, K, panel, blocks, pfp, out); break;
+            case 2: q4_tile_pf<2>(t == 0, x, K, panel, blocks, pfp, out); break;
+            case 3: q4_tile_pf<3>(t == 0, x, K, panel, blocks, pfp, out); break;
+            default: q4_tile_pf<4>(t == 0, x, K, panel, blocks, pfp, out); break;
+          }
+          m0 += mr;
+        }
+      }
+    });
+  }
+}
+#endif
+
+// The portable form: the same weights (std::fma) and the same FMA chain, so the same bits.
+void q4_run_scalar(const float* xp, const uint8_t* w, float* yp, int64_t M, int64_t K, int64_t n) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t col = 0; col < n; ++col) {
+    const uint8_t* panel = w + (col / kCols) * blocks * kPanelBlockBytes;
+    const int64_t c = col % kCols;
+    for (int64_t r = 0; r < M; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* blk = panel + b * kPanelBlockBytes;
+        const float d = half_at(blk + 2 * c), m = half_at(blk + 32 + 2 * c);
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const uint8_t byte = blk[kQsOffset + 8 * j + c % 8];
+          const float q = static_cast<float>(c < 8 ? byte & 0xF : byte >> 4);
+          acc = std::fma(xp[r * K + b * kBlock + j], std::fma(q, d, m), acc);
+        }
+      }
+      yp[r * n + col] = acc;
+    }
+  }
+}
+
+at::Tensor checked_out(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t k, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu() && x.size(1) == k,
+              op, ": x must be a 2-D float32 CPU tensor [M, ", k, "]");
+  TORCH_CHECK(k % kBlock == 0 && n >= 0 && packed.dim() == 3 && packed.scalar_type() == at::kByte &&
+                  packed.is_contiguous() && packed.size(0) == (n + kCols - 1) / kCols &&
+                  packed.size(1) == k / kBlock && packed.size(2) == kPanelBlockBytes,
+              op, ": packed must come from q4_1_pack for n = ", n, ", k = ", k);
+  return at::empty({x.size(0), n}, x.options());
+}
+
+// x [M, k] float32, packed from q4_1_pack of an [n, k] weight: x @ W^T [M, n].
+at::Tensor q4_1_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, int64_t k) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = checked_out(x, packed, n, k, "q4_1_linear");
+  if (y.numel() == 0) return y;
+  if (k == 0) return y.zero_();
+#if defined(CONVEYOR_Q4_AVX2)
+  q4_run(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), y.data_ptr<float>(), x.size(0), k, n, packed.size(0));
+#else
+  q4_run_scalar(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), y.data_ptr<float>(), x.size(0), k, n);
+#endif
+  return y;
+}
+
+// The portable form on any host (tests compare it with the vector one).
+at::Tensor q4_1_linear_reference(const at::Tensor& x_in, const at::Tensor& packed, int64_t n, int64_t k) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = checked_out(x, packed, n, k, "q4_1_linear_reference");
+  if (y.numel() == 0) return y;
+  if (k == 0) return y.zero_();
+  q4_run_scalar(x.data_ptr<float>(), packed.data_ptr<uint8_t>(), y.data_ptr<float>(), x.size(0), k, n);
+  return y;
+}
+
+}  // namespace conveyor_q4
+
+TORCH_LIBRARY_FRAGMENT(conveyor_cpu, m) {
+  m.def("q4_1_pack(Tensor raw) -> Tensor");
+  m.def("q4_1_linear(Tensor x, Tensor packed, int n, int k) -> Tensor");
+  m.def("q4_1_linear_reference(Tensor x, Tensor packed, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(conveyor_cpu, CPU, m) {
+  m.impl("q4_1_pack", &conveyor_q4::q4_1_pack);
+  m.impl("q4_1_linear", &conveyor_q4::q4_1_linear);
+  m.impl("q4_1_linear_reference", &conveyor_q4::q4_1_linear_reference);
+}
