@@ -108,17 +108,22 @@ def _tensor_bytes(data: np.ndarray, entry: dict) -> np.ndarray:
     return data[entry["offset"]: entry["offset"] + size].view(dtype).reshape(entry["shape"])
 
 
+def _open(path: str, hf_config, cache_dir: str | None):
+    """(tensor index, GGUF -> HF name map, transformers' tensor processor, the file's bytes)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    index = _index(path, hf_config, cache_dir)
+    processor = TENSOR_PROCESSORS.get(index["arch"], TensorProcessor)(config=hf_config.to_dict())
+    return index, index["mapping"], processor, np.memmap(path, dtype=np.uint8, mode="r")
+
+
 def iter_gguf(path: str, hf_config, dtype: torch.dtype,
               cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses.
     With `cache_dir`, the tensor index is parsed once and kept there (module docstring)."""
     from gguf import GGMLQuantizationType, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    index = _index(path, hf_config, cache_dir)
-    mapping = index["mapping"]
-    processor = TENSOR_PROCESSORS.get(index["arch"], TensorProcessor)(config=hf_config.to_dict())
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    index, mapping, processor, data = _open(path, hf_config, cache_dir)
     side_outputs: dict = {"tensors": {}}  # processors may emit renamed tensors here (GPT-2's output)
     for entry in index["tensors"]:
         weights = dequantize(_tensor_bytes(data, entry), GGMLQuantizationType(entry["type"]))
@@ -129,3 +134,27 @@ def iter_gguf(path: str, hf_config, dtype: torch.dtype,
             yield mapping[result.name], torch.from_numpy(_owned(result.weights)).to(dtype)
     for name, value in side_outputs["tensors"].items():
         yield name, value.to(dtype)
+
+
+def iter_gguf_blocks(path: str, hf_config, qtype: int,
+                     cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Yields (HF name, the tensor's quantized bytes as uint8 [rows, bytes per row], its number
+    of columns) for every 2-D tensor of GGML type `qtype` the HF architecture uses, with the
+    rows in the order `iter_gguf` gives them. Only for architectures whose fix-ups move whole
+    rows (Llama's q/k permutation) or nothing: otherwise it yields nothing."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+
+    index, mapping, processor, data = _open(path, hf_config, cache_dir)
+    if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
+        return
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    for entry in index["tensors"]:
+        if entry["type"] != qtype or len(entry["shape"]) != 2:
+            continue
+        # Llama's fix-up reshapes along rows only, so it permutes the rows of blocks as well
+        result = processor.process(weights=_tensor_bytes(data, entry), name=entry["name"],
+                                   tensor_key_mapping=mapping, parsed_parameters={"tensors": {}})
+        if result.name in mapping:
+            raw = torch.from_numpy(_owned(result.weights))
+            yield mapping[result.name], raw, raw.shape[1] // block_bytes * block
