@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -48,7 +49,9 @@ constexpr int64_t kBlockRows = 64;     // rows per block: x's block stays in cac
 // Prefetch distance of the weight stream, as the float32 GEMM's (cpu_gemm_tile.h): ~4 KB ahead
 // measured best there; here it is 13 panel blocks (416 k of one panel).
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int kMaxTileRows = 4;  // 8 accumulators + 2 weights + d, m (4) + mask: 16 ymm
+// Row blocks up to this many rows decode weights in registers per tile (8 accumulators, 4 rows x
+// 1 panel or 2 x 2); larger ones decode each panel once into a buffer (see q4_run).
+constexpr int64_t kFusedRows = 4;
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -82,39 +85,70 @@ at::Tensor q4_1_pack(const at::Tensor& raw) {
 }
 
 #if defined(CONVEYOR_Q4_AVX2)
-// Accumulators are named variables (an array was kept on the stack by GCC in cpu_gemm_tile.h).
-#define Q4_ROW(r)                                                 \
-  if constexpr (MR > r) {                                         \
-    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k0 + j);  \
-    c##r##0 = _mm256_fmadd_ps(xb, w0, c##r##0);                   \
-    c##r##1 = _mm256_fmadd_ps(xb, w1, c##r##1);                   \
+// The 16 float32 weights of row j (0..31) of a panel block: fma(q, d, m), q * d exact, one
+// rounding: gguf.dequantize's float32 weights. w0: columns 0-7 (low nibbles), w1: 8-15 (high).
+struct Block {
+  __m256 d0, d1, m0, m1;
+  explicit Block(const uint8_t* blk)
+      : d0(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))),
+        d1(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))),
+        m0(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32)))),
+        m1(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)))) {}
+  inline void weights(const uint8_t* blk, int j, __m256& w0, __m256& w1) const {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + kQsOffset + 8 * j)));
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF))), d0, m0);
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1);
   }
-#define Q4_OUT(r) \
-  if constexpr (MR > r) out(r, c##r##0, c##r##1);
+};
 
-// Rows x[0..MR) (stride ldx) times one panel (`blocks` panel blocks); pf: where to prefetch.
-template <int MR, bool PF, class Out>
-inline void q4_tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict panel, int64_t blocks,
-                    const uint8_t* pf, Out&& out) {
-  const __m256i low = _mm256_set1_epi32(0xF);
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+inline void prefetch_block(const uint8_t* p) {
+  for (int64_t line = 0; line < kPanelBlockBytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T0);
+}
+
+// Accumulators are named variables (an array was kept on the stack by GCC in cpu_gemm_tile.h).
+// a<row><panel><half>; a tile uses MR * NP * 2 <= 8 of them.
+#define Q4_ROW(r)                                                    \
+  if constexpr (MR > r) {                                            \
+    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k0 + j);     \
+    a##r##00 = _mm256_fmadd_ps(xb, w00, a##r##00);                  \
+    a##r##01 = _mm256_fmadd_ps(xb, w01, a##r##01);                   \
+    if constexpr (NP > 1) {                                          \
+      a##r##10 = _mm256_fmadd_ps(xb, w10, a##r##10);                 \
+      a##r##11 = _mm256_fmadd_ps(xb, w11, a##r##11);                 \
+    }                                                                \
+  }
+#define Q4_OUT(r)                        \
+  if constexpr (MR > r) {                \
+    out(r, 0, a##r##00, a##r##01);       \
+    if constexpr (NP > 1) out(r, 1, a##r##10, a##r##11); \
+  }
+
+// Rows x[0..MR) (stride ldx) times NP adjacent panels, decoding each weight in registers once for
+// the tile. Every FMA chain has a 4-cycle latency: one row and one panel (2 chains) would wait on
+// it, so 1-2 rows take two panels at once (4-8 independent chains). PF: prefetch the stream
+// kPrefetchBytes ahead of each panel.
+template <int MR, int NP, bool PF, class Out>
+inline void q4_tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict panel, int64_t panel_bytes,
+                    int64_t blocks, Out&& out) {
+  static_assert(MR * NP <= 4, "at most 8 accumulators");
+  __m256 z = _mm256_setzero_ps();
+  __m256 a000 = z, a001 = z, a010 = z, a011 = z, a100 = z, a101 = z, a110 = z, a111 = z;
+  __m256 a200 = z, a201 = z, a210 = z, a211 = z, a300 = z, a301 = z, a310 = z, a311 = z;
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* blk = panel + b * kPanelBlockBytes;
-    if (PF)
-      for (int64_t line = 0; line < kPanelBlockBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + b * kPanelBlockBytes + line), _MM_HINT_T0);
-    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
-    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32)));
-    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)));
-    const uint8_t* qs = blk + kQsOffset;
+    const uint8_t* blk0 = panel + b * kPanelBlockBytes;
+    const uint8_t* blk1 = blk0 + (NP > 1 ? panel_bytes : 0);
+    if (PF) {
+      prefetch_block(blk0 + kPrefetchBytes);
+      if (NP > 1) prefetch_block(blk1 + kPrefetchBytes);
+    }
+    const Block s0(blk0), s1(blk1);
     const int64_t k0 = b * kBlock;
     for (int j = 0; j < kBlock; ++j) {
-      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * j)));
-      // fma(q, d, m): q * d exact, one rounding: gguf.dequantize's float32 weight
-      __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0, m0);
-      __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1, m1);
-      asm volatile("" : "+x"(w0), "+x"(w1));  // keep them in registers (see cpu_gemm_tile.h)
+      __m256 w00, w01, w10 = z, w11 = z;
+      s0.weights(blk0, j, w00, w01);
+      if constexpr (NP > 1) s1.weights(blk1, j, w10, w11);
+      asm volatile("" : "+x"(w00), "+x"(w01), "+x"(w10), "+x"(w11));  // no memory-operand FMAs
       Q4_ROW(0) Q4_ROW(1) Q4_ROW(2) Q4_ROW(3)
     }
   }
@@ -123,41 +157,75 @@ inline void q4_tile(const float* __restrict x, int64_t ldx, const uint8_t* __res
 #undef Q4_ROW
 #undef Q4_OUT
 
-template <int MR, class Out>
-inline void q4_tile_pf(bool pf, const float* x, int64_t ldx, const uint8_t* panel, int64_t blocks,
-                       const uint8_t* pfp, Out&& out) {
+template <int MR, int NP, class Out>
+inline void q4_tile_pf(bool pf, const float* x, int64_t ldx, const uint8_t* panel, int64_t panel_bytes,
+                       int64_t blocks, Out&& out) {
   if (pf)
-    q4_tile<MR, true>(x, ldx, panel, blocks, pfp, out);
+    q4_tile<MR, NP, true>(x, ldx, panel, panel_bytes, blocks, out);
   else
-    q4_tile<MR, false>(x, ldx, panel, blocks, pfp, out);
+    q4_tile<MR, NP, false>(x, ldx, panel, panel_bytes, blocks, out);
 }
 
-// Panels over torch's intra-op threads; within a panel, balanced row tiles of <= kMaxTileRows.
-// The first tile of each panel prefetches the stream ahead (into the next panels).
+// A panel's float32 weights [K, 16] into buf (32-byte aligned): the float32 GEMM's panel layout,
+// for its register tile (cpu_gemm_tile.h) when a row block has more rows than a fused tile takes.
+inline void q4_decode_panel(const uint8_t* panel, int64_t blocks, float* buf) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = panel + b * kPanelBlockBytes;
+    prefetch_block(blk + kPrefetchBytes);
+    const Block s(blk);
+    for (int j = 0; j < kBlock; ++j) {
+      __m256 w0, w1;
+      s.weights(blk, j, w0, w1);
+      _mm256_store_ps(buf + (b * kBlock + j) * kCols, w0);
+      _mm256_store_ps(buf + (b * kBlock + j) * kCols + 8, w1);
+    }
+  }
+}
+
+// Panels over torch's intra-op threads. Row blocks of <= kFusedRows rows: fused tiles (decode in
+// registers). Larger ones: each panel decoded once into a per-thread float32 buffer, then the
+// float32 GEMM's balanced tiles of <= 6 rows read it from L1/L2 (same FMA chains, same bits).
 void q4_run(const float* xp, const uint8_t* w, float* yp, int64_t M, int64_t K, int64_t n, int64_t P) {
   const int64_t blocks = K / kBlock, panel_bytes = blocks * kPanelBlockBytes;
   for (int64_t r0 = 0; r0 < M; r0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, M - r0), nt = (rows + kMaxTileRows - 1) / kMaxTileRows;
+    const int64_t rows = std::min(kBlockRows, M - r0);
+    const float* x = xp + r0 * K;
     at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
+      if (rows <= kFusedRows) {
+        for (int64_t p = p0; p < p1;) {
+          const int np = rows <= 2 && p + 1 < p1 ? 2 : 1;
+          auto out = [&](int r, int q, __m256 a0, __m256 a1) {
+            const int64_t col = (p + q) * kCols;
+            conveyor_gemm::store_cols(yp + (r0 + r) * n + col, static_cast<int>(std::min(kCols, n - col)), a0, a1);
+          };
+          const uint8_t* panel = w + p * panel_bytes;
+          if (np == 2 && rows == 1) q4_tile_pf<1, 2>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (np == 2) q4_tile_pf<2, 2>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (rows == 1) q4_tile_pf<1, 1>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (rows == 2) q4_tile_pf<2, 1>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (rows == 3) q4_tile_pf<3, 1>(true, x, K, panel, panel_bytes, blocks, out);
+          else q4_tile_pf<4, 1>(true, x, K, panel, panel_bytes, blocks, out);
+          p += np;
+        }
+        return;
+      }
+      float* buf = static_cast<float*>(std::aligned_alloc(64, K * kCols * sizeof(float)));
+      TORCH_CHECK(buf != nullptr, "q4_1_linear: out of memory for a panel buffer");
+      const int64_t nt = conveyor_gemm::tiles(rows);
       for (int64_t p = p0; p < p1; ++p) {
-        const uint8_t* panel = w + p * panel_bytes;
-        const int ncols = static_cast<int>(std::min<int64_t>(kCols, n - p * kCols));
-        int64_t m0 = r0;
+        q4_decode_panel(w + p * panel_bytes, blocks, buf);
+        const int ncols = static_cast<int>(std::min(kCols, n - p * kCols));
+        int64_t m0 = 0;
         for (int64_t t = 0; t < nt; ++t) {
-          const int mr = static_cast<int>(rows / nt + (t < rows % nt ? 1 : 0));
-          float* y = yp + m0 * n + p * kCols;
-          auto out = [&](int r, __m256 a0, __m256 a1) { conveyor_gemm::store_cols(y + r * n, ncols, a0, a1); };
-          const float* x = xp + m0 * K;
-          const uint8_t* pfp = panel + kPrefetchBytes;  // may point past the end: prefetch never faults
-          switch (mr) {
-            case 1: q4_tile_pf<1>(t == 0, x, K, panel, blocks, pfp, out); break;
-            case 2: q4_tile_pf<2>(t == 0, x, K, panel, blocks, pfp, out); break;
-            case 3: q4_tile_pf<3>(t == 0, x, K, panel, blocks, pfp, out); break;
-            default: q4_tile_pf<4>(t == 0, x, K, panel, blocks, pfp, out); break;
-          }
+          const int mr = conveyor_gemm::tile_rows(rows, nt, t);
+          float* y = yp + (r0 + m0) * n + p * kCols;
+          conveyor_gemm::dispatch<conveyor_gemm::F32>(
+              mr, false, x + m0 * K, K, buf, K, buf,
+              [&](int r, __m256 a0, __m256 a1) { conveyor_gemm::store_cols(y + r * n, ncols, a0, a1); });
           m0 += mr;
         }
       }
+      std::free(buf);
     });
   }
 }
