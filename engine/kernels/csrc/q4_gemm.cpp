@@ -106,56 +106,65 @@ inline void prefetch_block(const uint8_t* p) {
     _mm_prefetch(reinterpret_cast<const char*>(p + line), _MM_HINT_T0);
 }
 
-// Accumulators are named variables (an array was kept on the stack by GCC in cpu_gemm_tile.h).
+// Accumulators are named variables (an array was kept on the stack by GCC in cpu_gemm_tile.h):
 // a<row><panel><half>; a tile uses MR * NP * 2 <= 8 of them.
-#define Q4_ROW(r)                                                    \
-  if constexpr (MR > r) {                                            \
-    const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k0 + j);     \
-    a##r##00 = _mm256_fmadd_ps(xb, w00, a##r##00);                  \
-    a##r##01 = _mm256_fmadd_ps(xb, w01, a##r##01);                   \
-    if constexpr (NP > 1) {                                          \
-      a##r##10 = _mm256_fmadd_ps(xb, w10, a##r##10);                 \
-      a##r##11 = _mm256_fmadd_ps(xb, w11, a##r##11);                 \
-    }                                                                \
+#define Q4_ACC(r, p) __m256 a##r##p##0 = z, a##r##p##1 = z;
+#define Q4_FMA(r, p)                                 \
+  if constexpr (MR > r) {                            \
+    a##r##p##0 = _mm256_fmadd_ps(xb##r, w0, a##r##p##0); \
+    a##r##p##1 = _mm256_fmadd_ps(xb##r, w1, a##r##p##1); \
   }
-#define Q4_OUT(r)                        \
-  if constexpr (MR > r) {                \
-    out(r, 0, a##r##00, a##r##01);       \
-    if constexpr (NP > 1) out(r, 1, a##r##10, a##r##11); \
+// One panel's 16 weights of this k, then every row's FMAs with them (2 weights live at a time).
+#define Q4_PANEL(p)                                                                     \
+  if constexpr (NP > p) {                                                               \
+    __m256 w0, w1;                                                                      \
+    s##p.weights(blk##p, j, w0, w1);                                                    \
+    asm volatile("" : "+x"(w0), "+x"(w1)); /* no memory-operand FMAs (cpu_gemm_tile.h) */ \
+    Q4_FMA(0, p) Q4_FMA(1, p) Q4_FMA(2, p) Q4_FMA(3, p)                                 \
   }
+#define Q4_OUT(r, p) \
+  if constexpr (MR > r && NP > p) out(r, p, a##r##p##0, a##r##p##1);
+#define Q4_ROWS(M, r) M(r, 0) M(r, 1) M(r, 2) M(r, 3)
 
 // Rows x[0..MR) (stride ldx) times NP adjacent panels, decoding each weight in registers once for
-// the tile. Every FMA chain has a 4-cycle latency: one row and one panel (2 chains) would wait on
-// it, so 1-2 rows take two panels at once (4-8 independent chains). PF: prefetch the stream
-// kPrefetchBytes ahead of each panel.
+// the tile. An FMA chain has a 4-cycle latency, and each output is one chain: one row and one
+// panel (2 chains) would wait on it, so a single row takes 4 panels at once, two rows 2.
+// PF: prefetch the stream kPrefetchBytes ahead of each panel.
 template <int MR, int NP, bool PF, class Out>
 inline void q4_tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict panel, int64_t panel_bytes,
                     int64_t blocks, Out&& out) {
-  static_assert(MR * NP <= 4, "at most 8 accumulators");
-  __m256 z = _mm256_setzero_ps();
-  __m256 a000 = z, a001 = z, a010 = z, a011 = z, a100 = z, a101 = z, a110 = z, a111 = z;
-  __m256 a200 = z, a201 = z, a210 = z, a211 = z, a300 = z, a301 = z, a310 = z, a311 = z;
+  static_assert(MR * NP <= 4 && NP <= 4 && MR <= 4, "at most 8 accumulators");
+  const __m256 z = _mm256_setzero_ps();
+  Q4_ROWS(Q4_ACC, 0) Q4_ROWS(Q4_ACC, 1) Q4_ROWS(Q4_ACC, 2) Q4_ROWS(Q4_ACC, 3)
   for (int64_t b = 0; b < blocks; ++b) {
+    // panels past NP alias panel 0: never decoded (their code is discarded at compile time)
     const uint8_t* blk0 = panel + b * kPanelBlockBytes;
     const uint8_t* blk1 = blk0 + (NP > 1 ? panel_bytes : 0);
+    const uint8_t* blk2 = blk0 + (NP > 2 ? 2 * panel_bytes : 0);
+    const uint8_t* blk3 = blk0 + (NP > 3 ? 3 * panel_bytes : 0);
     if (PF) {
       prefetch_block(blk0 + kPrefetchBytes);
       if (NP > 1) prefetch_block(blk1 + kPrefetchBytes);
+      if (NP > 2) prefetch_block(blk2 + kPrefetchBytes);
+      if (NP > 3) prefetch_block(blk3 + kPrefetchBytes);
     }
-    const Block s0(blk0), s1(blk1);
-    const int64_t k0 = b * kBlock;
+    const Block s0(blk0), s1(blk1), s2(blk2), s3(blk3);
+    const float* xk = x + b * kBlock;
     for (int j = 0; j < kBlock; ++j) {
-      __m256 w00, w01, w10 = z, w11 = z;
-      s0.weights(blk0, j, w00, w01);
-      if constexpr (NP > 1) s1.weights(blk1, j, w10, w11);
-      asm volatile("" : "+x"(w00), "+x"(w01), "+x"(w10), "+x"(w11));  // no memory-operand FMAs
-      Q4_ROW(0) Q4_ROW(1) Q4_ROW(2) Q4_ROW(3)
+      const __m256 xb0 = _mm256_broadcast_ss(xk + j);
+      const __m256 xb1 = MR > 1 ? _mm256_broadcast_ss(xk + ldx + j) : z;
+      const __m256 xb2 = MR > 2 ? _mm256_broadcast_ss(xk + 2 * ldx + j) : z;
+      const __m256 xb3 = MR > 3 ? _mm256_broadcast_ss(xk + 3 * ldx + j) : z;
+      Q4_PANEL(0) Q4_PANEL(1) Q4_PANEL(2) Q4_PANEL(3)
     }
   }
-  Q4_OUT(0) Q4_OUT(1) Q4_OUT(2) Q4_OUT(3)
+  Q4_ROWS(Q4_OUT, 0) Q4_ROWS(Q4_OUT, 1) Q4_ROWS(Q4_OUT, 2) Q4_ROWS(Q4_OUT, 3)
 }
-#undef Q4_ROW
+#undef Q4_ACC
+#undef Q4_FMA
+#undef Q4_PANEL
 #undef Q4_OUT
+#undef Q4_ROWS
 
 template <int MR, int NP, class Out>
 inline void q4_tile_pf(bool pf, const float* x, int64_t ldx, const uint8_t* panel, int64_t panel_bytes,
@@ -193,15 +202,18 @@ void q4_run(const float* xp, const uint8_t* w, float* yp, int64_t M, int64_t K, 
     at::parallel_for(0, P, 4, [&](int64_t p0, int64_t p1) {
       if (rows <= kFusedRows) {
         for (int64_t p = p0; p < p1;) {
-          const int np = rows <= 2 && p + 1 < p1 ? 2 : 1;
+          // 1 row: 4 panels at a time (then 2, 1); 2 rows: 2 panels; 3-4 rows: 1 panel
+          const int64_t left = p1 - p;
+          const int np = rows == 1 ? (left >= 4 ? 4 : left >= 2 ? 2 : 1) : rows == 2 && left >= 2 ? 2 : 1;
           auto out = [&](int r, int q, __m256 a0, __m256 a1) {
             const int64_t col = (p + q) * kCols;
             conveyor_gemm::store_cols(yp + (r0 + r) * n + col, static_cast<int>(std::min(kCols, n - col)), a0, a1);
           };
           const uint8_t* panel = w + p * panel_bytes;
-          if (np == 2 && rows == 1) q4_tile_pf<1, 2>(true, x, K, panel, panel_bytes, blocks, out);
-          else if (np == 2) q4_tile_pf<2, 2>(true, x, K, panel, panel_bytes, blocks, out);
+          if (rows == 1 && np == 4) q4_tile_pf<1, 4>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (rows == 1 && np == 2) q4_tile_pf<1, 2>(true, x, K, panel, panel_bytes, blocks, out);
           else if (rows == 1) q4_tile_pf<1, 1>(true, x, K, panel, panel_bytes, blocks, out);
+          else if (rows == 2 && np == 2) q4_tile_pf<2, 2>(true, x, K, panel, panel_bytes, blocks, out);
           else if (rows == 2) q4_tile_pf<2, 1>(true, x, K, panel, panel_bytes, blocks, out);
           else if (rows == 3) q4_tile_pf<3, 1>(true, x, K, panel, panel_bytes, blocks, out);
           else q4_tile_pf<4, 1>(true, x, K, panel, panel_bytes, blocks, out);
