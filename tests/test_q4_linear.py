@@ -67,7 +67,8 @@ def test_matches_f_linear_within_bound(weights, n, k):
         torch.testing.assert_close(y, ref, rtol=0, atol=float(bound.max()) if m else 0.0)
         # the same FMA chain as the float32 GEMM and the portable form: the same bits
         assert torch.equal(y, cpu_gemm.linear(x, f32, None))
-        assert torch.equal(y, torch.ops.conveyor_cpu.q4_1_linear_reference(x, packed.packed, n, k))
+        if m in (1, 3, 8):  # the scalar form is slow: one row of each fused tile shape, one buffered
+            assert torch.equal(y, torch.ops.conveyor_cpu.q4_1_linear_reference(x, packed.packed, n, k))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
