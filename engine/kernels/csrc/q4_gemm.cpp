@@ -17,9 +17,10 @@
 // result is bit-identical to cpu_gemm on the dequantized weight (any M, any tile, any thread), so
 // a row's bits do not depend on its batch, nor on which of the two kernels a caller picks.
 //
-// Cost per k of a 16-column panel and a tile of MR rows: ~7 vector ops to decode 16 weights
-// (done once per tile, shared by its rows) plus 2 MR FMAs; the weight stream is 10 bytes per k
-// against 64 for float32 panels. Small M is bandwidth-bound in float32, so this wins there.
+// Cost per k of a 16-column panel: 7 vector ops to decode 16 weights (once per tile of <= 4 rows,
+// or once per panel into a buffer for more rows) plus 2 FMAs per row; the stream is 10 bytes per
+// k against 64 for float32 panels. At 1-4 rows the float32 GEMM waits on memory and this kernel
+// on its FMA ports (~2.9 cycles per panel-k at 1 row, warm): benchmarks/RESULTS.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -46,11 +47,12 @@ constexpr int64_t kGgufBytes = 20;     // a GGUF Q4_1 block
 constexpr int64_t kQsOffset = 64;      // where a panel block's nibbles start (after d[16], m[16])
 constexpr int64_t kPanelBlockBytes = kQsOffset + kBlock * kCols / 2;  // 320
 constexpr int64_t kBlockRows = 64;     // rows per block: x's block stays in cache across panels
-// Prefetch distance of the weight stream, as the float32 GEMM's (cpu_gemm_tile.h): ~4 KB ahead
-// measured best there; here it is 13 panel blocks (416 k of one panel).
+// Prefetch distance of the weight stream, as the float32 GEMM's (cpu_gemm_tile.h); 2 and 8 KB
+// measured within noise of it here (13 panel blocks ahead of each panel read).
 constexpr int64_t kPrefetchBytes = 4096;
-// Row blocks up to this many rows decode weights in registers per tile (8 accumulators, 4 rows x
-// 1 panel or 2 x 2); larger ones decode each panel once into a buffer (see q4_run).
+// Row blocks up to this many rows decode weights in registers per tile (8 accumulators: 1 row x
+// 4 panels, 2 x 2, 4 x 1); larger ones decode each panel once into a buffer (see q4_run). At 3-4
+// rows the fused tiles measured 1.3-1.6x faster than the buffer.
 constexpr int64_t kFusedRows = 4;
 
 inline float half_at(const uint8_t* p) {
