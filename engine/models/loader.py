@@ -218,6 +218,11 @@ def load_model(
         logger.info("linear layers: %s, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
                     "own AVX2 GEMM (cpu), LM head oneDNN" if linear == "cpu" else "oneDNN",
                     n, time.perf_counter() - start, linear_why)
+        if src.is_gguf and load_format != "dummy":
+            from engine.models.gguf_q4_1 import attach_q4_1
+
+            gguf_path = os.path.join(src.path, src.gguf_file)
+            attach_q4_1(model, gguf_path, hf_config, device, cache_dir=gguf_cache_dir(gguf_path))
     else:
         logger.info("linear layers: torch (%s)", linear_why)
     return model

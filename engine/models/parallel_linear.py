@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import cpu_gemm, onednn_linear
+from engine.kernels import cpu_gemm, onednn_linear, q4_1_linear
 from engine.kernels.ops import silu_and_mul
 from engine.models.tensor_parallel import Shard, TPContext, materialize, take
 
@@ -30,9 +30,16 @@ class PackableLinear(nn.Linear):
     mkldnn tensor) or the cpu GEMM's (`cpu_gemm.CpuPackedWeight`)."""
 
     packed: torch.Tensor | cpu_gemm.CpuPackedWeight | None = None
+    # The checkpoint's Q4_1 blocks of the same weight (engine/models/gguf_q4_1.py), run for steps
+    # of at most Q4_MAX_ROWS rows: the same bits as the float32 panels, a sixth of the bytes.
+    q4: q4_1_linear.Q4_1Weight | None = None
+    # Most rows for the Q4_1 kernel: measured by benchmarks/q4_1_linear_ab.py (RESULTS.md)
+    Q4_MAX_ROWS = 8
 
     def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W^T (+ bias) with this rank's weight, packed or dense."""
+        if self.q4 is not None and x.dim() == 2 and x.shape[0] <= self.Q4_MAX_ROWS:
+            return q4_1_linear.linear(x, self.q4, bias)
         if isinstance(self.packed, cpu_gemm.CpuPackedWeight):
             return cpu_gemm.linear(x, self.packed, bias)
         if self.packed is not None:
@@ -85,6 +92,8 @@ class GateUpLinear(ColumnParallelLinear):
     def silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this layer's output, [..., inner]."""
         packed = self.packed
+        if self.q4 is not None and x.dim() == 2 and x.shape[0] <= self.Q4_MAX_ROWS:
+            return silu_and_mul(self.local(x, self.bias))  # the fused epilogue's bits, unfused
         if (isinstance(packed, cpu_gemm.CpuPackedWeight) and packed.gate_up and x.dtype == torch.float32
                 and x.numel() >= self.FUSED_MIN_ROWS * x.shape[-1]):
             return cpu_gemm.silu_and_mul_linear(x, packed, self.bias)
