@@ -98,7 +98,8 @@ def test_bias_noncontiguous_and_leading_dims(weights):
     assert torch.equal(y, cpu_gemm.linear(x.contiguous(), cpu_gemm.pack(w, torch.float32), bias))
     torch.testing.assert_close(y, F.linear(x, w, bias), rtol=0, atol=1e-4)
     x3 = torch.randn(2, 3, 576, generator=gen)
-    assert torch.equal(q4_linear.linear(x3, packed, bias), q4_linear.linear(x3.reshape(6, 576), packed, bias).reshape(2, 3, 576))
+    flat = q4_linear.linear(x3.reshape(6, 576), packed, bias)
+    assert torch.equal(q4_linear.linear(x3, packed, bias), flat.reshape(2, 3, 576))
 
 
 def test_weight_metadata(weights):

@@ -20,9 +20,12 @@ Guarantees:
   (added after the chain: one rounding, as the float32 GEMM and F.linear's addmm do).
 
 Why: a decode step of SmolLM2-135M streams every linear weight from memory: ~425 MB as float32
-against ~66 MB as Q4_1 (5 bits a weight). The kernel decodes 16 weights per k in ~7 vector ops,
-once per tile of <= 4 rows, so it is fastest where the float32 GEMM is bandwidth-bound (small M)
-and loses to it once FMAs dominate (numbers: benchmarks/RESULTS.md, benchmarks/q4_linear_ab.py).
+against ~66 MB as Q4_1 (5 bits a weight). On a 2-core AVX2 EPYC, 1 thread, 30 layers' cold
+weights (benchmarks/q4_linear_ab.py, benchmarks/RESULTS.md), one pass of the linears took
+10.5 ms here against 17.8-29.8 ms for the float32 GEMM at M = 1 (1.6-2.8x, the float32 side
+varies with the box's memory traffic), 1.46x at M = 4, 1.14x at 8, 1.04x at 32, 1.02x at 256:
+no crossover measured. 1-4 rows decode weights in registers once per tile; 5+ rows decode each
+panel once into a float32 buffer read by the float32 GEMM's register tile (cpu_gemm_tile.h).
 
 Layout (`Q4Weight.packed`, uint8 [ceil(N/16), K/32, 320]): panels of 16 output columns, each a
 contiguous stream of 320-byte blocks: fp16 d[16], fp16 m[16], then for each of the block's 32 k,
