@@ -10,7 +10,8 @@ significand times a 4-bit code), then each output is one FMA chain over k = 0..K
 and one add of the bias, cpu_gemm's order (tests/test_q4_1_linear.py checks it).
 
 Why: a decode step streams every weight from memory; Q4_1 is 5 bits a weight against float32's
-32, and the kernel rebuilds 8 weights with 3 vector ops (and, convert, FMA), once per row tile.
+32, and the kernel rebuilds 8 weights with 3-4 vector ops (and, [shift,] convert, FMA), once per
+row tile of up to 6 rows.
 benchmarks/q4_1_linear_ab.py (SmolLM2-135M's shapes, 30 layers of distinct weights, 1 thread,
 2-core AMD EPYC AVX2): see benchmarks/RESULTS.md for the table; this kernel is faster than the
 float32 GEMM up to the crossover M recorded there, and slower past it (the decode work, repeated
