@@ -10,6 +10,9 @@ this process's CPU time (time.process_time) per 30-layer pass over `--passes` pa
 warm-up pass; the table shows medians over rounds, and the speed-up float32 / Q4_1. Also checks
 once per M that the two give equal bits (torch.equal), the guarantee the engine relies on.
 
+Also, where built, the other bit-identical Q4_1 kernel (engine/kernels/q4_linear.py, 16-column
+panels, 5+ rows decoded into a float32 buffer) as a third column, "q4_linear", same protocol.
+
     nice -n 10 python -m benchmarks.q4_1_linear_ab [--rounds 3] [--passes 5] [--ms 1,2,4,8,16,32]
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import gguf
 import numpy as np
 import torch
 
-from engine.kernels import cpu_gemm, q4_1_linear
+from engine.kernels import cpu_gemm, q4_1_linear, q4_linear
 
 LAYERS = 30
 SHAPES = (("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536))  # (name, N, K)
@@ -38,19 +41,23 @@ def random_q4_1(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return raw.reshape(n, blocks * 20)
 
 
-def build(layers: int, seed: int = 0):
-    """{"q4_1": [[Q4_1Weight per shape] per layer], "f32": [[CpuPackedWeight ...] ...]}."""
-    rng = np.random.default_rng(seed)
-    q4, f32 = [], []
-    for _ in range(layers):
-        raws = [random_q4_1(n, k, rng) for _, n, k in SHAPES]
-        q4.append([q4_1_linear.pack(torch.from_numpy(r)) for r in raws])
-        f32.append([cpu_gemm.pack(torch.from_numpy(gguf.dequantize(r, gguf.GGMLQuantizationType.Q4_1).copy()),
-                                  torch.float32) for r in raws])
-    return {"q4_1": q4, "f32": f32}
-
-
 RUN = {"q4_1": lambda x, w: q4_1_linear.linear(x, w), "f32": lambda x, w: cpu_gemm.linear(x, w, None)}
+if q4_linear.unsupported_reason(torch.device("cpu")) is None:
+    RUN["q4_linear"] = lambda x, w: q4_linear.linear(x, w)
+
+
+def build(layers: int, seed: int = 0):
+    """{name: [[packed weight per shape] per layer]} for each kernel of RUN."""
+    rng = np.random.default_rng(seed)
+    out = {name: [] for name in RUN}
+    for _ in range(layers):
+        raws = [torch.from_numpy(random_q4_1(n, k, rng)) for _, n, k in SHAPES]
+        out["q4_1"].append([q4_1_linear.pack(r) for r in raws])
+        out["f32"].append([cpu_gemm.pack(torch.from_numpy(gguf.dequantize(r.numpy(), gguf.GGMLQuantizationType.Q4_1)
+                                                          .copy()), torch.float32) for r in raws])
+        if "q4_linear" in out:
+            out["q4_linear"].append([q4_linear.pack_q4_1(r) for r in raws])
+    return out
 
 
 def one_pass(name: str, weights, xs) -> None:
@@ -83,26 +90,35 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     weights = build(args.layers)
     mb = {name: sum(w.nbytes for layer in weights[name] for w in layer) / 2**20 for name in RUN}
-    print(f"{args.layers} layers, weights streamed per pass: q4_1 {mb['q4_1']:.0f} MiB, f32 {mb['f32']:.0f} MiB")
+    print(f"{args.layers} layers, MiB of weights streamed per pass: "
+          + ", ".join(f"{name} {size:.0f}" for name, size in mb.items()))
     gen = torch.Generator().manual_seed(1)
     xs_by_m = {m: [torch.randn(m, k, generator=gen) for _, _, k in SHAPES] for m in ms}
     for m in ms:  # the guarantee, once per M, on layer 0
-        for x, wq, wf in zip(xs_by_m[m], weights["q4_1"][0], weights["f32"][0]):
-            assert torch.equal(RUN["q4_1"](x, wq), RUN["f32"](x, wf)), f"not bit-identical at M={m}"
+        for i, x in enumerate(xs_by_m[m]):
+            ref = RUN["f32"](x, weights["f32"][0][i])
+            for name in RUN:
+                assert torch.equal(RUN[name](x, weights[name][0][i]), ref), f"{name} not bit-identical at M={m}"
     times = {(name, m): [] for name in RUN for m in ms}
     for rnd in range(args.rounds):
         for i, m in enumerate(ms):
-            order = list(RUN) if (rnd + i) % 2 == 0 else list(RUN)[::-1]
+            names = list(RUN)
+            order = names[(rnd + i) % len(names):] + names[:(rnd + i) % len(names)]  # rotated
             for name in order:
                 times[name, m].append(measure(name, weights, xs_by_m[m], args.passes))
-    print("| M | f32 GEMM ms/pass | Q4_1 ms/pass | speed-up (f32 / Q4_1) |")
-    print("| ---: | ---: | ---: | ---: |")
+    other = "q4_linear" in RUN
+    print("| M | f32 GEMM ms/pass | Q4_1 ms/pass | speed-up (f32 / Q4_1) |" + (" q4_linear ms/pass | f32 / q4_linear |" if other else ""))
+    print("| ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if other else ""))
     crossover = None
     for m in ms:
         f, q = (statistics.median(times[name, m]) * 1e3 for name in ("f32", "q4_1"))
         if crossover is None and q >= f:
             crossover = m
-        print(f"| {m} | {f:.2f} | {q:.2f} | {f / q:.2f}x |")
+        row = f"| {m} | {f:.2f} | {q:.2f} | {f / q:.2f}x |"
+        if other:
+            o = statistics.median(times["q4_linear", m]) * 1e3
+            row += f" {o:.2f} | {f / o:.2f}x |"
+        print(row)
     print("crossover: " + (f"Q4_1 no faster from M = {crossover}" if crossover else f"none up to M = {ms[-1]}"))
 
 
