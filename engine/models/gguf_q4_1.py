@@ -1,12 +1,11 @@
-"""Projections whose GGUF weights are Q4_1 also keep those blocks, for small batches.
+"""Projections whose GGUF weights are Q4_1 run straight from those blocks.
 
-A decode step of a few sequences streams every weight once and does little arithmetic with
-it, so its time is the weights' bytes: 4 a weight as float32 panels, 0.625 as Q4_1 blocks (the
-default model's linears are all Q4_1). The Q4_1 kernel (engine/kernels/q4_1_linear.py) turns
-each code into the float32 value gguf's dequantization gives and sums in the float32 GEMM's
-order, so a row's result has the same bits whichever of the two ran it: a request's output
-still never depends on the batch it was scheduled in. Steps of more rows than
-`PackableLinear.Q4_MAX_ROWS` keep the float32 panels, where arithmetic, not bytes, sets the time.
+A GGUF file's Q4_1 weights (the default model's linears all are) used to be dequantized to
+float32 at load and packed for the float32 GEMM: 4 bytes a weight, 425 MB for SmolLM2-135M's
+projections, all streamed from memory by every decode step. The Q4_1 kernel
+(engine/kernels/q4_linear.py) reads the blocks themselves, 5 bits a weight, turns each code into
+exactly the float32 value gguf's dequantization gives and sums in the float32 GEMM's order: the
+same bits as before, at any batch size, from a sixth of the memory.
 """
 from __future__ import annotations
 
@@ -15,36 +14,37 @@ import time
 
 import torch
 
-from engine.kernels import cpu_gemm, q4_1_linear
+from engine.kernels import q4_linear
 from engine.models.gguf_weights import iter_gguf_blocks
 from engine.models.parallel_linear import PackableLinear
+from engine.models.prepack import drop_dense
 
 logger = logging.getLogger(__name__)
 Q4_1 = 3  # gguf.GGMLQuantizationType.Q4_1
 
 
 def why_not(model, device: torch.device) -> str | None:
-    """None when the Q4_1 blocks can be attached to `model`; otherwise why not."""
+    """None when projections of `model` can run from Q4_1 blocks; otherwise why not."""
     if model.tp.size > 1:
         return "tensor parallel shards are cut from the float32 weights"
-    if getattr(model, "linear_backend", "") != "cpu":
-        return "bit-identity holds against the own float32 GEMM (linear backend cpu) only"
-    return q4_1_linear.unsupported_reason(torch.device(device))
+    if next(model.parameters()).dtype != torch.float32:
+        return "the Q4_1 kernel computes in float32 only"
+    return q4_linear.unsupported_reason(torch.device(device))
 
 
 @torch.no_grad()
 def attach_q4_1(model, gguf_path: str, hf_config, device, cache_dir: str | None = None) -> int:
-    """Gives every projection whose checkpoint tensors are all Q4_1 a packed copy of those
-    blocks (``q4``), in the layer's row order; returns how many. Fused projections (q/k/v,
-    gate/up) get it only when every part is Q4_1."""
+    """Gives every projection whose checkpoint tensors are all Q4_1 those blocks packed (``q4``,
+    in the layer's row order) and drops its dense weight; returns how many. A fused projection
+    (q/k/v, gate/up) qualifies only when every part is Q4_1; the others keep their weights."""
     reason = why_not(model, device)
     if reason is not None:
-        logger.info("Q4_1 weights: float32 panels only (%s)", reason)
+        logger.info("Q4_1 weights: dequantized to float32 (%s)", reason)
         return 0
     start = time.perf_counter()
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for name, raw, cols in iter_gguf_blocks(gguf_path, hf_config, Q4_1, cache_dir):
-        # Where the float32 rows of this tensor went: map_weight on a stand-in of its shape.
+        # Where this tensor's float32 rows went: map_weight on a stand-in of its shape.
         for param, row, _ in model.map_weight(name, torch.empty(raw.shape[0], cols, device="meta")):
             module_name, _, kind = param.rpartition(".")
             if kind == "weight":
@@ -52,16 +52,15 @@ def attach_q4_1(model, gguf_path: str, hf_config, device, cache_dir: str | None 
     count = nbytes = 0
     for module_name, blocks in parts.items():
         module = model.get_submodule(module_name)
-        if not isinstance(module, PackableLinear) or not isinstance(module.packed, cpu_gemm.CpuPackedWeight):
-            continue
-        if sum(raw.shape[0] for _, raw in blocks) != module.out_features:
-            continue  # part of the fusion is stored in another type
+        if not isinstance(module, PackableLinear) or sum(raw.shape[0] for _, raw in blocks) != module.out_features:
+            continue  # not a projection, or part of the fusion is stored in another type
         whole = torch.empty(module.out_features, blocks[0][1].shape[1], dtype=torch.uint8)
         for row, raw in blocks:
             whole[row: row + raw.shape[0]] = raw
-        module.q4 = q4_1_linear.pack(whole)
+        module.q4 = q4_linear.pack_q4_1(whole)
+        drop_dense(module)
         count += 1
         nbytes += module.q4.nbytes
-    logger.info("Q4_1 weights: %d projections also keep their GGUF blocks (%.0f MiB, %.1f s) for steps of "
-                "<= %d rows", count, nbytes / (1 << 20), time.perf_counter() - start, PackableLinear.Q4_MAX_ROWS)
+    logger.info("Q4_1 weights: %d projections run from their GGUF blocks (%.0f MiB, %.1f s)",
+                count, nbytes / (1 << 20), time.perf_counter() - start)
     return count

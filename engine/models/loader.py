@@ -20,6 +20,7 @@ from engine.kernels.backend import get_attention_backend
 from engine.models.prepack import prepack_linears, resolve_linear_backend
 from engine.models.base import CausalLM
 from engine.models.default_model import default_gguf_path
+from engine.models.gguf_q4_1 import attach_q4_1
 from engine.models.registry import model_class
 from engine.models.tensor_parallel import TPContext
 from engine.models.gguf_weights import iter_gguf
@@ -213,16 +214,14 @@ def load_model(
     logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
     model.linear_backend, model.attention_backend = linear, backend.name
     if linear in ("onednn", "cpu"):
+        if linear == "cpu" and src.is_gguf and load_format != "dummy":  # before the float32 packing
+            gguf_path = os.path.join(src.path, src.gguf_file)
+            attach_q4_1(model, gguf_path, hf_config, device, cache_dir=gguf_cache_dir(gguf_path))
         start = time.perf_counter()
         n = prepack_linears(model, linear)
         logger.info("linear layers: %s, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
                     "own AVX2 GEMM (cpu), LM head oneDNN" if linear == "cpu" else "oneDNN",
                     n, time.perf_counter() - start, linear_why)
-        if src.is_gguf and load_format != "dummy":
-            from engine.models.gguf_q4_1 import attach_q4_1
-
-            gguf_path = os.path.join(src.path, src.gguf_file)
-            attach_q4_1(model, gguf_path, hf_config, device, cache_dir=gguf_cache_dir(gguf_path))
     else:
         logger.info("linear layers: torch (%s)", linear_why)
     return model

@@ -20,26 +20,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import cpu_gemm, onednn_linear, q4_1_linear
+from engine.kernels import cpu_gemm, onednn_linear, q4_linear
 from engine.kernels.ops import silu_and_mul
 from engine.models.tensor_parallel import Shard, TPContext, materialize, take
 
 
 class PackableLinear(nn.Linear):
     """`nn.Linear` whose weight may be replaced by a packed copy (``packed``): oneDNN's (an
-    mkldnn tensor) or the cpu GEMM's (`cpu_gemm.CpuPackedWeight`)."""
+    mkldnn tensor) or the cpu GEMM's (`cpu_gemm.CpuPackedWeight`), or by Q4_1 blocks (``q4``)."""
 
     packed: torch.Tensor | cpu_gemm.CpuPackedWeight | None = None
-    # The checkpoint's Q4_1 blocks of the same weight (engine/models/gguf_q4_1.py), run for steps
-    # of at most Q4_MAX_ROWS rows: the same bits as the float32 panels, a sixth of the bytes.
-    q4: q4_1_linear.Q4_1Weight | None = None
-    # Most rows for the Q4_1 kernel: measured by benchmarks/q4_1_linear_ab.py (RESULTS.md)
-    Q4_MAX_ROWS = 8
+    # Instead of ``packed``: the checkpoint's own Q4_1 blocks (engine/models/gguf_q4_1.py), with
+    # the bits the float32 panels of the dequantized weight would give, at 5 bits a weight.
+    q4: q4_linear.Q4Weight | None = None
 
     def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W^T (+ bias) with this rank's weight, packed or dense."""
-        if self.q4 is not None and x.dim() == 2 and x.shape[0] <= self.Q4_MAX_ROWS:
-            return q4_1_linear.linear(x, self.q4, bias)
+        if self.q4 is not None:
+            return q4_linear.linear(x, self.q4, bias)
         if isinstance(self.packed, cpu_gemm.CpuPackedWeight):
             return cpu_gemm.linear(x, self.packed, bias)
         if self.packed is not None:
@@ -92,7 +90,7 @@ class GateUpLinear(ColumnParallelLinear):
     def silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this layer's output, [..., inner]."""
         packed = self.packed
-        if self.q4 is not None and x.dim() == 2 and x.shape[0] <= self.Q4_MAX_ROWS:
+        if self.q4 is not None:
             return silu_and_mul(self.local(x, self.bias))  # the fused epilogue's bits, unfused
         if (isinstance(packed, cpu_gemm.CpuPackedWeight) and packed.gate_up and x.dtype == torch.float32
                 and x.numel() >= self.FUSED_MIN_ROWS * x.shape[-1]):

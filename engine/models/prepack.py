@@ -60,7 +60,7 @@ _STORED_NAMES = {torch.bfloat16: "bf16-stored (exact)", torch.float16: "fp16-sto
                  torch.float32: "float32-stored"}
 
 
-def _drop_dense(module: nn.Module, name: str = "weight") -> None:
+def drop_dense(module: nn.Module, name: str = "weight") -> None:
     """Replaces a parameter by a meta tensor of its shape and dtype: its memory is freed, and
     any code that still computed with it would fail loudly instead of reading stale values."""
     old = getattr(module, name)
@@ -78,9 +78,9 @@ def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
     count = 0
     stored: dict[torch.dtype, list[int]] = {}  # own GEMM panels: storage dtype -> [count, bytes]
     for module in model.modules():
-        if isinstance(module, PackableLinear) and module.packed is None:
+        if isinstance(module, PackableLinear) and module.packed is None and module.q4 is None:
             module.packed = module.pack_cpu() if backend == "cpu" else onednn_linear.pack(module.weight)
-            _drop_dense(module)
+            drop_dense(module)
             count += 1
             if backend == "cpu":
                 entry = stored.setdefault(module.packed.panels.dtype, [0, 0])
@@ -95,7 +95,7 @@ def prepack_linears(model: nn.Module, backend: str = "onednn") -> int:
     lm_head = getattr(model, "lm_head", None)
     # the greedy head recomputes its candidates from the dense rows: an untied head keeps them
     if isinstance(lm_head, nn.Linear) and lm_head.weight is head and model.greedy_head is None:
-        _drop_dense(lm_head)
+        drop_dense(lm_head)
     return count + 1
 
 
