@@ -93,8 +93,10 @@ class CausalLM(nn.Module):
         """Copies checkpoint tensors (HF names) into the parameters, converting dtype.
 
         Raises ValueError on a shape mismatch, an unknown target, or parameters left unfilled.
+        Parameters already on the meta device are held another way (engine/models/gguf_q4_1.py):
+        they are neither expected nor filled.
         """
-        params = dict(self.named_parameters())
+        params = {n: p for n, p in self.named_parameters() if p.device.type != "meta"}
         filled: dict[str, set[int]] = {}
         rows_filled: dict[str, int] = {}
         for hf_name, tensor in weights:

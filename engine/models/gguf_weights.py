@@ -117,15 +117,18 @@ def _open(path: str, hf_config, cache_dir: str | None):
     return index, index["mapping"], processor, np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def iter_gguf(path: str, hf_config, dtype: torch.dtype,
-              cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses.
-    With `cache_dir`, the tensor index is parsed once and kept there (module docstring)."""
+def iter_gguf(path: str, hf_config, dtype: torch.dtype, cache_dir: str | None = None,
+              skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses, but
+    those whose HF name is in `skip` (never dequantized). With `cache_dir`, the tensor index is
+    parsed once and kept there (module docstring)."""
     from gguf import GGMLQuantizationType, dequantize
 
     index, mapping, processor, data = _open(path, hf_config, cache_dir)
     side_outputs: dict = {"tensors": {}}  # processors may emit renamed tensors here (GPT-2's output)
     for entry in index["tensors"]:
+        if mapping.get(entry["name"]) in skip:
+            continue
         weights = dequantize(_tensor_bytes(data, entry), GGMLQuantizationType(entry["type"]))
         result = processor.process(
             weights=weights, name=entry["name"], tensor_key_mapping=mapping, parsed_parameters=side_outputs

@@ -205,7 +205,10 @@ def load_model(
         model.init_dummy_weights(seed)
     elif src.is_gguf:
         gguf_path = os.path.join(src.path, src.gguf_file)
-        model.load_weights(iter_gguf(gguf_path, hf_config, dtype, cache_dir=gguf_cache_dir(gguf_path)))
+        cache = gguf_cache_dir(gguf_path)
+        # Q4_1 projections run from their blocks (own GEMM only): never dequantized to float32
+        taken = attach_q4_1(model, gguf_path, hf_config, device, cache) if linear == "cpu" else set()
+        model.load_weights(iter_gguf(gguf_path, hf_config, dtype, cache_dir=cache, skip=taken))
     else:
         model.load_weights(iter_safetensors(src.path, lazy=tp.size > 1))
     model.eval()
@@ -214,9 +217,6 @@ def load_model(
     logger.info("weights loaded: %.0f MiB in %.1f s", size / (1 << 20), time.perf_counter() - start)
     model.linear_backend, model.attention_backend = linear, backend.name
     if linear in ("onednn", "cpu"):
-        if linear == "cpu" and src.is_gguf and load_format != "dummy":  # before the float32 packing
-            gguf_path = os.path.join(src.path, src.gguf_file)
-            attach_q4_1(model, gguf_path, hf_config, device, cache_dir=gguf_cache_dir(gguf_path))
         start = time.perf_counter()
         n = prepack_linears(model, linear)
         logger.info("linear layers: %s, %d weights packed in %.1f s (%s; --linear-backend torch for BLAS)",
