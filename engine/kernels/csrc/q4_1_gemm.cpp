@@ -30,6 +30,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+
+#include "cpu_gemm_tile.h"
 
 namespace conveyor_q4_1 {
 
@@ -103,60 +106,59 @@ inline __m256i nibble(__m256i codes) {
 #define Q1_ROW(r)                                                 \
   if constexpr (MR > r) {                                         \
     const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k + J);   \
-    Q1_FMA(r, 0) Q1_FMA(r, 1) Q1_FMA(r, 2) Q1_FMA(r, 3)           \
+    Q1_FMA(r, 0) Q1_FMA(r, 1)                                     \
   }
 #define Q1_OUT(r, v) \
   if constexpr (MR > r && NV > v) out(r, v0 + v, c##r##v);
 #define Q1_CODES(v) \
-  if constexpr (NV > v) q##v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt + (c * kGroups + v0 + v) * 32));
-#define Q1_SCALES(v)                                                                                        \
-  if constexpr (NV > v) {                                                                                   \
-    const uint8_t* dm = blk + (v0 + v) * 32;                                                                \
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm)));               \
-    m##v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 16)));                    \
-    _mm256_store_ps(ds[v][0], d);                                                                           \
-    for (int j = 1; j < 7; ++j) _mm256_store_ps(ds[v][j], _mm256_mul_ps(d, _mm256_set1_ps(1.0f / float(1 << (4 * j))))); \
-    _mm256_store_ps(ds[v][7], d);                                                                           \
+  q##v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt + (c * kGroups + v0 + v) * 32));
+#define Q1_SCALES(v)                                                                           \
+  {                                                                                            \
+    const uint8_t* dm = blk + (v0 + v) * 32;                                                   \
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm)));  \
+    m##v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 16)));       \
+    _mm256_store_ps(ds[v][0], d);                                                              \
+    _mm256_store_ps(ds[v][7], d);                                                              \
+    for (int j = 1; j < 7; ++j)                                                                \
+      _mm256_store_ps(ds[v][j], _mm256_mul_ps(d, _mm256_set1_ps(1.0f / float(1 << (4 * j))))); \
   }
 
 // One k (= k + J) for all rows and groups of the tile: 8 weights per group, then MR FMAs each.
 #define Q1_STEP(JJ)                                          \
   {                                                          \
     constexpr int J = JJ;                                    \
-    __m256 w0, w1, w2, w3;                                   \
-    Q1_W(0) Q1_W(1) Q1_W(2) Q1_W(3)                          \
-    Q1_ROW(0) Q1_ROW(1) Q1_ROW(2) Q1_ROW(3) Q1_ROW(4) Q1_ROW(5) \
+    __m256 w0, w1;                                           \
+    Q1_W(0) Q1_W(1)                                          \
+    Q1_ROW(0) Q1_ROW(1) Q1_ROW(2) Q1_ROW(3) Q1_ROW(4)           \
   }
 
-// MR (<= 6) rows of x times groups v0 .. v0 + NV - 1 (NV <= 4, MR * NV <= 12) of one panel, all
+// MR (<= 5) rows of x times groups v0, v0 + 1 (NV = 2) of one panel, all
 // K; out(r, v, sums) gets each row's 8 sums per group. pf: also prefetch the panel stream
 // kPrefetchBytes ahead (the panel's first tile does).
-template <int MR, int NV, class Out>
+template <int MR, class Out>
 void tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict panel, int64_t blocks, int v0,
           bool pf, Out&& out) {
-  static_assert(MR <= 6 && NV <= 4 && MR * NV <= 12, "accumulators must fit the 16 ymm registers");
+  constexpr int NV = 2;  // 2 * MR <= 10 accumulators of the 16 ymm registers
+  static_assert(MR <= 5);
   const __m256 z = _mm256_setzero_ps();
-  __m256 c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z, c20 = z, c21 = z, c22 = z,
-         c23 = z, c30 = z, c31 = z, c32 = z, c33 = z, c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z,
-         c52 = z, c53 = z;
+  __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
   alignas(32) float ds[NV][8][8];  // d * 16^-j per group and nibble (read as memory operands)
-  __m256 m0 = z, m1 = z, m2 = z, m3 = z;
+  __m256 m0 = z, m1 = z;
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = panel + b * kBlockBytes;
     if (pf)  // the whole block, all groups
       for (int64_t l = 0; l < kBlockBytes; l += 64)
         _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + l), _MM_HINT_T0);
-    Q1_SCALES(0) Q1_SCALES(1) Q1_SCALES(2) Q1_SCALES(3)
+    Q1_SCALES(0) Q1_SCALES(1)
     for (int c = 0; c < 4; ++c) {
-      __m256i q0, q1, q2, q3;
-      Q1_CODES(0) Q1_CODES(1) Q1_CODES(2) Q1_CODES(3)
+      __m256i q0, q1;
+      Q1_CODES(0) Q1_CODES(1)
       const int64_t k = b * kBlockK + 8 * c;
       Q1_STEP(0) Q1_STEP(1) Q1_STEP(2) Q1_STEP(3) Q1_STEP(4) Q1_STEP(5) Q1_STEP(6) Q1_STEP(7)
     }
   }
-  Q1_OUT(0, 0) Q1_OUT(0, 1) Q1_OUT(0, 2) Q1_OUT(0, 3) Q1_OUT(1, 0) Q1_OUT(1, 1) Q1_OUT(1, 2) Q1_OUT(1, 3)
-  Q1_OUT(2, 0) Q1_OUT(2, 1) Q1_OUT(2, 2) Q1_OUT(2, 3) Q1_OUT(3, 0) Q1_OUT(3, 1) Q1_OUT(3, 2) Q1_OUT(3, 3)
-  Q1_OUT(4, 0) Q1_OUT(4, 1) Q1_OUT(4, 2) Q1_OUT(4, 3) Q1_OUT(5, 0) Q1_OUT(5, 1) Q1_OUT(5, 2) Q1_OUT(5, 3)
+  Q1_OUT(0, 0) Q1_OUT(0, 1) Q1_OUT(1, 0) Q1_OUT(1, 1) Q1_OUT(2, 0) Q1_OUT(2, 1) Q1_OUT(3, 0) Q1_OUT(3, 1)
+  Q1_OUT(4, 0) Q1_OUT(4, 1)
 }
 #undef Q1_W
 #undef Q1_FMA
@@ -172,7 +174,8 @@ void tile(const float* __restrict x, int64_t ldx, const uint8_t* __restrict pane
 #define Q1R_SCALES(v)                                                                            \
   d##v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + v * 32)));     \
   _mm256_store_ps(ms[v], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + v * 32 + 16))));
-#define Q1R_CODES(v) q##v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt + (c * kGroups + v) * 32));
+#define Q1R_CODES(v) \
+  q##v = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + kCodesAt + (c * kGroups + v) * 32));
 #define Q1R_W(v)                                                                                        \
   {                                                                                                     \
     const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q##v, low)), d##v, _mm256_load_ps(ms[v])); \
@@ -208,24 +211,90 @@ void tile_row(const float* __restrict x, const uint8_t* __restrict panel, int64_
 #undef Q1R_CODES
 #undef Q1R_W
 
-// One row: tile_row (all 4 groups: 4 independent FMA chains; ~8% faster than tile<1, 4> at M = 1,
-// 9.2 against 10.0 ms per 30 layers of SmolLM2-135M); 2-6 rows: `tile`, 2 groups at a time (<= 12 accumulators; at M = 2, 2 x 2 tiles measured ~25% faster than
-// one 2 x 4, which spilled). benchmarks/q4_1_linear_ab.py.
+// The rows (< kWideRows) of one panel. One row: tile_row (4 independent FMA chains; ~8% faster
+// than `tile` at M = 1: 9.2 against 10.0 ms per 30 layers of SmolLM2-135M). 2-5 rows: `tile`, 2
+// groups at a time (at M = 2 ~25% faster than one 2 x 4 tile, which spilled).
 template <class Out>
-void panel_rows(int mr, bool pf, const float* x, int64_t ldx, const uint8_t* panel, int64_t blocks, Out&& out) {
-  switch (mr) {
-    case 1: return tile_row(x, panel, blocks, pf, out);
-    default:
-      for (int v0 = 0; v0 < kGroups; v0 += 2) {
-        const bool first = pf && v0 == 0;
-        switch (mr) {
-          case 2: tile<2, 2>(x, ldx, panel, blocks, v0, first, out); break;
-          case 3: tile<3, 2>(x, ldx, panel, blocks, v0, first, out); break;
-          case 4: tile<4, 2>(x, ldx, panel, blocks, v0, first, out); break;
-          case 5: tile<5, 2>(x, ldx, panel, blocks, v0, first, out); break;
-          default: tile<6, 2>(x, ldx, panel, blocks, v0, first, out); break;
+void panel_rows(int mr, const float* x, int64_t ldx, const uint8_t* panel, int64_t blocks, Out&& out) {
+  if (mr == 1) return tile_row(x, panel, blocks, true, out);
+  for (int v0 = 0; v0 < kGroups; v0 += 2) {
+    const bool pf = v0 == 0;  // the panel's first reader prefetches the stream
+    switch (mr) {
+      case 2: tile<2>(x, ldx, panel, blocks, v0, pf, out); break;
+      case 3: tile<3>(x, ldx, panel, blocks, v0, pf, out); break;
+      case 4: tile<4>(x, ldx, panel, blocks, v0, pf, out); break;
+      default: tile<5>(x, ldx, panel, blocks, v0, pf, out); break;
+    }
+  }
+}
+
+// Many rows (M >= kWideRows): each panel is decoded once per block of kRowBlock rows, a half at
+// a time, into a float32 panel of cpu_gemm's layout (K x 16) read by the float32 GEMM's own
+// register tile (cpu_gemm_tile.h): the same weights, the same FMA chain, so the same bits, with
+// the decode spread over up to 64 rows instead of redone per row tile (which lost to the float32
+// GEMM from 16 rows: 58.0 against 49.8 ms per 30 layers; a 6-row tile was slower from 6 rows).
+constexpr int64_t kWideRows = 6;
+constexpr int64_t kRowBlock = 64;
+
+// Half s (rows 16s .. 16s + 15) of a panel as one K x 16 float32 panel dst (32-byte aligned),
+// small enough to stay in L1/L2 for the row tiles that read it.
+void decode_half(const uint8_t* panel, int64_t blocks, int s, float* dst) {
+  const __m256i low = _mm256_set1_epi32(0xF);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = panel + b * kBlockBytes;
+    if (s == 0)  // the whole block, both halves
+      for (int64_t l = 0; l < kBlockBytes; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + l), _MM_HINT_T0);
+    // both groups of the half per k, so each 64-byte line of dst is written whole, once
+    const uint8_t* dm = blk + 2 * s * 32;
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm)));
+    const __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 16)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 32)));
+    const __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 48)));
+    for (int c = 0; c < 4; ++c) {
+      const uint8_t* codes = blk + kCodesAt + (c * kGroups + 2 * s) * 32;
+      __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes));
+      __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + 32));
+      float* o = dst + (b * kBlockK + 8 * c) * 16;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // fma(q, d, m): gguf's value, see the file's comment
+        _mm256_store_ps(o + j * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q0, low)), d0, m0));
+        _mm256_store_ps(o + j * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, low)), d1, m1));
+        q0 = _mm256_srli_epi32(q0, 4);
+        q1 = _mm256_srli_epi32(q1, 4);
+      }
+    }
+  }
+}
+
+void wide(const float* xp, const uint8_t* wp, float* yp, int64_t M, int64_t K, int64_t n, int64_t panels,
+          const float* bp) {
+  using namespace conveyor_gemm;
+  const int64_t blocks = K / kBlockK;
+  for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, M - r0), nt = tiles(rows);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      // one K x 16 float32 panel, 32-byte aligned (__m256's alignment), left uninitialised
+      const std::unique_ptr<__m256[]> buf(new __m256[K * 2]);
+      float* fb = reinterpret_cast<float*>(buf.get());
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int s = 0; s < 2; ++s) {
+          const int64_t col0 = p * kPanelRows + s * NR;
+          const int ncols = static_cast<int>(std::min<int64_t>(NR, n - col0));
+          if (ncols <= 0) break;
+          decode_half(wp + p * blocks * kBlockBytes, blocks, s, fb);
+          int64_t m0 = r0;
+          for (int64_t t = 0; t < nt; ++t) {
+            const int mr = tile_rows(rows, nt, t);
+            dispatch<F32>(mr, false, xp + m0 * K, K, fb, K, fb, [&](int r, __m256 a0, __m256 a1) {
+              add_bias(a0, a1, bp ? bp + col0 : nullptr, ncols);  // as cpu_gemm: one add after the chain
+              store_cols(yp + (m0 + r) * n + col0, ncols, a0, a1);
+            });
+            m0 += mr;
+          }
         }
       }
+    });
   }
 }
 
@@ -254,29 +323,23 @@ at::Tensor q4_1_gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t blocks = packed.size(1), panels = packed.size(0), panel_bytes = blocks * kBlockBytes;
-  // Balanced row tiles of <= 6 (e.g. 8 -> 4, 4): no tile left with too few chains.
-  const int64_t nt = (M + 5) / 6;
+  if (M >= kWideRows) {
+    wide(xp, wp, yp, M, K, n, panels, bp);
+    return y;
+  }
   at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t m0 = 0;
-      for (int64_t t = 0; t < nt; ++t) {
-        const int mr = static_cast<int>(M / nt + (t < M % nt ? 1 : 0));
-        float* yrow = yp + m0 * n;
-        panel_rows(mr, t == 0, xp + m0 * K, K, wp + p * panel_bytes, blocks, [&](int r, int v, __m256 a) {
-          const int64_t col = p * kPanelRows + v * 8;
-          const int64_t cols = std::min<int64_t>(8, n - col);
-          if (cols <= 0) return;
-          alignas(32) float buf[8] = {};
-          if (bp) {  // one add after the chain, as cpu_gemm
-            std::copy(bp + col, bp + col + cols, buf);
-            a = _mm256_add_ps(a, _mm256_load_ps(buf));
-          }
-          _mm256_store_ps(buf, a);
-          std::copy(buf, buf + cols, yrow + r * n + col);
-        });
-        m0 += mr;
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      panel_rows(static_cast<int>(M), xp, K, wp + p * panel_bytes, blocks, [&](int r, int v, __m256 a) {
+        const int64_t col = p * kPanelRows + v * 8, cols = std::min<int64_t>(8, n - col);
+        if (cols <= 0) return;
+        alignas(32) float buf[8] = {};
+        if (bp) {  // one add after the chain, as cpu_gemm
+          std::copy(bp + col, bp + col + cols, buf);
+          a = _mm256_add_ps(a, _mm256_load_ps(buf));
+        }
+        _mm256_store_ps(buf, a);
+        std::copy(buf, buf + cols, yp + r * n + col);
+      });
   });
   return y;
 }
