@@ -50,7 +50,7 @@ def test_bit_identical_to_cpu_gemm_on_dequantized(n, k, threads):
     bias = torch.randn(n, generator=gen)
     for num_threads in (1, 2):
         threads(num_threads)
-        for m in (0, 1, 2, 3, 4, 5, 6, 8, 16, 33):  # 1-5: register tiles, 6+: the decoded panel
+        for m in (0, 1, 2, 3, 4, 5, 6, 8, 11, 16, 33):  # 1-10: register tiles, 11+: decoded panels
             x = torch.randn(m, k, generator=gen)
             for b in (None, bias):
                 got = q4_1_linear.linear(x, q4, b)

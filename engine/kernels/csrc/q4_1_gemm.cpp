@@ -211,7 +211,7 @@ void tile_row(const float* __restrict x, const uint8_t* __restrict panel, int64_
 #undef Q1R_CODES
 #undef Q1R_W
 
-// The rows (< kWideRows) of one panel. One row: tile_row (4 independent FMA chains; ~8% faster
+// A row tile (<= 5 rows) of one panel. One row: tile_row (4 independent FMA chains; ~8% faster
 // than `tile` at M = 1: 9.2 against 10.0 ms per 30 layers of SmolLM2-135M). 2-5 rows: `tile`, 2
 // groups at a time (at M = 2 ~25% faster than one 2 x 4 tile, which spilled).
 template <class Out>
@@ -232,8 +232,9 @@ void panel_rows(int mr, const float* x, int64_t ldx, const uint8_t* panel, int64
 // a time, into a float32 panel of cpu_gemm's layout (K x 16) read by the float32 GEMM's own
 // register tile (cpu_gemm_tile.h): the same weights, the same FMA chain, so the same bits, with
 // the decode spread over up to 64 rows instead of redone per row tile (which lost to the float32
-// GEMM from 16 rows: 58.0 against 49.8 ms per 30 layers; a 6-row tile was slower from 6 rows).
-constexpr int64_t kWideRows = 6;
+// GEMM from 16 rows: 58.0 against 49.8 ms per 30 layers). Below 11 rows the register tiles
+// measured faster than this path (M = 6: 26.1 against 27.6 ms, M = 8: 31.6 against 34.1).
+constexpr int64_t kWideRows = 11;
 constexpr int64_t kRowBlock = 64;
 
 // Half s (rows 16s .. 16s + 15) of a panel as one K x 16 float32 panel dst (32-byte aligned),
@@ -327,19 +328,25 @@ at::Tensor q4_1_gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t n
     wide(xp, wp, yp, M, K, n, panels, bp);
     return y;
   }
+  const int64_t nt = (M + 4) / 5;  // balanced row tiles of <= 5 (e.g. 8 -> 4 + 4)
   at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      panel_rows(static_cast<int>(M), xp, K, wp + p * panel_bytes, blocks, [&](int r, int v, __m256 a) {
-        const int64_t col = p * kPanelRows + v * 8, cols = std::min<int64_t>(8, n - col);
-        if (cols <= 0) return;
-        alignas(32) float buf[8] = {};
-        if (bp) {  // one add after the chain, as cpu_gemm
-          std::copy(bp + col, bp + col + cols, buf);
-          a = _mm256_add_ps(a, _mm256_load_ps(buf));
-        }
-        _mm256_store_ps(buf, a);
-        std::copy(buf, buf + cols, yp + r * n + col);
-      });
+      for (int64_t t = 0, m0 = 0; t < nt; ++t) {
+        const int mr = static_cast<int>(M / nt + (t < M % nt ? 1 : 0));
+        float* y = yp + m0 * n;
+        panel_rows(mr, xp + m0 * K, K, wp + p * panel_bytes, blocks, [&](int r, int v, __m256 a) {
+          const int64_t col = p * kPanelRows + v * 8, cols = std::min<int64_t>(8, n - col);
+          if (cols <= 0) return;
+          alignas(32) float buf[8] = {};
+          if (bp) {  // one add after the chain, as cpu_gemm
+            std::copy(bp + col, bp + col + cols, buf);
+            a = _mm256_add_ps(a, _mm256_load_ps(buf));
+          }
+          _mm256_store_ps(buf, a);
+          std::copy(buf, buf + cols, y + r * n + col);
+        });
+        m0 += mr;
+      }
   });
   return y;
 }
