@@ -10,13 +10,16 @@ significand times a 4-bit code), then each output is one FMA chain over k = 0..K
 and one add of the bias, cpu_gemm's order (tests/test_q4_1_linear.py checks it).
 
 Why: a decode step streams every weight from memory; Q4_1 is 5 bits a weight against float32's
-32, and the kernel rebuilds 8 weights with 3-4 vector ops (and, [shift,] convert, FMA), once per
-row tile of up to 6 rows, with software prefetch 4 KB ahead (M = 4: ~20 % faster than without).
-benchmarks/q4_1_linear_ab.py (SmolLM2-135M's shapes, 30 layers of distinct weights, 1 thread,
-2-core AMD EPYC AVX2, shared box; benchmarks/RESULTS.md), CPU ms per 30-layer pass, float32 GEMM
-/ this: M = 1: 18.0 / 8.6 (2.1x; 2.1-2.8x across runs as the float32 side's memory bandwidth
-varied), 2: 1.5x, 4: 1.2x, 8: 1.04x, 16: 0.86x, 32: 0.79x. Crossover M = 16: the decode is
-redone per row tile of <= 6 rows, so callers should use the float32 GEMM from ~16 rows.
+32. 1 row: codes and d stay in registers, 8 weights cost and, shift, convert, FMA; 2-10 rows:
+register tiles of <= 5 rows x 16 columns, 8 weights per and, convert, FMA (the nibble's 16^j
+folded into a d * 16^-j table), shared by the tile's rows; 11+ rows: each panel decoded once per
+64 rows into a float32 panel read by the float32 GEMM's own register tile. Software prefetch 4 KB
+ahead (M = 4: ~20 % faster than without). benchmarks/q4_1_linear_ab.py (SmolLM2-135M's shapes,
+30 layers of distinct weights, 1 thread, 2-core AMD EPYC AVX2, shared box, load 3.3-4;
+benchmarks/RESULTS.md), CPU ms per 30-layer pass, float32 GEMM / this: M = 1: 24.2 / 8.8
+(2.76x; 2.1-3.1x across runs as the float32 side's memory bandwidth varied), 2: 1.97x, 4: 1.45x,
+6: 1.03x, 8: 1.19x, 12: 1.02x, 16: 1.01x, 32: 1.02x. No crossover up to M = 32, but from ~12 rows
+the gain is nil, so callers may as well use the float32 GEMM there.
 
 Layout (`pack`): uint8 [ceil(N / 32), K / 32, 640]: panels of 32 output rows, each a contiguous
 stream of 640-byte blocks, one per 32 k: the 4 groups' 8 fp16 scales and 8 fp16 mins (128 bytes),

@@ -21,6 +21,10 @@
 // converted to float q * 16^j exactly, and multiplied by d * 16^-j (exact: a power of two, and
 // far from float32's subnormals for any fp16 d): the real product is still the exact q * d. That
 // is one integer op per weight fewer than shift-and-mask: and, convert, FMA per 8 weights.
+//
+// Paths by rows M: 1 row, tile_row (codes and d in registers, codes shifted a nibble per k);
+// 2-10 rows, `tile` (balanced tiles of <= 5 rows, the d * 16^-j table); 11+ rows, `wide` (each
+// panel decoded once per 64 rows into a float32 panel for cpu_gemm_tile.h's register tile).
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
