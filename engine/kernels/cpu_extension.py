@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "paged_attention.cpp", CSRC / "kv_cache_write.cpp", CSRC / "fused_ops.cpp", CSRC / "rms_norm.cpp",
            CSRC / "cpu_gemm.cpp", CSRC / "greedy_prepare.cpp", CSRC / "greedy_screen.cpp", CSRC / "cpu_gemm_gate_up.cpp",
-           CSRC / "int8_gemm.cpp", CSRC / "q4_gemm.cpp", CSRC / "q4_1_gemm.cpp")
+           CSRC / "int8_gemm.cpp", CSRC / "q4_gemm.cpp")
 HEADERS = (CSRC / "vec8.h", CSRC / "torch_sum_order.h", CSRC / "attention_vec.h", CSRC / "attention_tile.h",
            CSRC / "attention_scores_decode.h", CSRC / "attention_scores_prefill.h", CSRC / "silu8.h",
            CSRC / "cpu_gemm_tile.h")  # part of the build's cache key
