@@ -11,22 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.q4_linear_ab import random_q4_1  # the benchmark's weights: one generator for both
 from engine.kernels import cpu_gemm, q4_linear
 
 pytestmark = pytest.mark.skipif(q4_linear.unsupported_reason(torch.device("cpu")) is not None,
                                 reason=f"{q4_linear.unsupported_reason(torch.device('cpu'))}")
 
 U = 2.0 ** -24  # float32 unit roundoff
-
-
-def random_q4_1(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """GGUF Q4_1 bytes [n, k/32 * 20]: random nibbles, d in [1e-3, 3e-2], m in [-0.2, 0] (fp16)."""
-    blocks = torch.randint(0, 256, (n, k // 32, 20), dtype=torch.uint8, generator=gen)
-    d = (1e-3 + 2.9e-2 * torch.rand(n, k // 32, 1, generator=gen)).half()
-    m = (-0.2 * torch.rand(n, k // 32, 1, generator=gen)).half()
-    blocks[..., 0:2] = d.view(torch.uint8)
-    blocks[..., 2:4] = m.view(torch.uint8)
-    return blocks.reshape(n, -1)
 
 
 @pytest.fixture(scope="module")
