@@ -15,12 +15,11 @@ import time
 import torch
 
 from engine.kernels import q4_linear
-from engine.models.gguf_weights import iter_gguf_blocks
+from engine.models.gguf_weights import GGUFFile
 from engine.models.parallel_linear import PackableLinear
 from engine.models.prepack import drop_dense
 
 logger = logging.getLogger(__name__)
-Q4_1 = 3  # gguf.GGMLQuantizationType.Q4_1
 
 
 def why_not(model, device: torch.device) -> str | None:
@@ -33,26 +32,28 @@ def why_not(model, device: torch.device) -> str | None:
 
 
 @torch.no_grad()
-def attach_q4_1(model, gguf_path: str, hf_config, device, cache_dir: str | None = None) -> set[str]:
+def attach_q4_1(model, gguf_file: GGUFFile, device) -> set[str]:
     """Gives every projection whose checkpoint tensors are all Q4_1 those blocks packed (``q4``,
     in the layer's row order) and drops its dense weight (a meta tensor: never allocated, and
     `load_weights` no longer expects it); returns the HF names of the tensors it took, which the
     float32 load then skips. A fused projection (q/k/v, gate/up) qualifies only when every part
     is Q4_1; the others keep their weights."""
+    from gguf import GGMLQuantizationType
+
     reason = why_not(model, device)
     if reason is not None:
         logger.info("Q4_1 weights: dequantized to float32 (%s)", reason)
         return set()
     start = time.perf_counter()
     parts: dict[str, list[tuple[int, torch.Tensor, str]]] = {}
-    for name, raw, cols in iter_gguf_blocks(gguf_path, hf_config, Q4_1, cache_dir):
+    for name, raw, cols in gguf_file.blocks(GGMLQuantizationType.Q4_1):
         # Where this tensor's float32 rows went: map_weight on a stand-in of its shape.
         for param, row, _ in model.map_weight(name, torch.empty(raw.shape[0], cols, device="meta")):
             module_name, _, kind = param.rpartition(".")
             if kind == "weight":
                 parts.setdefault(module_name, []).append((row or 0, raw, name))
     taken: set[str] = set()
-    nbytes = 0
+    count = nbytes = 0
     for module_name, blocks in parts.items():
         module = model.get_submodule(module_name)
         if not isinstance(module, PackableLinear) or sum(raw.shape[0] for _, raw, _ in blocks) != module.out_features:
@@ -63,8 +64,8 @@ def attach_q4_1(model, gguf_path: str, hf_config, device, cache_dir: str | None 
             taken.add(name)
         module.q4 = q4_linear.pack_q4_1(whole)
         drop_dense(module)
+        count += 1
         nbytes += module.q4.nbytes
     logger.info("Q4_1 weights: %d projections run from their GGUF blocks (%.0f MiB, %.1f s)",
-                sum(1 for blocks in parts.values() if blocks[0][2] in taken), nbytes / (1 << 20),
-                time.perf_counter() - start)
+                count, nbytes / (1 << 20), time.perf_counter() - start)
     return taken

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -108,56 +109,74 @@ def _tensor_bytes(data: np.ndarray, entry: dict) -> np.ndarray:
     return data[entry["offset"]: entry["offset"] + size].view(dtype).reshape(entry["shape"])
 
 
-def _open(path: str, hf_config, cache_dir: str | None):
-    """(tensor index, GGUF -> HF name map, transformers' tensor processor, the file's bytes)."""
+@dataclass(frozen=True)
+class GGUFFile:
+    """One GGUF file opened for loading: its tensor index (parsed once, or read from the cache),
+    the GGUF -> HF name map, transformers' tensor processor and the file's bytes, memory-mapped.
+    A load that reads some tensors as raw blocks and the rest dequantized opens the file once."""
+
+    index: dict
+    processor: object
+    data: np.ndarray
+
+    @property
+    def mapping(self) -> dict[str, str]:
+        return self.index["mapping"]
+
+    def dequantized(self, dtype: torch.dtype, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (HF name, tensor in `dtype`) for every tensor the HF architecture uses, but
+        those whose HF name is in `skip` (never dequantized)."""
+        from gguf import GGMLQuantizationType, dequantize
+
+        mapping = self.mapping
+        side_outputs: dict = {"tensors": {}}  # processors may emit renamed tensors here (GPT-2's output)
+        for entry in self.index["tensors"]:
+            if mapping.get(entry["name"]) in skip:
+                continue
+            weights = dequantize(_tensor_bytes(self.data, entry), GGMLQuantizationType(entry["type"]))
+            result = self.processor.process(
+                weights=weights, name=entry["name"], tensor_key_mapping=mapping, parsed_parameters=side_outputs
+            )
+            if result.name in mapping:
+                yield mapping[result.name], torch.from_numpy(_owned(result.weights)).to(dtype)
+        for name, value in side_outputs["tensors"].items():
+            yield name, value.to(dtype)
+
+    def blocks(self, qtype: int) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """Yields (HF name, the tensor's quantized bytes as uint8 [rows, bytes per row], its number
+        of columns) for every 2-D tensor of GGML type `qtype` the HF architecture uses, with the
+        rows in the order `dequantized` gives them. Only for architectures whose fix-ups move whole
+        rows (Llama's q/k permutation) or nothing: otherwise it yields nothing."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
+
+        if type(self.processor) not in (TensorProcessor, LlamaTensorProcessor):
+            return
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        mapping = self.mapping
+        for entry in self.index["tensors"]:
+            if entry["type"] != qtype or len(entry["shape"]) != 2:
+                continue
+            # Llama's fix-up reshapes along rows only, so it permutes the rows of blocks as well
+            result = self.processor.process(weights=_tensor_bytes(self.data, entry), name=entry["name"],
+                                            tensor_key_mapping=mapping, parsed_parameters={"tensors": {}})
+            if result.name in mapping:
+                raw = torch.from_numpy(_owned(result.weights))
+                yield mapping[result.name], raw, raw.shape[1] // block_bytes * block
+
+
+def open_gguf(path: str, hf_config, cache_dir: str | None = None) -> GGUFFile:
+    """The file at `path` opened for `hf_config`'s architecture. With `cache_dir`, the tensor
+    index is parsed once and kept there (module docstring)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     index = _index(path, hf_config, cache_dir)
     processor = TENSOR_PROCESSORS.get(index["arch"], TensorProcessor)(config=hf_config.to_dict())
-    return index, index["mapping"], processor, np.memmap(path, dtype=np.uint8, mode="r")
+    return GGUFFile(index, processor, np.memmap(path, dtype=np.uint8, mode="r"))
 
 
-def iter_gguf(path: str, hf_config, dtype: torch.dtype, cache_dir: str | None = None,
-              skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses, but
-    those whose HF name is in `skip` (never dequantized). With `cache_dir`, the tensor index is
-    parsed once and kept there (module docstring)."""
-    from gguf import GGMLQuantizationType, dequantize
-
-    index, mapping, processor, data = _open(path, hf_config, cache_dir)
-    side_outputs: dict = {"tensors": {}}  # processors may emit renamed tensors here (GPT-2's output)
-    for entry in index["tensors"]:
-        if mapping.get(entry["name"]) in skip:
-            continue
-        weights = dequantize(_tensor_bytes(data, entry), GGMLQuantizationType(entry["type"]))
-        result = processor.process(
-            weights=weights, name=entry["name"], tensor_key_mapping=mapping, parsed_parameters=side_outputs
-        )
-        if result.name in mapping:
-            yield mapping[result.name], torch.from_numpy(_owned(result.weights)).to(dtype)
-    for name, value in side_outputs["tensors"].items():
-        yield name, value.to(dtype)
-
-
-def iter_gguf_blocks(path: str, hf_config, qtype: int,
-                     cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Yields (HF name, the tensor's quantized bytes as uint8 [rows, bytes per row], its number
-    of columns) for every 2-D tensor of GGML type `qtype` the HF architecture uses, with the
-    rows in the order `iter_gguf` gives them. Only for architectures whose fix-ups move whole
-    rows (Llama's q/k permutation) or nothing: otherwise it yields nothing."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, TensorProcessor
-
-    index, mapping, processor, data = _open(path, hf_config, cache_dir)
-    if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
-        return
-    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    for entry in index["tensors"]:
-        if entry["type"] != qtype or len(entry["shape"]) != 2:
-            continue
-        # Llama's fix-up reshapes along rows only, so it permutes the rows of blocks as well
-        result = processor.process(weights=_tensor_bytes(data, entry), name=entry["name"],
-                                   tensor_key_mapping=mapping, parsed_parameters={"tensors": {}})
-        if result.name in mapping:
-            raw = torch.from_numpy(_owned(result.weights))
-            yield mapping[result.name], raw, raw.shape[1] // block_bytes * block
+def iter_gguf(path: str, hf_config, dtype: torch.dtype,
+              cache_dir: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, tensor in `dtype`) for every GGUF tensor the HF architecture uses
+    (`open_gguf(...).dequantized(dtype)`)."""
+    return open_gguf(path, hf_config, cache_dir).dequantized(dtype)

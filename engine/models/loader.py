@@ -23,7 +23,7 @@ from engine.models.default_model import default_gguf_path
 from engine.models.gguf_q4_1 import attach_q4_1
 from engine.models.registry import model_class
 from engine.models.tensor_parallel import TPContext
-from engine.models.gguf_weights import iter_gguf
+from engine.models.gguf_weights import open_gguf
 from engine.models.weights import iter_safetensors
 from engine.startup import choose_cpu_dtype
 
@@ -205,10 +205,10 @@ def load_model(
         model.init_dummy_weights(seed)
     elif src.is_gguf:
         gguf_path = os.path.join(src.path, src.gguf_file)
-        cache = gguf_cache_dir(gguf_path)
+        gguf_file = open_gguf(gguf_path, hf_config, cache_dir=gguf_cache_dir(gguf_path))
         # Q4_1 projections run from their blocks (own GEMM only): never dequantized to float32
-        taken = attach_q4_1(model, gguf_path, hf_config, device, cache) if linear == "cpu" else set()
-        model.load_weights(iter_gguf(gguf_path, hf_config, dtype, cache_dir=cache, skip=taken))
+        taken = attach_q4_1(model, gguf_file, device) if linear == "cpu" else set()
+        model.load_weights(gguf_file.dequantized(dtype, skip=taken))
     else:
         model.load_weights(iter_safetensors(src.path, lazy=tp.size > 1))
     model.eval()
